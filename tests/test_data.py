@@ -388,6 +388,12 @@ def test_cli_empty_split(tmp_path, small_inputs, val_docs, needle):
     assert not list(tmp_path.iterdir()), "nothing may be left behind"
 
 
+def test_cli_bad_shard_tokens(tmp_path, small_inputs):
+    texts, _ = small_inputs
+    r = run_cli("local", "--text", *map(str, texts), "--shard-tokens", "0", "--out", str(tmp_path))
+    assert_one_line_error(r, "--shard-tokens 0")
+
+
 def test_cli_npm_missing(tmp_path):
     bare = tmp_path / "bin"
     bare.mkdir()
