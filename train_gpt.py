@@ -103,6 +103,7 @@ class Hyperparameters:
     compile: bool = True  # torch.compile (CUDA)
     # evaluation
     eval_seq_len: int = 2048
+    val_max_tokens: int = 0  # 0 = the whole split (a score only counts on the whole split)
     eval_budget_seconds: float = 600.0
 
     def __post_init__(self):
@@ -401,8 +402,9 @@ def shard_files(pattern: str) -> list[str]:
     return files
 
 
-def load_val_tokens(data_path: str, seq_len: int) -> np.ndarray:
+def load_val_tokens(data_path: str, seq_len: int, max_tokens: int = 0) -> np.ndarray:
     tokens = np.concatenate([load_data_shard(f) for f in shard_files(os.path.join(data_path, "fineweb_val_*.bin"))])
+    tokens = tokens[:max_tokens or None]
     if tokens.size < seq_len + 1:
         raise ConfigError(f"{data_path}: validation split has {tokens.size} tokens, fewer than EVAL_SEQ_LEN+1={seq_len + 1}")
     return tokens
@@ -582,7 +584,7 @@ class GPT(nn.Module):
             self.ve_proj = CastedLinear(hp.ve_dim, hp.num_kv_heads * hp.head_dim, bias=False)
             self.ve_scales = nn.Parameter(torch.full((len(self.ve_layers),), 0.1))
         self.n_enc = hp.num_layers // 2 if hp.unet_skips else 0
-        self.skip_weights = nn.Parameter(torch.ones(min(self.n_enc, hp.num_layers - self.n_enc), hp.model_dim))
+        self.skip_weights = nn.Parameter(torch.ones(min(self.n_enc, hp.num_layers - self.n_enc), hp.model_dim)) if self.n_enc else None
         self.lm_head = None if hp.tie_embeddings else CastedLinear(hp.model_dim, hp.vocab_size, bias=False)
         self._init_weights()
 
@@ -729,12 +731,12 @@ def setup(hp: Hyperparameters) -> Run:
     run.log(f"runtime: torch {torch.__version__} device {device} world_size {world} "
             f"attention {'flash-attn' if flash_attn_func is not None and cuda else 'sdpa'}")
     run.results.update(run_id=hp.run_id, seed=hp.seed, status="running", config=dataclasses.asdict(hp), stages={})
+    run.val_tokens = load_val_tokens(hp.data_path, hp.eval_seq_len, hp.val_max_tokens)
     import sentencepiece as spm
     tok_path = resolve_tokenizer(hp)
     if not Path(tok_path).is_file():
         raise ConfigError(f"TOKENIZER_PATH={tok_path}: file not found; set TOKENIZER_PATH or build data with scripts/prepare_data.py")
     run.luts = build_byte_luts(spm.SentencePieceProcessor(model_file=tok_path), hp.vocab_size)
-    run.val_tokens = load_val_tokens(hp.data_path, hp.eval_seq_len)
     if int(run.val_tokens.max()) >= hp.vocab_size:
         raise ConfigError(f"{hp.data_path}: validation token {int(run.val_tokens.max())} >= VOCAB_SIZE={hp.vocab_size}; "
                           "the data and tokenizer/vocab do not match")
