@@ -161,3 +161,14 @@ def test_weight_averager_ema_and_swa():
     torch.testing.assert_close(model.weight, torch.full((2, 3), 3.0))  # only step 2 is both late and on the grid
     assert avg.apply("ema") == "ema"
     torch.testing.assert_close(model.weight, torch.full((2, 3), ema))
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and T.flash_attn_func is not None), reason="needs CUDA and flash-attn")
+def test_flash_attention_matches_sdpa():
+    torch.manual_seed(0)
+    q = torch.randn(2, 128, 8, 64, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 128, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    flash = T.attention(q, k, v)
+    sdpa = T.F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                            enable_gqa=True).transpose(1, 2)
+    torch.testing.assert_close(flash, sdpa, atol=2e-2, rtol=2e-2)
