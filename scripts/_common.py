@@ -1,0 +1,400 @@
+"""Shared helpers of the run scripts (run_seeds, sweep, compare_runs, package_submission, plot_runs,
+bench_train): one-line user errors, atomic writes, result-JSON loading, tables, statistics, and
+the sequential torchrun launcher that run_seeds.py and sweep.py share.
+
+Not a CLI. Every user-facing failure raises UserError; `cli(main)` turns it into
+`error: <message>` on stderr and exit code 2 (no traceback).
+"""
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+ARTIFACT_CAP_BYTES = 16_000_000  # decimal bytes, code + compressed model (the rules' cap)
+RESULT_STATUSES = ("ok", "failed", "over_cap")
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Variables a launcher sets itself; the user must not pass them with --env / --grid.
+LAUNCHER_KEYS = ("SEED", "RUN_ID")
+
+
+class UserError(Exception):
+    """A bad input; reported as one line `error: ...` with exit code 2."""
+
+
+def cli(main: Callable[[list[str] | None], int]) -> None:
+    """Run main(argv) and exit with its code; UserError -> one line + exit 2, Ctrl-C -> 130."""
+    try:
+        code = main(None)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)
+
+
+def write_atomic(path: str | Path, data: bytes | str) -> None:
+    """Write beside the target, then rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+# -----------------------------------------------------------------------------
+# result JSONs (logs/<RUN_ID>.json, written by train_gpt.py's report())
+# -----------------------------------------------------------------------------
+
+def expand_paths(items: Iterable[str], what: str) -> list[tuple[Path, bool]]:
+    """Globs (quoted or already expanded by the shell) and plain paths -> [(path, came_from_glob)], de-duplicated."""
+    out: list[tuple[Path, bool]] = []
+    seen: set[Path] = set()
+    for item in items:
+        if any(c in item for c in "*?[") and not Path(item).exists():
+            matches = sorted(glob.glob(item))
+            if not matches:
+                raise UserError(f"{what}: no file matches {item!r}")
+            pairs = [(Path(m), True) for m in matches]
+        else:
+            if not Path(item).is_file():
+                raise UserError(f"{what}: {item}: file not found")
+            pairs = [(Path(item), False)]
+        for p, from_glob in pairs:
+            key = p.resolve()
+            if key not in seen:
+                seen.add(key)
+                out.append((p, from_glob))
+    return out
+
+
+def is_result(data: object) -> bool:
+    return isinstance(data, dict) and "run_id" in data and "status" in data
+
+
+def read_result(path: Path) -> dict:
+    """One run's result JSON; UserError when it is unreadable or not a train_gpt.py result."""
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not is_result(data):
+        raise UserError(f"{path}: not a train_gpt.py result JSON (no run_id/status)")
+    data["_path"] = str(path)
+    return data
+
+
+def load_results(items: Iterable[str], what: str) -> list[dict]:
+    """Result JSONs named by paths/globs. Files matched only by a glob that are not run results
+    (e.g. a sweep summary beside them) are skipped with a note; named files must be results."""
+    results = []
+    for path, from_glob in expand_paths(items, what):
+        if path.suffix != ".json":
+            if from_glob:
+                continue
+            raise UserError(f"{what}: {path}: expected a result .json (logs/<RUN_ID>.json)")
+        if from_glob:
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError):
+                data = None
+            if not is_result(data):
+                print(f"note: skipping {path}: not a run result JSON", file=sys.stderr)
+                continue
+        results.append(read_result(path))
+    if not results:
+        raise UserError(f"{what}: no run result JSONs given")
+    return results
+
+
+def result_problem(r: dict) -> str | None:
+    """Why a result cannot count (status, cap, missing score), or None."""
+    if r.get("status") != "ok":
+        extra = f": {r['error']}" if r.get("error") else ""
+        return f"status {r.get('status')!r}{extra}"
+    ab = r.get("artifact_bytes")
+    if not isinstance(ab, (int, float)):
+        return "no artifact_bytes"
+    if ab > ARTIFACT_CAP_BYTES:
+        return f"artifact {int(ab):,} bytes > cap {ARTIFACT_CAP_BYTES:,}"
+    for key in ("val_loss", "val_bpb"):
+        v = r.get(key)
+        if not isinstance(v, (int, float)) or not math.isfinite(v):
+            return f"no finite {key}"
+    return None
+
+
+def refuse_bad(results: Sequence[dict], what: str) -> None:
+    bad = [(r, result_problem(r)) for r in results]
+    bad = [(r, why) for r, why in bad if why]
+    if bad:
+        listing = "; ".join(f"{r['_path']} ({why})" for r, why in bad)
+        raise UserError(f"{what}: {len(bad)} run(s) cannot count: {listing}")
+
+
+# -----------------------------------------------------------------------------
+# statistics and formatting
+# -----------------------------------------------------------------------------
+
+def mean_std(xs: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n-1); std is nan for fewer than 2 values."""
+    n = len(xs)
+    if n == 0:
+        return math.nan, math.nan
+    m = sum(xs) / n
+    if n < 2:
+        return m, math.nan
+    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
+
+
+def fmt(v: object, digits: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        return "-" if math.isnan(v) else f"{v:.{digits}f}"
+    return str(v)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """Plain aligned text table (numbers right-aligned)."""
+    cells = [[str(h) for h in headers]] + [[c if isinstance(c, str) else fmt(c) for c in row] for row in rows]
+    numeric = [all(isinstance(row[i], (int, float)) or row[i] in (None, "-") for row in rows) if rows else False
+               for i in range(len(headers))]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for k, r in enumerate(cells):
+        lines.append("  ".join(c.rjust(w) if numeric[i] else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# train_gpt.py: import by path (for defaults and config validation)
+# -----------------------------------------------------------------------------
+
+def import_trainer(script: str | Path):
+    """Import a train_gpt.py by path as a module (without running main)."""
+    script = Path(script)
+    if not script.is_file():
+        raise UserError(f"{script}: training script not found; run from the repo root or pass --script")
+    name = f"_trainer_{abs(hash(str(script.resolve())))}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def parse_env_pairs(pairs: Sequence[str], flag: str = "--env") -> dict[str, str]:
+    env: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not ENV_KEY_RE.match(key):
+            raise UserError(f"{flag} {pair!r}: expected KEY=VALUE with KEY a variable name")
+        if key in LAUNCHER_KEYS:
+            raise UserError(f"{flag} {pair!r}: {key} is set by the launcher (use --seeds / --run-prefix)")
+        if key in env and env[key] != value:
+            raise UserError(f"{flag}: {key} given twice ({env[key]!r} and {value!r})")
+        env[key] = value
+    return env
+
+
+def parse_seeds(text: str) -> list[int]:
+    seeds = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            seeds.append(int(part))
+        except ValueError:
+            raise UserError(f"--seeds {text!r}: expected comma-separated integers, e.g. 1337,42,2024") from None
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds {text!r}: a seed is repeated")
+    return seeds
+
+
+def check_run_prefix(prefix: str) -> str:
+    if not RUN_ID_RE.match(prefix):
+        raise UserError(f"--run-prefix {prefix!r}: use letters, digits and _ . + - (it becomes a file name)")
+    return prefix
+
+
+def validate_config(script: Path, env: dict[str, str], known_extra: Sequence[str] = ()) -> list[str]:
+    """Check an environment against the trainer's load_hparams before launching anything.
+
+    Raises UserError for a value train_gpt.py would refuse; returns warnings for keys that are
+    no setting of the trainer (typos). Skipped (with a warning) if the trainer cannot be imported."""
+    try:
+        trainer = import_trainer(script)
+    except UserError:
+        raise
+    except Exception as e:  # an older/other trainer: launch anyway, it reports its own errors
+        return [f"could not import {script} to check the configuration ({type(e).__name__}: {e})"]
+    warnings = []
+    fields = getattr(trainer, "Hyperparameters", None)
+    if fields is not None:
+        import dataclasses
+        known = {f.name.upper() for f in dataclasses.fields(fields)} | {"PRESET", *LAUNCHER_KEYS, *known_extra}
+        for key in env:
+            if key not in known and not key.startswith(("TORCH", "NCCL", "CUDA", "OMP_", "PYTORCH", "MASTER_")):
+                warnings.append(f"{key} is not a setting of {script.name} (typo?); passed through anyway")
+    load = getattr(trainer, "load_hparams", None)
+    if load is not None:
+        full = {k: v for k, v in os.environ.items()}
+        full.update(env)
+        try:
+            load(full)
+        except getattr(trainer, "ConfigError", ValueError) as e:
+            raise UserError(f"bad configuration: {e}") from None
+    return warnings
+
+
+# -----------------------------------------------------------------------------
+# the sequential launcher (run_seeds.py, sweep.py)
+# -----------------------------------------------------------------------------
+
+@dataclass
+class RunSpec:
+    run_id: str
+    seed: int
+    env: dict[str, str]  # user variables (without SEED/RUN_ID)
+    label: dict[str, str] = field(default_factory=dict)  # e.g. the sweep combination
+    result: dict | None = None
+    status: str = "pending"  # ok | failed | over_cap | no-result (exit N) | interrupted | reused
+    exit_code: int | None = None
+
+
+def log_dir_for(env: dict[str, str]) -> Path:
+    return Path(env.get("LOG_DIR") or os.environ.get("LOG_DIR") or "logs")
+
+
+def result_paths(spec: RunSpec) -> list[Path]:
+    d = log_dir_for(spec.env)
+    return [d / f"{spec.run_id}{ext}" for ext in (".json", ".txt", ".artifact")]
+
+
+def torchrun_argv(nproc: int, script: Path) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script)]
+
+
+def command_line(spec: RunSpec, nproc: int, script: Path) -> str:
+    assigns = {**spec.env, "SEED": str(spec.seed), "RUN_ID": spec.run_id}
+    env_part = " ".join(f"{k}={shlex.quote(v)}" for k, v in assigns.items())
+    return f"{env_part} {shlex.join(torchrun_argv(nproc, script))}"
+
+
+def default_nproc() -> int:
+    try:
+        import torch
+        return max(1, torch.cuda.device_count())
+    except Exception:
+        return 1
+
+
+def check_existing(specs: list[RunSpec], overwrite: bool, skip_existing: bool) -> None:
+    """Refuse to mix a new run with an old one's files (train_gpt.py appends to <RUN_ID>.txt)."""
+    conflicts = []
+    for spec in specs:
+        present = [p for p in result_paths(spec) if p.exists()]
+        if not present:
+            continue
+        if skip_existing:
+            try:
+                old = read_result(result_paths(spec)[0])
+            except UserError:
+                old = None
+            if old is not None and old.get("status") == "ok":
+                spec.result, spec.status = old, "reused"
+                continue
+        if not overwrite:
+            conflicts.append(spec.run_id)
+    if conflicts:
+        where = log_dir_for(specs[0].env)
+        raise UserError(f"results already exist in {where}/ for {', '.join(conflicts)}; pass --overwrite to replace "
+                        "them, --skip-existing to reuse finished ones, or choose another --run-prefix")
+
+
+def execute(specs: list[RunSpec], nproc: int, script: Path, dry_run: bool, overwrite: bool) -> bool:
+    """Run each spec in order, streaming its output. Returns False if interrupted by Ctrl-C."""
+    total = len(specs)
+    for i, spec in enumerate(specs, 1):
+        cmd = command_line(spec, nproc, script)
+        if spec.status == "reused":
+            print(f"[{i}/{total}] {spec.run_id}: reusing finished result {result_paths(spec)[0]}", flush=True)
+            continue
+        if dry_run:
+            print(cmd)
+            continue
+        if overwrite:
+            for p in result_paths(spec):
+                if p.exists():
+                    p.unlink()
+        print(f"\n=== [{i}/{total}] {spec.run_id} (seed {spec.seed}) ===\n{cmd}", flush=True)
+        env = {**os.environ, **spec.env, "SEED": str(spec.seed), "RUN_ID": spec.run_id}
+        t0 = time.time()
+        try:
+            proc = subprocess.Popen(torchrun_argv(nproc, script), env=env)
+        except OSError as e:
+            raise UserError(f"cannot start {sys.executable} -m torch.distributed.run: {e}") from None
+        try:
+            spec.exit_code = proc.wait()
+        except KeyboardInterrupt:  # torchrun got the same SIGINT; let it shut its workers down
+            try:
+                proc.wait(timeout=60)
+            except (subprocess.TimeoutExpired, KeyboardInterrupt):
+                proc.kill()
+                proc.wait()
+            spec.status = "interrupted"
+            return False
+        json_path = result_paths(spec)[0]
+        if json_path.is_file() and json_path.stat().st_mtime >= t0 - 1:
+            try:
+                spec.result = read_result(json_path)
+                spec.status = str(spec.result.get("status"))
+            except UserError as e:
+                spec.status = f"no-result (exit {spec.exit_code})"
+                print(f"warning: {e}", file=sys.stderr)
+        else:
+            spec.status = f"no-result (exit {spec.exit_code})"
+        if spec.status != "ok":
+            print(f"!!! {spec.run_id}: {spec.status}{' — ' + spec.result['error'] if spec.result and spec.result.get('error') else ''}; "
+                  "continuing", file=sys.stderr, flush=True)
+    return True
+
+
+def spec_value(spec: RunSpec, key: str):
+    return spec.result.get(key) if spec.result else None
+
+
+def spec_ok(spec: RunSpec) -> bool:
+    """Finished with status ok, under the cap, with finite scores."""
+    return spec.result is not None and spec.status in ("ok", "reused") and result_problem(spec.result) is None
