@@ -1,0 +1,277 @@
+#!/usr/bin/env python3
+"""Build a records/ submission folder from finished runs (one per seed).
+
+  python scripts/package_submission.py --runs logs/myrecord_seed*.json --name "11L int6 QAT" \
+      --github-id octocat [--blurb TEXT] [--out records/2026-05-01_11L_int6_QAT]
+
+The folder gets: train_gpt.py (the current file, which must be the one the runs measured: its
+byte count must equal every run's code_bytes), requirements.txt, each run's train log
+(<RUN_ID>.txt) and result JSON (<RUN_ID>.json), submission.json (author, github_id, name, blurb,
+date, val_bpb and val_loss means over the seeds and their std, val_bpb per seed, seed_results,
+bytes_total = the largest artifact, bytes_code, metadata with the config and its changes from
+the defaults), and README.md (results table, config differences from train_gpt.py's defaults,
+the reproduction command).
+
+Refused (exit 2, nothing written): runs that failed or are over the 16,000,000-byte cap, runs
+whose configs differ in anything but seed/run_id/log_dir, repeated seeds, a missing train log,
+a train_gpt.py whose size differs from the runs' code_bytes, an existing --out. The folder is
+assembled beside --out and renamed into place. The last line of stdout is the folder.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import re
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ARTIFACT_CAP_BYTES, UserError, cli, import_trainer, load_results, mean_std, refuse_bad  # noqa: E402
+
+PER_RUN_KEYS = ("seed", "run_id", "log_dir")  # config fields allowed to differ between the seeds
+
+
+def slug(name: str) -> str:
+    s = re.sub(r"[^A-Za-z0-9.+-]+", "_", name).strip("_.")
+    if not s:
+        raise UserError(f"--name {name!r}: needs at least one letter or digit")
+    return s
+
+
+def env_value(v: object) -> str:
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    return str(v)
+
+
+def check_same_config(runs: list[dict]) -> dict:
+    configs = []
+    for r in runs:
+        cfg = r.get("config")
+        if not isinstance(cfg, dict):
+            raise UserError(f"{r['_path']}: no config in the result JSON")
+        configs.append({k: v for k, v in cfg.items() if k not in PER_RUN_KEYS})
+    ref = configs[0]
+    diffs = []
+    for r, cfg in zip(runs[1:], configs[1:]):
+        for k in sorted(set(ref) | set(cfg)):
+            if ref.get(k, "<unset>") != cfg.get(k, "<unset>"):
+                diffs.append(f"{k.upper()}: {ref.get(k, '<unset>')!r} in {Path(runs[0]['_path']).name} vs "
+                             f"{cfg.get(k, '<unset>')!r} in {Path(r['_path']).name}")
+    if diffs:
+        raise UserError(f"the runs differ in more than the seed: {'; '.join(diffs)}; package runs of one configuration")
+    return ref
+
+
+def check_code_bytes(runs: list[dict], script: Path) -> int:
+    size = len(script.read_bytes())
+    recorded = {r.get("code_bytes") for r in runs}
+    if len(recorded) > 1:
+        listing = ", ".join(f"{Path(r['_path']).name}={r.get('code_bytes')}" for r in runs)
+        raise UserError(f"the runs were made with different train_gpt.py versions (code_bytes {listing}); "
+                        "package runs of one version")
+    (code,) = recorded
+    if code != size:
+        raise UserError(f"{script} is {size:,} bytes but the runs recorded code_bytes {code}: the script changed since "
+                        "they ran; restore the exact version they ran (e.g. git checkout <commit> -- train_gpt.py) "
+                        "or re-run the seeds")
+    return size
+
+
+def config_changes(config: dict, script: Path) -> tuple[list[tuple[str, object, object, str]], dict[str, str], str | None]:
+    """(rows of (KEY, value, default, source), env needed to reproduce, warning)."""
+    preset = str(config.get("preset", "default"))
+    try:
+        trainer = import_trainer(script)
+        defaults = {f.name: f.default for f in dataclasses.fields(trainer.Hyperparameters)}
+        overrides = dict(getattr(trainer, "PRESETS", {}).get(preset, {}))
+    except Exception as e:  # noqa: BLE001 - fall back to listing the whole config
+        env = {k.upper(): env_value(v) for k, v in config.items() if k != "preset"}
+        if preset != "default":
+            env = {"PRESET": preset, **env}
+        return [], env, f"could not read the defaults from {script} ({type(e).__name__}: {e}); listing the whole config"
+    rows, env = [], {}
+    if preset != "default":
+        env["PRESET"] = preset
+    for k, v in sorted(config.items()):
+        if k == "preset":
+            continue
+        default = defaults.get(k, "?")
+        base = overrides.get(k, default)
+        if v != default:
+            rows.append((k.upper(), v, default, f"PRESET={preset}" if k in overrides and v == base else "env"))
+        if v != base:
+            env[k.upper()] = env_value(v)
+    return rows, env, None
+
+
+def world_size_from_log(text: str) -> int | None:
+    m = re.findall(r"world_size (\d+)", text)
+    return int(m[-1]) if m else None
+
+
+def fmt_bytes(n: object) -> str:
+    return f"{int(n):,}" if isinstance(n, (int, float)) else "-"
+
+
+def build_readme(sub: dict, runs: list[dict], rows: list, env: dict[str, str], nproc: int, folder: str,
+                 warning: str | None) -> str:
+    seeds = [r["seed"] for r in runs]
+    lines = [f"# {sub['name']}", ""]
+    if sub.get("blurb"):
+        lines += [sub["blurb"], ""]
+    std = f" (std {sub['val_bpb_std']:.4f})" if sub.get("val_bpb_std") is not None else ""
+    lines += [f"**val_bpb {sub['val_bpb']:.4f}**{std} over {len(runs)} seed(s); val_loss {sub['val_loss']:.4f} nats; "
+              f"largest artifact {sub['bytes_total']:,} bytes (cap {ARTIFACT_CAP_BYTES:,}), of which code "
+              f"{sub['bytes_code']:,}. Author: {sub['author']} (@{sub['github_id']}), {sub['date']}.", "",
+              "## Results", "",
+              "| seed | val_bpb | val_loss | artifact bytes | steps | train s | eval s |",
+              "|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in runs:
+        lines.append(f"| {r['seed']} | {r['val_bpb']:.4f} | {r['val_loss']:.4f} | {fmt_bytes(r['artifact_bytes'])} | "
+                     f"{r.get('steps', '-')} | {r.get('train_seconds', '-')} | {r.get('eval_seconds', '-')} |")
+    lines.append(f"| **mean** | **{sub['val_bpb']:.4f}** | **{sub['val_loss']:.4f}** | {sub['bytes_total']:,} (max) | | | |")
+    stages = sub["metadata"].get("eval_stages") or {}
+    if len(stages) > 1:
+        lines += ["", "Evaluation stages (mean over seeds; the last one is the score): " +
+                  ", ".join(f"{k} {v:.4f} bpb" for k, v in stages.items()) + "."]
+    lines += ["", "## Configuration", ""]
+    if warning:
+        lines += [f"({warning}.)", ""]
+    elif rows:
+        lines += [f"Settings that differ from `train_gpt.py`'s defaults (preset `{sub['metadata']['preset']}`):", "",
+                  "| setting | value | default | from |", "|---|---|---|---|"]
+        lines += [f"| `{k}` | `{v}` | `{d}` | {src} |" for k, v, d, src in rows]
+    else:
+        lines += ["All settings are `train_gpt.py`'s defaults."]
+    env_str = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+    data_path = sub["metadata"]["config"].get("data_path")
+    data_note = f" (here `{data_path}`)" if data_path else ""
+    lines += ["", "## Reproduce", "", f"From this folder (`{folder}`), with the data in place, once per seed:", "",
+              "```bash", f"for SEED in {' '.join(map(str, seeds))}; do",
+              f"  {env_str + ' ' if env_str else ''}SEED=$SEED RUN_ID={sub['metadata']['run_prefix']}_seed$SEED \\",
+              f"    torchrun --standalone --nproc_per_node={nproc} train_gpt.py", "done", "```", "",
+              f"`DATA_PATH`{data_note} and `TOKENIZER_PATH` are read relative to where you run it: point them at "
+              "the dataset if it is not there. Each run writes `logs/<RUN_ID>.txt` and `logs/<RUN_ID>.json`.", "",
+              "## Files", "",
+              "- `train_gpt.py`: the training script the runs used (its size is the `code_bytes` they recorded)",
+              "- `requirements.txt`: its Python dependencies",
+              *[f"- `{r['run_id']}.txt` / `{r['run_id']}.json`: train log and results of seed {r['seed']}" for r in runs],
+              "- `submission.json`: the numbers above, machine-readable", ""]
+    return "\n".join(lines)
+
+
+def common_prefix(run_ids: list[str]) -> str:
+    stripped = [re.sub(r"_seed-?\d+$", "", rid) for rid in run_ids]
+    return stripped[0] if len(set(stripped)) == 1 else "run"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", nargs="+", required=True, metavar="JSON", help="result JSONs (paths or globs), one per seed")
+    p.add_argument("--name", required=True, help="submission name")
+    p.add_argument("--github-id", required=True, help="your GitHub user name")
+    p.add_argument("--author", default=None, help="author name (default: the GitHub id)")
+    p.add_argument("--blurb", default="", help="one-paragraph description of the approach")
+    p.add_argument("--out", type=Path, default=None, help="folder to create (default records/<date>_<name>)")
+    p.add_argument("--date", default=None, help="YYYY-MM-DD (default: today, UTC)")
+    p.add_argument("--script", type=Path, default=Path("train_gpt.py"), help="the training script (default ./train_gpt.py)")
+    p.add_argument("--requirements", type=Path, default=Path("requirements.txt"),
+                   help="requirements file to include (default ./requirements.txt)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,38})", args.github_id):
+        raise UserError(f"--github-id {args.github_id!r}: expected a GitHub user name (letters, digits, hyphens)")
+    if args.date is not None and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", args.date):
+        raise UserError(f"--date {args.date!r}: expected YYYY-MM-DD")
+    date = args.date or time.strftime("%Y-%m-%d", time.gmtime())
+    out = args.out or Path("records") / f"{date}_{slug(args.name)}"
+    for path, what in ((args.script, "training script"), (args.requirements, "requirements file")):
+        if not path.is_file():
+            raise UserError(f"{path}: {what} not found; run from the repo root or pass --{'script' if what[0] == 't' else 'requirements'}")
+    if out.exists():
+        raise UserError(f"{out}: already exists; choose another --out or remove it")
+
+    runs = load_results(args.runs, "--runs")
+    refuse_bad(runs, "--runs")
+    seeds = [r.get("seed") for r in runs]
+    dup = sorted({str(s) for s in seeds if seeds.count(s) > 1})
+    if dup:
+        raise UserError(f"--runs: seed(s) {', '.join(dup)} appear more than once; give one run per seed")
+    runs.sort(key=lambda r: seeds.index(r.get("seed")))
+    config = check_same_config(runs)
+    code_bytes = check_code_bytes(runs, args.script)
+    logs = {}
+    for r in runs:
+        txt = Path(r["_path"]).with_suffix(".txt")
+        if not txt.is_file():
+            raise UserError(f"{txt}: train log of {r['run_id']} not found (it is written beside the result JSON)")
+        logs[r["run_id"]] = txt
+
+    rows, env, warning = config_changes(config, args.script)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    sizes = {world_size_from_log(p.read_text(errors="replace")) for p in logs.values()}
+    sizes.discard(None)
+    nproc = max(sizes) if sizes else 8
+
+    bpb_m, bpb_s = mean_std([r["val_bpb"] for r in runs])
+    loss_m, loss_s = mean_std([r["val_loss"] for r in runs])
+    stage_names = [k for k in (runs[0].get("stages") or {})]
+    eval_stages = {}
+    for k in stage_names:
+        vals = [r["stages"][k].get("val_bpb") for r in runs if k in (r.get("stages") or {})]
+        if len(vals) == len(runs) and all(isinstance(v, (int, float)) for v in vals):
+            eval_stages[k] = round(sum(vals) / len(vals), 8)
+    r8 = lambda v: None if v is None or (isinstance(v, float) and math.isnan(v)) else round(v, 8)  # noqa: E731
+    sub = dict(
+        author=args.author or args.github_id, github_id=args.github_id, name=args.name, blurb=args.blurb,
+        date=date, val_loss=r8(loss_m), val_bpb=r8(bpb_m), val_loss_std=r8(loss_s), val_bpb_std=r8(bpb_s),
+        bytes_total=max(int(r["artifact_bytes"]) for r in runs), bytes_code=code_bytes,
+        seeds=[r["seed"] for r in runs],
+        val_bpb_per_seed={str(r["seed"]): r8(r["val_bpb"]) for r in runs},
+        seed_results={str(r["seed"]): dict(run_id=r["run_id"], val_bpb=r8(r["val_bpb"]), val_loss=r8(r["val_loss"]),
+                                           artifact_bytes=r["artifact_bytes"], model_bytes=r.get("model_bytes"),
+                                           steps=r.get("steps"), train_seconds=r.get("train_seconds"),
+                                           eval_seconds=r.get("eval_seconds")) for r in runs},
+        metadata=dict(preset=config.get("preset", "default"), run_prefix=common_prefix([r["run_id"] for r in runs]),
+                      world_size=nproc, params=runs[0].get("params"), eval_stages=eval_stages,
+                      config_changes={k: v for k, v, _, _ in rows}, reproduce_env=env, config=config),
+    )
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{int(time.time() * 1000)}"
+    try:
+        tmp.mkdir()
+        shutil.copyfile(args.script, tmp / "train_gpt.py")
+        shutil.copyfile(args.requirements, tmp / "requirements.txt")
+        for r in runs:
+            shutil.copyfile(logs[r["run_id"]], tmp / f"{r['run_id']}.txt")
+            shutil.copyfile(r["_path"], tmp / f"{r['run_id']}.json")
+        (tmp / "submission.json").write_text(json.dumps(sub, indent=2) + "\n")
+        (tmp / "README.md").write_text(build_readme(sub, runs, rows, env, nproc, str(out), warning))
+        if len((tmp / "train_gpt.py").read_bytes()) != code_bytes:  # the file changed while we copied it
+            raise UserError(f"{args.script} changed while packaging; try again")
+        if out.exists():
+            raise UserError(f"{out}: appeared while packaging; nothing was written")
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    print(f"val_bpb {bpb_m:.4f} over seeds {', '.join(str(r['seed']) for r in runs)}; "
+          f"largest artifact {sub['bytes_total']:,} bytes")
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    cli(main)
