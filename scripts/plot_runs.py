@@ -1,0 +1,204 @@
+#!/usr/bin/env python3
+"""Plot train loss (and validation points) against step from train_gpt.py logs.
+
+  python scripts/plot_runs.py logs/a_seed1337.txt logs/b_seed1337.txt --out loss.png
+  python scripts/plot_runs.py 'logs/sweep_*.txt' --csv points.csv      # no matplotlib needed
+  python scripts/plot_runs.py logs/a_seed1337.txt --csv -              # CSV to stdout
+
+Inputs are the human logs logs/<RUN_ID>.txt (paths or globs; a <RUN_ID>.json is taken to mean
+the .txt beside it). Parsed lines:
+  step 20/400 loss 5.7054 lr_mult 0.175 tok/s 3,824 ms/step 2142.4 eta 43s   (kind=train)
+  step 200 val_loss 4.1234 val_bpb 2.3456                                   (kind=val)
+  eval <stage>: val_loss X val_bpb Y                                        (kind=eval, at the last step)
+If a log holds several runs (a RUN_ID reused; train_gpt.py appends), only the last is used.
+
+The PNG (needs matplotlib, optional: pip install matplotlib) has train/val loss vs step, plus
+val_bpb vs step when the logs have validation points. Default --out: <log>.png for one log,
+plot_runs.png for several. --csv FILE writes the parsed points (run, kind, stage, step, loss,
+val_bpb, lr_mult, tok_s, ms_step) and needs no matplotlib; with --csv a PNG is only drawn if
+--out is also given.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import UserError, cli, expand_paths, write_atomic  # noqa: E402
+
+NUM = r"(-?[0-9][0-9,]*\.?[0-9]*(?:[eE][-+]?\d+)?|nan|inf|-inf)"
+TRAIN_RE = re.compile(rf"^step (\d+)/(\d+) loss {NUM}(?: lr_mult {NUM})?(?: tok/s {NUM})?(?: ms/step {NUM})?")
+VAL_RE = re.compile(rf"^step (\d+) val_loss {NUM} val_bpb {NUM}")
+EVAL_RE = re.compile(rf"^eval ([^:]+): val_loss {NUM} val_bpb {NUM}")
+RUN_START_RE = re.compile(r"^config: ")
+COLUMNS = ("run", "kind", "stage", "step", "loss", "val_bpb", "lr_mult", "tok_s", "ms_step")
+
+
+def num(s: str | None) -> float | None:
+    return None if s is None else float(s.replace(",", ""))
+
+
+def parse_log(text: str, run: str) -> tuple[list[dict], int]:
+    """Points of the last run in a log; returns (points, number of runs found in the file)."""
+    runs: list[list[dict]] = [[]]
+    starts = 0
+    last_step = 0
+    for line in text.splitlines():
+        line = line.strip()
+        if RUN_START_RE.match(line):
+            starts += 1
+            if runs[-1]:
+                runs.append([])
+            last_step = 0
+            continue
+        m = TRAIN_RE.match(line)
+        if m:
+            last_step = int(m.group(1))
+            runs[-1].append(dict(run=run, kind="train", stage="", step=last_step, loss=num(m.group(3)), val_bpb=None,
+                                 lr_mult=num(m.group(4)), tok_s=num(m.group(5)), ms_step=num(m.group(6))))
+            continue
+        m = VAL_RE.match(line)
+        if m:
+            last_step = int(m.group(1))
+            runs[-1].append(dict(run=run, kind="val", stage="", step=last_step, loss=num(m.group(2)),
+                                 val_bpb=num(m.group(3)), lr_mult=None, tok_s=None, ms_step=None))
+            continue
+        m = EVAL_RE.match(line)
+        if m:
+            runs[-1].append(dict(run=run, kind="eval", stage=m.group(1).strip(), step=last_step, loss=num(m.group(2)),
+                                 val_bpb=num(m.group(3)), lr_mult=None, tok_s=None, ms_step=None))
+    return runs[-1], max(starts, 1)
+
+
+def resolve_logs(items: list[str]) -> list[Path]:
+    paths = []
+    for item in items:
+        if item.endswith(".json") and not any(c in item for c in "*?["):
+            item = item[:-5] + ".txt"
+        for p, from_glob in expand_paths([item], "logs"):
+            if p.suffix == ".json":
+                p = p.with_suffix(".txt")
+                if not p.is_file():
+                    raise UserError(f"{p}: train log not found beside its result JSON")
+            if p.suffix != ".txt" and from_glob:
+                continue
+            if p not in paths:
+                paths.append(p)
+    if not paths:
+        raise UserError("no train logs (.txt) given")
+    return paths
+
+
+def to_csv(points: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for p in points:
+        w.writerow({k: ("" if p[k] is None else p[k]) for k in COLUMNS})
+    return buf.getvalue()
+
+
+def plot(series: dict[str, list[dict]], out: Path, from_step: int) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("matplotlib is not installed (it is optional: pip install matplotlib); "
+                        "use --csv FILE to get the parsed points as a table instead") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    has_bpb = any(p["val_bpb"] is not None for pts in series.values() for p in pts)
+    fig, axes = plt.subplots(1, 2 if has_bpb else 1, figsize=(13 if has_bpb else 7.5, 4.8), squeeze=False)
+    ax_loss, ax_bpb = axes[0][0], (axes[0][1] if has_bpb else None)
+    for i, (run, pts) in enumerate(series.items()):
+        color = f"C{i % 10}"
+        pts = [p for p in pts if p["step"] >= from_step and p["loss"] is not None and math.isfinite(p["loss"])]
+        train = [p for p in pts if p["kind"] == "train"]
+        val = [p for p in pts if p["kind"] == "val"]
+        final = [p for p in pts if p["kind"] == "eval"]
+        if train:
+            ax_loss.plot([p["step"] for p in train], [p["loss"] for p in train], color=color, lw=1.4,
+                         marker="." if len(train) < 30 else None, label=f"{run} train")
+        if val:
+            ax_loss.plot([p["step"] for p in val], [p["loss"] for p in val], color=color, ls="--", marker="o", ms=3,
+                         label=f"{run} val")
+        if final:
+            ax_loss.scatter([final[-1]["step"]], [final[-1]["loss"]], color=color, marker="*", s=90, zorder=3,
+                            label=f"{run} {final[-1]['stage']}")
+        if ax_bpb is not None:
+            vb = [p for p in val if p["val_bpb"] is not None]
+            fb = [p for p in final[-1:] if p["val_bpb"] is not None]
+            if vb:
+                ax_bpb.plot([p["step"] for p in vb], [p["val_bpb"] for p in vb], color=color, marker="o", ms=3,
+                            label=f"{run} val")
+            if fb:
+                ax_bpb.scatter([fb[0]["step"]], [fb[0]["val_bpb"]], color=color, marker="*", s=90, zorder=3,
+                               label=f"{run} {fb[0]['stage']} {fb[0]['val_bpb']:.4f}")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("loss (nats/token)")
+    ax_loss.set_title("train / val loss")
+    ax_loss.grid(alpha=0.3)
+    ax_loss.legend(fontsize=7)
+    if ax_bpb is not None:
+        ax_bpb.set_xlabel("step")
+        ax_bpb.set_ylabel("val_bpb")
+        ax_bpb.set_title("validation bits per byte")
+        ax_bpb.grid(alpha=0.3)
+        ax_bpb.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    write_atomic(out, buf.getvalue())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("logs", nargs="+", help="logs/<RUN_ID>.txt files or globs")
+    p.add_argument("--out", type=Path, default=None, help="PNG to write")
+    p.add_argument("--csv", default=None, metavar="FILE", help="write the parsed points as CSV ('-' = stdout)")
+    p.add_argument("--from-step", type=int, default=0, help="plot only points at or after this step (zoom past the start)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    paths = resolve_logs(args.logs)
+    series: dict[str, list[dict]] = {}
+    for path in paths:
+        try:
+            text = path.read_text(errors="replace")
+        except OSError as e:
+            raise UserError(f"{path}: cannot read ({e.strerror})") from None
+        name = path.stem
+        while name in series:
+            name += "'"
+        points, n_runs = parse_log(text, name)
+        if n_runs > 1:
+            print(f"note: {path} holds {n_runs} runs (RUN_ID reused); using the last", file=sys.stderr)
+        if not points:
+            raise UserError(f"{path}: no step/eval lines found; is it a train_gpt.py log?")
+        series[name] = points
+    all_points = [p for pts in series.values() for p in pts]
+    if args.csv is not None:
+        data = to_csv(all_points)
+        if args.csv == "-":
+            sys.stdout.write(data)
+        else:
+            write_atomic(args.csv, data)
+            print(f"wrote {len(all_points)} points to {args.csv}", file=sys.stderr)
+    if args.csv is None or args.out is not None:
+        out = args.out or (paths[0].with_suffix(".png") if len(paths) == 1 else Path("plot_runs.png"))
+        plot(series, out, args.from_step)
+        print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    cli(main)
