@@ -1,0 +1,205 @@
+#!/usr/bin/env python3
+"""Benchmark training throughput of train_gpt.py's model on synthetic tokens (no data needed).
+
+  python scripts/bench_train.py                         # PRESET=tiny on this machine
+  python scripts/bench_train.py --preset default --world-size 8 --steps 20   # one H100 rank of the 8x recipe
+  NUM_LAYERS=12 python scripts/bench_train.py --env MODEL_DIM=576 --json bench.json
+
+Builds the model exactly as train_gpt.py does (its load_hparams, GPT, build_optimizers,
+train_step, WeightAverager), then times --steps full optimizer steps (forward + backward over the
+grad-accumulation micro-batches, Muon/AdamW step, EMA update) after --warmup untimed ones
+(compilation happens there). Configuration: the environment, like train_gpt.py, plus --env;
+the preset is --preset, else $PRESET, else tiny. --world-size W measures one rank of a W-process
+run: its share of TRAIN_BATCH_TOKENS and the grad-accumulation train_gpt.py would use; the
+all-reduce cost of the real run is not included. Reports ms/step, tokens/s (this process and
+x W), peak memory (CUDA max_memory_allocated, and the process peak RSS) and the parameter count.
+Nothing is written unless --json (the numbers) or --append-md (a dated section appended to a
+Markdown file such as docs/BENCHMARKS.md) is given.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import UserError, cli, import_trainer, parse_env_pairs, write_atomic  # noqa: E402
+
+
+class SyntheticLoader:
+    """Stands in for DistributedTokenLoader: uniform random tokens, one rank's share of each micro-batch."""
+
+    def __init__(self, vocab: int, world_size: int, device, seed: int):
+        import torch
+        self.torch, self.vocab, self.world_size, self.device = torch, vocab, world_size, device
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def next_batch(self, global_tokens: int, seq_len: int, grad_accum_steps: int):
+        local = global_tokens // (self.world_size * grad_accum_steps)
+        span = self.torch.randint(0, self.vocab, (local + 1,), generator=self.gen, dtype=self.torch.int64)
+        x, y = span[:-1].reshape(-1, seq_len), span[1:].reshape(-1, seq_len)
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def peak_rss_bytes() -> int:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default=None, help="PRESET to benchmark (default: $PRESET, else tiny)")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VAL", help="extra setting (repeatable)")
+    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps (default 10)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first, incl. compilation (default 3)")
+    p.add_argument("--world-size", type=int, default=1,
+                   help="measure one rank of a run with this many processes (default 1)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if available")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--qat", action="store_true",
+                   help="time steps with late-QAT fake quantization switched on (as at the end of training)")
+    p.add_argument("--script", type=Path, default=None,
+                   help="train_gpt.py to benchmark (default ./train_gpt.py, else the repo's)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the numbers as JSON")
+    p.add_argument("--append-md", default=None, metavar="FILE",
+                   help="append a dated section with the command and numbers to this Markdown file "
+                        "(e.g. docs/BENCHMARKS.md)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.steps < 1 or args.warmup < 0 or args.world_size < 1 or (args.threads is not None and args.threads < 1):
+        raise UserError("--steps must be >= 1, --warmup >= 0, --world-size >= 1, --threads >= 1")
+    script = args.script or (Path("train_gpt.py") if Path("train_gpt.py").is_file()
+                             else Path(__file__).resolve().parent.parent / "train_gpt.py")
+    extra = parse_env_pairs(args.env)
+    env = dict(os.environ)
+    env.update(extra)
+    env["PRESET"] = args.preset or extra.get("PRESET") or os.environ.get("PRESET") or "tiny"
+    env.setdefault("RUN_ID", "bench")
+
+    trainer = import_trainer(script)
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        hp = trainer.load_hparams(env)
+        ga = trainer.grad_accum_steps(hp, args.world_size)
+    except trainer.ConfigError as e:
+        raise UserError(f"bad configuration: {e}") from None
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available")
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    class BenchRun(trainer.Run):
+        def log(self, msg: str):  # the trainer's hooks may log; keep it on the console, write no file
+            print(f"  [train_gpt] {msg}")
+
+    torch.manual_seed(hp.seed)
+    run = BenchRun(hp, device)  # rank 0 of world 1: no process group, no DDP
+    run.model = trainer.GPT(hp).to(device)
+    n_params = sum(p.numel() for p in run.model.parameters())
+    compiled = bool(hp.compile and cuda)
+    run.train_model = torch.compile(run.model, dynamic=False) if compiled else run.model
+    optimizers = trainer.build_optimizers(run)
+    averager = trainer.WeightAverager(run.model, hp) if hasattr(trainer, "WeightAverager") else None
+    loader = SyntheticLoader(hp.vocab_size, args.world_size, device, hp.seed)
+    if args.qat:
+        hook = getattr(trainer, "on_train_step", None)
+        if hook is None or not getattr(hp, "qat_threshold", 0):
+            raise UserError("--qat: this train_gpt.py has no late QAT (on_train_step / QAT_THRESHOLD) to switch on")
+        hook(run, max(hp.lr_warmup_steps, 0), 0.0)
+
+    local_tokens = hp.train_batch_tokens // args.world_size
+    micro = local_tokens // ga
+    print(f"bench: {script} PRESET={hp.preset}, {n_params:,} parameters, device {device}"
+          f"{'' if cuda else f' ({torch.get_num_threads()} threads)'}, torch {torch.__version__}, "
+          f"compile {'on' if compiled else 'off'}{', QAT on' if args.qat else ''}")
+    print(f"batch: {hp.train_batch_tokens:,} tokens/step global; this rank of {args.world_size}: {local_tokens:,} "
+          f"tokens/step in {ga} micro-batch(es) of {micro // hp.train_seq_len}x{hp.train_seq_len}")
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    step = 0
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        trainer.train_step(run, loader, optimizers, ga, 1.0, step)
+        if averager is not None:
+            averager.update(step, 1.0)
+        step += 1
+    sync()
+    warm_s = time.perf_counter() - t0
+    if args.warmup:
+        print(f"warm-up: {args.warmup} step(s) in {warm_s:.2f}s")
+    times, loss = [], None
+    for _ in range(args.steps):
+        sync()
+        t = time.perf_counter()
+        loss = trainer.train_step(run, loader, optimizers, ga, 1.0, step)
+        if averager is not None:
+            averager.update(step, 1.0)
+        sync()
+        times.append(time.perf_counter() - t)
+        step += 1
+    loss_v = float(loss)
+    if not math.isfinite(loss_v):
+        print(f"warning: train loss is {loss_v} after {step} steps", file=sys.stderr)
+    mean_s = sum(times) / len(times)
+    tok_s = local_tokens / mean_s
+    cuda_peak = torch.cuda.max_memory_allocated(device) if cuda else None
+    rss = peak_rss_bytes()
+    print(f"timed: {args.steps} step(s): ms/step mean {1000 * mean_s:.1f}, median {1000 * statistics.median(times):.1f}, "
+          f"min {1000 * min(times):.1f}, max {1000 * max(times):.1f}")
+    scaled = (f"; x{args.world_size} ranks = {tok_s * args.world_size:,.0f} tokens/s (without all-reduce cost)"
+              if args.world_size > 1 else "")
+    print(f"throughput: {tok_s:,.0f} tokens/s this process{scaled}")
+    if cuda_peak is not None:
+        print(f"peak memory: {cuda_peak / 2**30:.2f} GiB CUDA allocated; process peak RSS {rss / 2**20:,.0f} MiB")
+    else:
+        print(f"peak memory: process peak RSS {rss / 2**20:,.0f} MiB")
+    print(f"parameters: {n_params:,}; last train loss {loss_v:.4f} (random tokens: ~ln(vocab) = {math.log(hp.vocab_size):.2f})")
+    if args.json:
+        write_atomic(args.json, json.dumps(dict(
+            script=str(script), preset=hp.preset, device=str(device), torch=torch.__version__, compile=compiled,
+            qat=args.qat, params=n_params, world_size=args.world_size, grad_accum=ga, tokens_per_step=local_tokens,
+            steps=args.steps, warmup=args.warmup, warmup_seconds=round(warm_s, 4),
+            ms_per_step_mean=round(1000 * mean_s, 3), ms_per_step_median=round(1000 * statistics.median(times), 3),
+            tokens_per_second=round(tok_s, 1), cuda_peak_bytes=cuda_peak, peak_rss_bytes=rss, last_loss=loss_v,
+            env=extra), indent=2))
+        print(f"wrote {args.json}")
+    if args.append_md:
+        where = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
+        mem = f"{cuda_peak / 2**30:.2f} GiB CUDA" if cuda_peak is not None else f"{rss / 2**20:,.0f} MiB RSS"
+        section = "\n".join([
+            f"## bench_train.py: PRESET={hp.preset}, {where}, {time.strftime('%Y-%m-%d', time.gmtime())}", "",
+            f"`{' '.join(['python scripts/bench_train.py', *(argv if argv is not None else sys.argv[1:])])}`"
+            f" (torch {torch.__version__}, compile {'on' if compiled else 'off'}{', QAT on' if args.qat else ''})", "",
+            "| parameters | world size | tokens/step (this rank) | grad accum | ms/step (mean / median) | tokens/s (this rank) | peak memory |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
+            f"| {n_params:,} | {args.world_size} | {local_tokens:,} | {ga} | {1000 * mean_s:.1f} / "
+            f"{1000 * statistics.median(times):.1f} | {tok_s:,.0f} | {mem} |", "", ""])
+        md = Path(args.append_md)
+        old = md.read_text() if md.is_file() else ""
+        write_atomic(md, old + ("\n" if old and not old.endswith("\n\n") else "") + section)
+        print(f"appended a section to {md}")
+    return 0
+
+
+if __name__ == "__main__":
+    cli(main)
