@@ -14,6 +14,7 @@ import math
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -343,16 +344,54 @@ def check_existing(specs: list[RunSpec], overwrite: bool, skip_existing: bool) -
                         "them, --skip-existing to reuse finished ones, or choose another --run-prefix")
 
 
+STOP_GRACE_S = 60.0  # how long an interrupted torchrun gets to stop its workers before SIGKILL
+
+
+def stop_run(proc: subprocess.Popen) -> None:
+    """SIGINT to torchrun (it stops its workers); after STOP_GRACE_S, or a second Ctrl-C, SIGKILL its whole group."""
+    grace_s = STOP_GRACE_S
+    print(f"\ninterrupted: stopping the current run (up to {grace_s:.0f}s; Ctrl-C again to kill it)", file=sys.stderr,
+          flush=True)
+    try:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=grace_s)
+    except (subprocess.TimeoutExpired, KeyboardInterrupt):
+        pass
+    try:  # anything left in the run's process group (workers of a torchrun that died first)
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+
+
+def _sigterm_as_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def execute(specs: list[RunSpec], nproc: int, script: Path, dry_run: bool, overwrite: bool) -> bool:
-    """Run each spec in order, streaming its output. Returns False if interrupted by Ctrl-C."""
+    """Run each spec in order, streaming its output. Returns False if interrupted (Ctrl-C or SIGTERM)."""
+    if dry_run:
+        for spec in specs:
+            print(f"# {spec.run_id}: reusing its finished result" if spec.status == "reused"
+                  else command_line(spec, nproc, script))
+        return True
+    try:
+        previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    except ValueError:  # not the main thread: leave SIGTERM alone
+        previous = None
+    try:
+        return _execute(specs, nproc, script, overwrite)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _execute(specs: list[RunSpec], nproc: int, script: Path, overwrite: bool) -> bool:
     total = len(specs)
     for i, spec in enumerate(specs, 1):
         cmd = command_line(spec, nproc, script)
         if spec.status == "reused":
             print(f"[{i}/{total}] {spec.run_id}: reusing finished result {result_paths(spec)[0]}", flush=True)
-            continue
-        if dry_run:
-            print(cmd)
             continue
         if overwrite:
             for p in result_paths(spec):
@@ -361,18 +400,14 @@ def execute(specs: list[RunSpec], nproc: int, script: Path, dry_run: bool, overw
         print(f"\n=== [{i}/{total}] {spec.run_id} (seed {spec.seed}) ===\n{cmd}", flush=True)
         env = {**os.environ, **spec.env, "SEED": str(spec.seed), "RUN_ID": spec.run_id}
         t0 = time.time()
-        try:
-            proc = subprocess.Popen(torchrun_argv(nproc, script), env=env)
+        try:  # its own session: Ctrl-C reaches only us, and we forward exactly one SIGINT
+            proc = subprocess.Popen(torchrun_argv(nproc, script), env=env, start_new_session=True)
         except OSError as e:
             raise UserError(f"cannot start {sys.executable} -m torch.distributed.run: {e}") from None
         try:
             spec.exit_code = proc.wait()
-        except KeyboardInterrupt:  # torchrun got the same SIGINT; let it shut its workers down
-            try:
-                proc.wait(timeout=60)
-            except (subprocess.TimeoutExpired, KeyboardInterrupt):
-                proc.kill()
-                proc.wait()
+        except KeyboardInterrupt:
+            stop_run(proc)
             spec.status = "interrupted"
             return False
         json_path = result_paths(spec)[0]

@@ -385,6 +385,59 @@ def test_run_seeds_launch_loop_continues_past_failures(tmp_path, monkeypatch, ca
     assert "r_seed2" in err and "continuing" in err
 
 
+STUCK_RUN = '''
+import os, signal, subprocess, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # a torchrun that does not stop when asked
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+open(os.environ["PG_TEST_PID_FILE"], "w").write(str(child.pid))
+print("started", flush=True)
+time.sleep(120)
+'''
+
+
+def test_run_seeds_interrupt_stops_the_whole_run(tmp_path, monkeypatch, capfd):
+    """SIGTERM (like Ctrl-C) stops the batch: SIGINT to the run, then SIGKILL to its process group."""
+    import os
+    import signal
+    import threading
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train_gpt.py").write_text(STUCK_RUN)
+    pid_file = tmp_path / "pid"
+    monkeypatch.setenv("PG_TEST_PID_FILE", str(pid_file))
+    monkeypatch.setattr(common, "torchrun_argv", lambda nproc, script: [sys.executable, str(script)])
+    monkeypatch.setattr(common, "STOP_GRACE_S", 0.5)
+    handler = signal.getsignal(signal.SIGTERM)
+
+    def interrupt():
+        for _ in range(200):  # wait until the stand-in has started its worker
+            if pid_file.exists() and pid_file.read_text():
+                break
+            threading.Event().wait(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    timer = threading.Thread(target=interrupt)
+    timer.start()
+    code, out, err = output_of(run_seeds.main, ["--seeds", "1,2", "--nproc", "1", "--run-prefix", "i", "--no-check"],
+                               capfd)
+    timer.join()
+    assert code == 130
+    assert "interrupted" in out and "remaining seeds were not run" in err
+    assert "i_seed2" not in err and out.count("=== [") == 1  # the second seed never started
+    worker = int(pid_file.read_text())
+    for _ in range(100):  # the worker was in the run's process group: killed (gone or a zombie)
+        try:
+            state = Path(f"/proc/{worker}/stat").read_text().split(")")[-1].split()[0]
+        except FileNotFoundError:
+            break
+        if state in ("Z", "X"):
+            break
+        threading.Event().wait(0.05)
+    else:
+        os.kill(worker, signal.SIGKILL)
+        pytest.fail("the run's worker survived the interrupt")
+    assert signal.getsignal(signal.SIGTERM) == handler  # the launcher's handler was removed again
+
+
 def test_sweep_dry_run_and_summary(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "train_gpt.py").write_text(FAKE_TRAINER)
