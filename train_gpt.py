@@ -7,16 +7,23 @@ data loading, model, training stages (setup, train, export, evaluate, report).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import glob
+import hashlib
 import json
+import lzma
 import math
 import os
+import re
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -101,10 +108,38 @@ class Hyperparameters:
     swa_threshold: float = 0.2  # SWA collects while the LR multiplier is below this
     weight_avg: str = "ema"  # which weights are exported: ema | swa | none
     compile: bool = True  # torch.compile (CUDA)
+    # quantization
+    quant_spec: str = "attn_qk:int6,attn_vo:int6,mlp_up:int5,mlp_down:int5,embed:int8,aux:int6,head:int8"
+    quant_clip_sigmas: float = 0.0  # 0: per-row clip searched for least MSE; > 0: clip at this many row RMS
+    quant_seed: int = 0  # seed of the TurboQuant rotations (rebuilt at load, not stored)
+    gptq: bool = True
+    gptq_tokens: int = 524288  # training tokens for the Hessians (never validation)
+    gptq_damp: float = 0.01  # fraction of the mean Hessian diagonal added to it
+    gptq_block: int = 128
+    gptq_act_order: bool = True
+    gptq_reserve_seconds: float = 10.0  # cut from MAX_WALLCLOCK_SECONDS for the calibration, which is train time
+    qat_threshold: float = 0.15  # QAT once the warmdown LR multiplier is below this; 0 = off
+    qat_steps: int = 1  # QAT stages: start QAT_STEPS-1 bits above QUANT_SPEC, one bit less per stage
+    codec: str = "auto"  # auto (smallest per group) | zstd | lzma | brotli
+    artifact_path: str = ""  # empty: LOG_DIR/RUN_ID.artifact
     # evaluation
     eval_seq_len: int = 2048
     val_max_tokens: int = 0  # 0 = the whole split (a score only counts on the whole split)
     eval_budget_seconds: float = 600.0
+    eval_stride: int = 64  # sliding windows: new targets scored per window
+    eval_batch_seqs: int = 0  # windows (TTT lora: documents) per batch; 0 = VAL_BATCH_TOKENS // EVAL_SEQ_LEN
+    ngram_order: int = 7  # causal n-gram of orders 1..K over earlier validation tokens; 0 = off
+    ngram_mode: str = "mix"  # mix: interpolate with the n-gram | tilt: boost its hinted token
+    ngram_discount: float = 0.6  # absolute discount D, in (0, 1]
+    ttt_enabled: bool = True  # score-first test-time training
+    ttt_mode: str = "full"  # full: all weights, carried along the stream | lora: adapters reset per document batch
+    ttt_chunk_tokens: int = 32768  # full: targets per chunk | lora: per document chunk (at most EVAL_SEQ_LEN)
+    ttt_lr: float = 0.002
+    ttt_momentum: float = 0.9
+    ttt_epochs: int = 3
+    ttt_lora_rank: int = 8
+    ttt_seconds: float = 300.0  # adaptation time box; later chunks are only scored
+    eval_audit: bool = False  # check the four legality conditions on a slice (results["audit"])
 
     def __post_init__(self):
         self.run_id = self.run_id or f"run_{time.strftime('%Y%m%d_%H%M%S')}_{uuid.uuid4().hex[:6]}"
@@ -123,6 +158,7 @@ PRESETS: dict[str, dict[str, object]] = {
         iterations=400, warmdown_iters=120, warmup_steps=0, lr_warmup_steps=10, xsa_last_n=2,
         bigram_buckets=1024, max_wallclock_seconds=0.0, train_log_every=20, val_batch_tokens=65536,
         compile=False, muon_momentum_warmup_steps=100, swa_every=10,
+        gptq_tokens=32768,  # ~100 tokens per Hessian column, as the default's 524288 at width 512-1536
     ),
 }
 
@@ -143,6 +179,27 @@ RULES = {  # field -> (predicate, what is expected); checked at start-up
     "ema_decay": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "weight_avg": (lambda v: v in ("ema", "swa", "none"), "ema, swa or none"),
     "max_wallclock_seconds": (lambda v: v >= 0, "a number >= 0 (0 = no cap)"),
+    "quant_spec": (lambda v: parse_spec(v) is not None, "comma-separated role:format pairs"),  # raises its own message
+    "quant_clip_sigmas": (lambda v: v >= 0, "a number >= 0 (0 = least-MSE clip search)"),
+    "gptq_tokens": (lambda v: v >= 1, "an int >= 1"),
+    "gptq_damp": (lambda v: v > 0, "a number > 0"),
+    "gptq_block": (lambda v: v >= 1, "an int >= 1"),
+    "gptq_reserve_seconds": (lambda v: v >= 0, "a number >= 0"),
+    "qat_threshold": (lambda v: 0 <= v <= 1, "a number in [0, 1] (0 = off)"),
+    "qat_steps": (lambda v: 1 <= v <= 6, "an int in [1, 6]"),
+    "codec": (lambda v: v in ("auto", "zstd", "lzma", "brotli"), "auto, zstd, lzma or brotli"),
+    "eval_stride": (lambda v: v >= 1, "an int >= 1"),
+    "eval_batch_seqs": (lambda v: v >= 0, "an int >= 0 (0 = from VAL_BATCH_TOKENS)"),
+    "ngram_order": (lambda v: v >= 0, "an int >= 0 (0 = off)"),
+    "ngram_mode": (lambda v: v in ("mix", "tilt"), "mix or tilt"),
+    "ngram_discount": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "ttt_mode": (lambda v: v in ("full", "lora"), "full or lora"),
+    "ttt_chunk_tokens": (lambda v: v >= 1, "an int >= 1"),
+    "ttt_lr": (lambda v: v >= 0, "a number >= 0"),
+    "ttt_momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "ttt_epochs": (lambda v: v >= 1, "an int >= 1"),
+    "ttt_lora_rank": (lambda v: v >= 1, "an int >= 1"),
+    "ttt_seconds": (lambda v: v >= 0, "a number >= 0"),
 }
 
 
@@ -309,61 +366,650 @@ def eval_plain(run: Run, model: nn.Module) -> tuple[float, float]:
     nll, n_tok, n_bytes = run.all_sum(nll, n_tok, n_bytes)
     return nll / n_tok, nll / n_tok / math.log(2) * n_tok / n_bytes
 
+
+# Sliding windows, n-gram mixing, score-first TTT and the audit. Target p is
+# token p+1 given tokens 0..p. Neural stages return per-target statistics
+# (3, targets): NLL, model entropy, model log-prob of the n-gram hint; each
+# rank fills its contiguous share (zeros elsewhere) and they are all-reduced.
+
+
+def sliding_plan(n_targets: int, seq_len: int, stride: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """(W, first, ends): window k holds targets [ends[k]-W, ends[k]) and scores those from first[k] on; every
+    target is scored exactly once, with all the context a W-token window gives it."""
+    W = min(seq_len, n_targets)
+    ends = np.minimum(np.arange(W, n_targets + stride, min(stride, W)), n_targets)
+    return W, np.concatenate(([0], ends[:-1])), ends
+
+
+def window_logprobs(model: nn.Module, toks: Tensor, first: np.ndarray, ends: np.ndarray, W: int) -> tuple[Tensor, Tensor]:
+    """Log-softmax rows (n, V) and gold tokens of the targets that windows (first, ends) score, in target order."""
+    idx = torch.as_tensor(ends - W, device=toks.device)[:, None] + torch.arange(W, device=toks.device)
+    scored = idx >= torch.as_tensor(first, device=toks.device)[:, None]
+    return model(toks[idx])[scored].float().log_softmax(-1), toks[idx + 1][scored]
+
+
+def target_stats(lp: Tensor, tgt: Tensor, hint: Tensor | None) -> Tensor:
+    """(NLL, entropy, log-prob of the hint: -inf without one) of log-prob rows lp."""
+    lph = torch.zeros_like(lp[:, 0]) if hint is None else torch.where(
+        hint < 0, -math.inf, lp.gather(1, hint.clamp_min(0)[:, None])[:, 0])
+    return torch.stack((-lp.gather(1, tgt[:, None])[:, 0], -(lp.exp() * lp).sum(-1), lph))
+
+
+@torch.no_grad()
+def score_windows(run: Run, model: nn.Module, toks: Tensor, plan, k0: int, k1: int, hint: Tensor | None, stats: Tensor):
+    """Score windows [k0, k1) of the plan (this rank's contiguous share) into stats[:, targets]."""
+    W, first, ends = plan
+    per_batch = run.hp.eval_batch_seqs or max(1, run.hp.val_batch_tokens // run.hp.eval_seq_len)
+    lo, hi = (k0 + (k1 - k0) * r // run.world_size for r in (run.rank, run.rank + 1))
+    model.eval()
+    for s in range(lo, hi, per_batch):
+        e = min(s + per_batch, hi)
+        with run.autocast():
+            lp, tgt = window_logprobs(model, toks, first[s:e], ends[s:e], W)
+        stats[:, first[s]:ends[e - 1]] = target_stats(lp, tgt, None if hint is None else hint[first[s]:ends[e - 1]])
+    model.train()
+
+
+def eval_sliding(run: Run, model: nn.Module, toks: Tensor, hint: Tensor | None = None) -> Tensor:
+    """Sliding-window statistics of the stream: EVAL_SEQ_LEN-token windows, EVAL_STRIDE new targets each."""
+    plan = sliding_plan(toks.numel() - 1, run.hp.eval_seq_len, run.hp.eval_stride)
+    stats = torch.zeros(3, toks.numel() - 1, device=toks.device)
+    score_windows(run, model, toks, plan, 0, len(plan[2]), hint, stats)
+    if run.distributed:
+        dist.all_reduce(stats)
+    return stats
+
+
+def ngram_counts(toks: Tensor, order: int) -> tuple[list[tuple[Tensor, Tensor, Tensor]], Tensor, Tensor]:
+    """Exact counts over strictly earlier positions, at every position t (predicting toks[t]), per order n = 1..order:
+    cc = earlier occurrences of the context toks[t-n+1:t], cp = those followed by toks[t], u = distinct tokens that
+    followed it. Also hint = the token that followed the latest earlier occurrence of the longest context seen
+    before (-1: none), and that context's order. Keys are exact, never hashed: an n-gram's key is (dense id of the
+    (n-1)-gram ending one position earlier) * 2^16 + token. A stable sort by key lists each n-gram's positions in
+    order, so a position's rank in its group is its count of earlier occurrences; the sorted (n-1)-grams, shifted
+    by one position, are the order-n contexts in order."""
+    N, dev, toks = toks.numel(), toks.device, toks.long()
+    ar = torch.arange(N, device=dev)
+    counts, hint, match = [], torch.full((N,), -1, device=dev), torch.zeros(N, dtype=torch.long, device=dev)
+    key, cperm, cnew = toks, ar, ar == 0  # order 1: one (empty) context holding every position
+    for n in range(1, order + 1):
+        srt, perm = torch.sort(key, stable=True)
+        new = torch.ones(N, dtype=torch.bool, device=dev)
+        new[1:] = srt[1:] != srt[:-1]
+        gid = torch.cumsum(new, 0) - 1
+        cp = torch.empty_like(key)
+        cp[perm] = ar - torch.nonzero(new)[:, 0][gid]
+        tpos = cperm + (n > 1)  # positions in context order; N = past the end
+        cstart = torch.nonzero(cnew)[:, 0][torch.cumsum(cnew, 0) - 1]
+        g = F.pad((cp == 0).long(), (0, 1))[tpos]  # first occurrences of (context, token), in context order
+        excl = torch.cumsum(g, 0) - g
+        cc, u, hv = (torch.zeros(N + 1, dtype=torch.long, device=dev) for _ in range(3))
+        cc[tpos], u[tpos] = ar - cstart, excl - excl[cstart]
+        hv[tpos] = torch.where(cnew, -1, toks[tpos.roll(1).clamp_max(N - 1)])
+        cc, u = cc[:N], u[:N]
+        hint, match = torch.where(cc > 0, hv[:N], hint), torch.where(cc > 0, n, match)
+        counts.append((cc.int(), cp.int(), u.int()))  # int32 halves the memory of K orders of counts
+        pid = torch.empty_like(key)
+        pid[perm] = gid
+        key, cperm, cnew = torch.cat((key.new_full((1,), -1), (pid[:-1] << 16) + toks[1:])), perm, new
+    return counts, hint, match
+
+
+def ngram_prob(counts, discount: float, vocab: int) -> Tensor:
+    """Interpolated absolute discounting from p_0 = 1/V: p_n = (max(cp - D, 0) + D u p_{n-1}) / cc, or p_{n-1} where
+    cc = 0. With D <= 1 every order sums to 1 over the vocabulary: sum(cp - D) over seen tokens is cc - D u."""
+    p = torch.full(counts[0][0].shape, 1.0 / vocab, dtype=torch.float64, device=counts[0][0].device)
+    for cc, cp, u in ((x.double() for x in c) for c in counts):
+        p = torch.where(cc > 0, ((cp - discount).clamp_min(0) + discount * u * p) / cc.clamp_min(1), p)
+    return p
+
+
+def mix_nll(nll: Tensor, p_ngram: Tensor, z: Tensor) -> Tensor:
+    """-log((1 - w) p_model + w p_ngram), w = sigmoid(z): a mixture of two normalized distributions."""
+    w = torch.sigmoid(z)
+    return -torch.log((1 - w) * torch.exp(-nll) + w * p_ngram)
+
+
+def tilt_nll(nll: Tensor, lp_hint: Tensor, is_hint: Tensor, b: Tensor) -> Tensor:
+    """-log of p(x) e^(b [x = hint]) / Z with Z = 1 + p(hint) (e^b - 1): exactly normalized."""
+    return nll - b * is_hint + torch.log1p(torch.exp(lp_hint) * torch.expm1(b))
+
+
+def fit_online(fn, n: int, theta: Tensor) -> Tensor:
+    """Per-target parameters: targets in [b, 2b), b = 1024, 2048, ..., use theta fitted (L-BFGS on fn) on up to
+    2^16 evenly spaced targets before b, so a target's parameters depend on earlier targets only."""
+    out, b = theta.repeat(n, 1), 1024
+    while b < n:
+        th = theta.clone().requires_grad_()
+        opt = torch.optim.LBFGS([th], max_iter=20, line_search_fn="strong_wolfe")
+        idx = torch.arange(0, b, max(1, b >> 16), device=theta.device)
+
+        def closure():
+            opt.zero_grad()
+            loss = fn(th, idx).mean()
+            loss.backward()
+            return loss
+        opt.step(closure)
+        theta = th.detach() if torch.isfinite(th).all() else theta
+        out[b:2 * b] = theta
+        b *= 2
+    return out
+
+
+def ngram_nll(hp: Hyperparameters, toks: Tensor, stats: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-target NLL of the model mixed with the causal n-gram (mix) or tilted towards its hint (tilt), and the
+    per-target mixing logit / tilt strength z = theta . (1, model entropy, matched order / K, model log-prob of the
+    hint (tilt; 0 in mix)), theta fitted online. All features are known before the target is seen."""
+    counts, hint, match = ngram_counts(toks, hp.ngram_order)
+    nll, lph = stats[0].double(), stats[2].double()
+    feats = torch.stack((torch.ones_like(nll), stats[1].double(), match[1:] / hp.ngram_order, lph.clamp_min(-30)), 1)
+    if hp.ngram_mode == "mix":
+        p_ng = ngram_prob(counts, hp.ngram_discount, hp.vocab_size)[1:]
+        fn = lambda th, i: mix_nll(nll[i], p_ng[i], (feats[i] * th).sum(-1))  # noqa: E731
+    else:
+        is_hint = (hint == toks)[1:]
+        fn = lambda th, i: tilt_nll(nll[i], lph[i], is_hint[i], (feats[i] * th).sum(-1))  # noqa: E731
+    theta = fit_online(fn, nll.numel(), torch.tensor([-2.0 if hp.ngram_mode == "mix" else 0.0, 0, 0, 0],
+                                                      dtype=torch.float64, device=toks.device))
+    return fn(theta, slice(None)).detach(), (feats * theta).sum(-1)
+
+
+def note(ledger: list | None, kind: str, key: tuple, params):
+    """Ledger entry for the audit: (kind, (batch, chunk), checksum of the weights)."""
+    if ledger is not None:
+        ledger.append((kind, key, float(sum((p.detach().double() * (1 + p.detach().double())).sum() for p in params))))
+
+
+def eval_ttt(run: Run, model: nn.Module, toks: Tensor, hint: Tensor | None = None, box: float = math.inf,
+             ledger: list | None = None) -> Tensor:
+    """Score-first test-time training on a copy of the model: the sliding windows in chunks of TTT_CHUNK_TOKENS
+    targets, each chunk scored first, then adapted on (never re-scored), so chunk c is scored with the weights
+    adapted on chunks < c. full: every weight, SGD with momentum and a cosine LR over the chunks; every rank adapts
+    on the same chunk with all-reduced gradients, so all hold identical weights. Adapting stops once `box` seconds
+    have passed; later chunks are only scored. ledger gets (kind, (batch, chunk), weights checksum) entries."""
+    hp = run.hp
+    model = copy.deepcopy(model)
+    if hp.ttt_mode == "lora":
+        return eval_ttt_lora(run, model.requires_grad_(False), toks, hint, box, ledger)
+    W, first, ends = plan = sliding_plan(toks.numel() - 1, hp.eval_seq_len, hp.eval_stride)
+    per, params = max(1, hp.ttt_chunk_tokens // hp.eval_stride), list(model.parameters())
+    n_chunks = -(-len(ends) // per)
+    opt = torch.optim.SGD(params, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
+    stats = torch.zeros(3, toks.numel() - 1, device=toks.device)
+    t0, adapting = time.perf_counter(), True
+    note(ledger, "adapt", (0, -1), params)
+    for c in range(n_chunks):
+        k0, k1 = c * per, min((c + 1) * per, len(ends))
+        note(ledger, "score", (0, c), params)
+        score_windows(run, model, toks, plan, k0, k1, hint, stats)
+        adapting = adapting and c + 1 < n_chunks and not run.all_sum(float(time.perf_counter() - t0 > box))[0]
+        if adapting:
+            lr = hp.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / (n_chunks - 1)))
+            adapt_full(run, model, opt, toks[first[k0]:ends[k1 - 1] + 1], lr)
+        note(ledger, "adapt", (0, c), params)
+    if run.distributed:
+        dist.all_reduce(stats)
+    return stats
+
+
+def adapt_full(run: Run, model: nn.Module, opt: torch.optim.Optimizer, span: Tensor, lr: float):
+    """TTT_EPOCHS steps on a scored chunk, cut into EVAL_SEQ_LEN sequences shared out over ranks."""
+    hp, L = run.hp, min(run.hp.eval_seq_len, span.numel() - 1)
+    n = (span.numel() - 1) // L
+    x, y = (s[:n * L].view(n, L)[run.rank::run.world_size] for s in (span[:-1], span[1:]))
+    per_batch = hp.eval_batch_seqs or max(1, hp.val_batch_tokens // hp.eval_seq_len)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    for _ in range(hp.ttt_epochs):
+        opt.zero_grad()
+        for i in range(0, x.size(0), per_batch):
+            with run.autocast():
+                (token_nll(model(x[i:i + per_batch]), y[i:i + per_batch]).sum() / (n * L)).backward()
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+            if run.distributed:
+                dist.all_reduce(p.grad)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+
+def eval_ttt_lora(run: Run, model: nn.Module, toks: Tensor, hint: Tensor | None, box: float,
+                  ledger: list | None) -> Tensor:
+    """TTT_MODE=lora: documents (cut before each boundary token; each also scores the next one's first token) in
+    batches of EVAL_BATCH_SEQS rows, each row with fresh rank-TTT_LORA_RANK adapters on every attention and MLP
+    projection (reset per document batch; base weights frozen). Chunk i (TTT_CHUNK_TOKENS targets of every document,
+    with up to EVAL_SEQ_LEN tokens of the document as context) is scored, then trained on with Adam. Documents are
+    shared out over ranks; adapters are per document, so ranks never communicate until the final all-reduce."""
+    hp, dev, M = run.hp, toks.device, toks.numel() - 1
+    L, c = hp.eval_seq_len, min(hp.ttt_chunk_tokens, hp.eval_seq_len)
+    starts = torch.unique(F.pad(torch.nonzero(torch.as_tensor(run.luts[2], device=dev)[toks[:-1]])[:, 0], (1, 0)))
+    lengths = torch.diff(starts, append=starts.new_full((1,), M))
+    share = slice(len(starts) * run.rank // run.world_size, len(starts) * (run.rank + 1) // run.world_size)
+    order = torch.argsort(lengths[share], descending=True, stable=True)
+    starts, lengths = starts[share][order], lengths[share][order]
+    linears = [m for m in model.blocks.modules() if isinstance(m, CastedLinear)]
+    per_batch = hp.eval_batch_seqs or max(1, hp.val_batch_tokens // hp.eval_seq_len)
+    stats, t0 = torch.zeros(3, M, device=dev), time.perf_counter()
+    gen = torch.Generator(device=dev).manual_seed(hp.seed)
+    for bi, b in enumerate(range(0, len(starts), per_batch)):
+        s, n = starts[b:b + per_batch], lengths[b:b + per_batch]
+        T = int(n.max())
+        X = toks[(s[:, None] + torch.arange(T + 1, device=dev)).clamp_max(M)]  # past a document: causal, unscored
+        ab = [(torch.randn(len(s), hp.ttt_lora_rank, m.in_features, device=dev, generator=gen) / m.in_features ** 0.5,
+               torch.zeros(len(s), m.out_features, hp.ttt_lora_rank, device=dev)) for m in linears]
+        adapters = [t.requires_grad_() for pair in ab for t in pair]
+        hooks = [m.register_forward_hook(lambda m, inp, out, A=A, B=B: out + torch.einsum(
+            "btr,bor->bto", torch.einsum("bti,bri->btr", inp[0], A.to(out.dtype)), B.to(out.dtype)))
+            for m, (A, B) in zip(linears, ab)]
+        opt = torch.optim.Adam(adapters, lr=hp.ttt_lr)
+        note(ledger, "adapt", (bi, -1), adapters)
+        for i in range(-(-T // c)):
+            e = min((i + 1) * c, T)
+            col = torch.arange(max(0, e - L), e, device=dev)
+            scored = (col >= i * c) & (col < n[:, None])
+            pos, tgt = (s[:, None] + col)[scored], X[:, col + 1][scored]
+            note(ledger, "score", (bi, i), adapters)
+            adapt = e < T and time.perf_counter() - t0 < box
+            for epoch in range(hp.ttt_epochs if adapt else 1):
+                with run.autocast(), torch.set_grad_enabled(adapt):
+                    lp = model(X[:, col])[scored].float().log_softmax(-1)
+                if epoch == 0:
+                    stats[:, pos] = target_stats(lp.detach(), tgt, None if hint is None else hint[pos])
+                if adapt:
+                    opt.zero_grad()
+                    (-lp.gather(1, tgt[:, None])).mean().backward()
+                    opt.step()
+            note(ledger, "adapt", (bi, i), adapters)
+        for h in hooks:
+            h.remove()
+    if run.distributed:
+        dist.all_reduce(stats)
+    return stats
+
+
+def audit(run: Run, model: nn.Module, n_pos: int = 2) -> dict:
+    """EVAL_AUDIT: the four conditions, checked on the first 4 * EVAL_SEQ_LEN + 1 tokens of the split at n_pos
+    sampled targets p. norm_*: |sum over the vocabulary - 1| of the distribution at p: the model's softmax row
+    (row_is_score: that row at the gold token against the sliding score), the n-gram's by putting every token at p
+    through the same counting code, the mix or tilt through the functions that score. causal_*: largest change of
+    p's model row, or of any earlier target's score in each stage, when the tokens from p+1 on are replaced.
+    prefix_counts: n-gram counts at p against a brute-force recount of the prefix. ttt_weights: chunks not scored
+    with the weights adapted on the chunks before them. Passed when every figure is at most 1e-5."""
+    n_tokens = 4 * run.hp.eval_seq_len + 1
+    hp = dataclasses.replace(run.hp, ttt_chunk_tokens=max(1, n_tokens // 4))
+    sub, K, V, ledger = dataclasses.replace(run, hp=hp), hp.ngram_order, hp.vocab_size, []
+    toks = torch.from_numpy(run.val_tokens[:n_tokens].astype(np.int64)).to(run.device)
+    M, W, first, ends = toks.numel() - 1, *sliding_plan(toks.numel() - 1, hp.eval_seq_len, hp.eval_stride)
+    gen = torch.Generator().manual_seed(0)
+    hint = lambda tk: ngram_counts(tk, K)[1][1:] if K and hp.ngram_mode == "tilt" else None  # noqa: E731
+
+    def scores(tk: Tensor) -> tuple[dict[str, Tensor], Tensor | None]:  # per-target NLL of each stage; n-gram z
+        stats = eval_sliding(sub, model, tk, hint(tk))
+        out, z = dict(sliding=stats[0]), None
+        if K:
+            out["ngram"], z = ngram_nll(hp, tk, stats)
+        if hp.ttt_enabled:
+            out["ttt"] = eval_ttt(sub, model, tk, hint(tk), ledger=None if tk is not toks else ledger)[0]
+        return out, z
+
+    def row(tk: Tensor, p: int) -> Tensor:  # the model's log-prob row at target p, from the window that scores it
+        k = int(np.searchsorted(ends, p, side="right"))
+        with torch.no_grad(), sub.autocast():
+            return window_logprobs(model, tk, first[k:k + 1], ends[k:k + 1], W)[0][p - first[k]].double()
+
+    checks: dict[str, float] = {}
+    put = lambda name, v: checks.__setitem__(name, max(checks.get(name, 0.0), float(v)))  # noqa: E731
+    base, z = scores(toks)
+    for p in torch.randint(M // 2, M - 1, (n_pos,), generator=gen).tolist():
+        pert = toks.clone()
+        pert[p + 1:] = torch.randint(V, (M - p,), generator=gen).to(toks.device)
+        lp = row(toks, p)
+        put("norm_model", abs(lp.exp().sum() - 1))
+        put("row_is_score", abs(lp[toks[p + 1]] + base["sliding"][p]))
+        put("causal_model_row", (row(pert, p) - lp).abs().max())
+        for name, nll in scores(pert)[0].items():
+            put(f"causal_{name}", (nll[:p] - base[name][:p]).abs().max())
+        if K:
+            t, tl, subst = p + 1, toks.tolist(), toks.clone()
+            counts, hints, _ = ngram_counts(toks, K)
+            for n, got in enumerate(counts, 1):
+                occ = [s for s in range(n - 1, t) if tl[s - n + 1:s] == tl[t - n + 1:t]]
+                want = (len(occ), sum(tl[s] == tl[t] for s in occ), len({tl[s] for s in occ}))
+                put("prefix_counts", max(abs(int(x[t]) - w) for x, w in zip(got, want)))
+            p_ng = []
+            for v in range(V):
+                subst[t] = v
+                p_ng.append(ngram_prob(ngram_counts(subst, K)[0], hp.ngram_discount, V)[t])
+            p_ng = torch.stack(p_ng)
+            put("norm_ngram", abs(p_ng.sum() - 1))
+            h = int(hints[t])
+            q = mix_nll(-lp, p_ng, z[p]) if hp.ngram_mode == "mix" else tilt_nll(
+                -lp, lp[h] if h >= 0 else lp.new_tensor(-math.inf), torch.arange(V, device=lp.device) == h, z[p])
+            put(f"norm_{hp.ngram_mode}", abs(torch.exp(-q).sum() - 1))
+    if hp.ttt_enabled:
+        adapted = {key: cs for kind, key, cs in ledger if kind == "adapt"}
+        put("ttt_weights", sum(cs != adapted.get((b, i - 1)) for kind, (b, i), cs in ledger if kind == "score"))
+    return dict(passed=all(v <= 1e-5 for v in checks.values()), checks=checks)
+
 # -----------------------------------------------------------------------------
 # QUANTIZATION
 # -----------------------------------------------------------------------------
-# Artifact: b"PGA1", u32 header length, JSON header, then raw buffers. No pickle.
+# QUANT_SPEC maps weight roles to formats: intN (N=2..8: per-row symmetric grid -Q..Q, Q=2^(N-1)-1),
+# tqN (N=2..4, TurboQuant: a seeded random rotation, then the Lloyd-Max codebook of a unit Gaussian)
+# or fp16; "+lrR" adds a rank-R int8 correction of the quantization error. Row scales take the
+# least-MSE clip among CLIP_RATIOS of the row's max |w|, or "@K" (else QUANT_CLIP_SIGMAS) row RMS:
+# the codes are entropy-coded, so a wide grid with a set step (int7@12) beats a clipped narrow one
+# (int5) at equal bytes; unused levels cost nothing. GPTQ rounds
+# column by column against the inverse Hessian of training-token activations. QAT fake-quantizes
+# with these same functions, so the trained forward is the exported one. Artifact: magic, u32
+# header length, sha256 of the rest, JSON header, one compressed buffer per group. No pickle.
 
-ARTIFACT_MAGIC = b"PGA1"
+ARTIFACT_MAGIC = b"PGQ1"
+ROLE_OF = {"q": "attn_qk", "k": "attn_qk", "v": "attn_vo", "o": "attn_vo", "up": "mlp_up", "down": "mlp_down",
+           "tok_emb": "embed", "lm_head": "head", "bigram": "aux", "ve_embed": "aux", "ve_proj": "aux"}
+LLOYD_MAX = {2: (0.4528, 1.5104), 3: (0.2451, 0.7560, 1.3440, 2.1520),
+             4: (0.1284, 0.3881, 0.6568, 0.9424, 1.2562, 1.6180, 2.0690, 2.7326)}
+CLIP_RATIOS = 1 - 0.7 * torch.linspace(0, 1, 16) ** 2  # of max |w|; dense near 1, where fine grids are sensitive
+FP16_GROUPS = ("fp16", "scales")
 
 
-def fake_quant(w: Tensor, fmt) -> Tensor:
-    raise NotImplementedError("QAT formats arrive with the quantization section")
+class Fmt(NamedTuple):
+    kind: str  # int | tq | fp16
+    bits: int = 16
+    rank: int = 0  # rank of the int8 low-rank error correction
+    clip: float = 0.0  # 0: least-MSE clip search; else this many row RMS
+    seed: int = 0  # TurboQuant rotation seed
+
+    @property
+    def name(self) -> str:  # its codes' group
+        return "fp16" if self.kind == "fp16" else f"{self.kind}{self.bits}"
+
+    @property
+    def tag(self) -> str:
+        return self.name + (f"@{self.clip:g}" if self.clip else "") + (f"+lr{self.rank}" if self.rank else "")
+
+
+def parse_fmt(s: str, clip: float = 0.0, seed: int = 0) -> Fmt:
+    m = re.fullmatch(r"(?:(int)([2-8])|(tq)([2-4]))(?:@(\d+\.?\d*))?(?:\+lr(\d+))?|fp16", s.strip())
+    if not m:
+        raise ConfigError(f"QUANT_SPEC format {s!r}: expected int2..int8 or tq2..tq4 [@clip in row RMS] [+lrRANK] "
+                          "(e.g. int5, int7@12, tq4+lr8) or fp16")
+    return Fmt("fp16") if m[0] == "fp16" else Fmt(m[1] or m[3], int(m[2] or m[4]), int(m[6] or 0), float(m[5] or clip), seed)
+
+
+def parse_spec(spec: str) -> dict[str, str]:
+    out = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        role, _, fmt = (x.strip() for x in item.partition(":"))
+        if role not in {*ROLE_OF.values(), "first", "last"}:
+            raise ConfigError(f"QUANT_SPEC role {role!r}: expected one of {', '.join(sorted({*ROLE_OF.values()}))}, first, last")
+        out[role] = parse_fmt(fmt).tag
+    return out
+
+
+def quant_formats(hp: Hyperparameters, names) -> dict[str, tuple[str, Fmt]]:
+    """Parameter name -> (role, format) of every quantizable matrix; unlisted roles are int8, first/last
+    override the roles of blocks 0 / L-1. Other tensors (vectors, gains, mixes, skips) stay fp16."""
+    spec, out = parse_spec(hp.quant_spec), {}
+    for name in names:
+        p = name.split(".")
+        role = p[-1] == "weight" and ROLE_OF.get(p[-2] if p[0] == "blocks" else p[0])
+        if role:
+            edge = p[0] == "blocks" and {0: "first", hp.num_layers - 1: "last"}.get(int(p[1]))
+            out[name] = role, parse_fmt(spec.get(edge) or spec.get(role, "int8"), hp.quant_clip_sigmas, hp.quant_seed)
+    return out
+
+
+def grid(f: Fmt, device=None) -> Tensor:
+    if f.kind == "tq":
+        half = torch.tensor(LLOYD_MAX[f.bits], device=device)
+        return torch.cat((-half.flip(0), half))
+    q = 2 ** (f.bits - 1) - 1
+    return torch.arange(-q, q + 1.0, device=device)
+
+
+@functools.lru_cache(maxsize=None)
+def rotation(n: int, seed: int, device: str) -> Tensor:
+    """Random orthogonal n x n (QR of a seeded Gaussian, float64): rebuilt from the seed at load, never stored."""
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    return (q * r.diagonal().sign()).to(device)
+
+
+def nearest(x: Tensor, levels: Tensor) -> tuple[Tensor, Tensor]:
+    """(index, value) of the nearest level: integer grids (odd length) round, codebooks binary-search."""
+    if levels.numel() % 2:
+        v = x.round().clamp(levels[0], levels[-1])
+        return v - levels[0], v
+    i = torch.bucketize(x, (levels[1:] + levels[:-1]) / 2)
+    return i, levels[i]
+
+
+def quantize_rows(w: Tensor, levels: Tensor, clip: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Per-row fp16-exact scales (least-MSE clip, vectorized over candidates) and nearest-level codes (uint8)."""
+    if clip:
+        s = clip * w.square().mean(1, keepdim=True).sqrt()[None] / levels[-1]
+    else:
+        s = CLIP_RATIOS.to(w.device)[:, None, None] * w.abs().amax(1, keepdim=True) / levels[-1]
+    s = s.clamp_min(1e-7).half().float()
+    codes, v = nearest(w / s, levels)
+    best = (v * s - w).square().sum(-1).argmin(0)
+    rows = torch.arange(w.size(0), device=w.device)
+    return codes[best, rows].to(torch.uint8), s[best, rows, 0]
+
+
+def gptq_codes(w: Tensor, H: Tensor, levels: Tensor, s: Tensor, hp: Hyperparameters) -> Tensor:
+    """GPTQ: round columns in blocks (in act-order: largest Hessian diagonal first), pushing each column's
+    rounding error onto the columns not yet rounded through the Cholesky factor of the damped inverse Hessian."""
+    H = H.double().clone()
+    d = H.diagonal()
+    d[d == 0] = 1  # inputs never seen
+    d += hp.gptq_damp * d.mean()
+    perm = torch.argsort(d, descending=True) if hp.gptq_act_order else torch.arange(w.size(1), device=w.device)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H[perm][:, perm])), upper=True).float()
+    w, s = w[:, perm].clone(), s[:, None]
+    codes = torch.empty_like(w, dtype=torch.uint8)
+    for i in range(0, w.size(1), hp.gptq_block):
+        j = min(i + hp.gptq_block, w.size(1))
+        err = torch.empty_like(w[:, i:j])
+        for c in range(i, j):
+            codes[:, c:c + 1], v = nearest(w[:, c:c + 1] / s, levels)
+            err[:, c - i:c - i + 1] = e = (w[:, c:c + 1] - v * s) / U[c, c]
+            w[:, c:j] -= e * U[c, c:j]
+        w[:, j:] -= err @ U[i:j, j:]
+    return codes[:, torch.argsort(perm)]
+
+
+def quantize(w: Tensor, f: Fmt, H: Tensor | None = None, hp: Hyperparameters | None = None) -> list[Tensor]:
+    """A matrix in format f as its stored parts: codes, row scales (+ int8 low-rank factors and their scales)."""
+    w = w.float()
+    rot = rotation(w.size(1), f.seed, str(w.device)) if f.kind == "tq" else None
+    x = w if rot is None else (w.double() @ rot).float()
+    levels = grid(f, w.device)
+    parts = list(quantize_rows(x, levels, f.clip))
+    if H is not None:
+        parts[0] = gptq_codes(x, H if rot is None else rot.T @ H.double() @ rot, levels, parts[1], hp)
+    if f.rank:  # SVD of the error, weighted by input scale (diag H) when known
+        d = torch.ones_like(w[0]) if H is None else H.diagonal().float().clamp_min(1e-8).sqrt()
+        u, sv, vh = torch.linalg.svd((w - dequantize(parts, f._replace(rank=0))) * d, full_matrices=False)
+        for m in (u[:, :f.rank] * sv[:f.rank], vh[:f.rank] / d):
+            parts += quantize_rows(m, grid(Fmt("int", 8), w.device))
+    return parts
+
+
+def dequantize(parts: list[Tensor], f: Fmt) -> Tensor:
+    levels = grid(f, parts[0].device)
+    w = levels[parts[0].long()] * parts[1].float()[:, None]
+    if f.kind == "tq":
+        w = (w.double() @ rotation(w.size(1), f.seed, str(w.device)).T).float()
+    if f.rank:
+        i8 = grid(Fmt("int", 8), w.device)
+        w = w + (i8[parts[2].long()] * parts[3].float()[:, None]) @ (i8[parts[4].long()] * parts[5].float()[:, None])
+    return w
+
+
+@torch.compiler.disable  # the per-row search stays eager; toggling QAT recompiles the model once
+def fake_quant(w: Tensor, f: Fmt) -> Tensor:
+    """Straight-through: the forward value is exactly the weight export writes, the gradient is identity."""
+    with torch.no_grad():
+        q = dequantize(quantize(w, f), f)
+    return q + (w - w.detach())
 
 
 def on_train_step(run, step: int, lr_mult: float):
-    """Per-step hook of the quantization section (progressive QAT)."""
+    """Progressive QAT: once the warmdown LR multiplier is below QAT_THRESHOLD, every quantized CastedLinear
+    fake-quantizes its weight in its QUANT_SPEC format; QAT_STEPS=n starts n-1 bits wider and drops a bit
+    per equal LR interval down to the spec."""
+    hp = run.hp
+    if not hp.qat_threshold or lr_mult >= hp.qat_threshold or step < hp.lr_warmup_steps:
+        return
+    extra = min(int(lr_mult / hp.qat_threshold * hp.qat_steps), hp.qat_steps - 1)
+    stages = run.results.setdefault("qat_stages", [])
+    if stages and stages[-1][1] == extra:
+        return
+    stages.append([step + 1, extra])
+    modules = dict(run.model.named_modules())
+    for name, (_, f) in quant_formats(hp, run.model.state_dict()).items():
+        if isinstance(m := modules[name[:-7]], CastedLinear) and f.kind != "fp16":
+            m.qat = f._replace(bits=min(f.bits + extra, 8 if f.kind == "int" else 4), rank=0)
+    run.log(f"qat: from step {step + 1}, weights fake-quantized at QUANT_SPEC + {extra} bits")
 
 
-def quantize_int8_rows(w: Tensor) -> tuple[np.ndarray, np.ndarray]:
-    scale = (w.abs().amax(dim=1, keepdim=True) / 127).clamp_min(1e-12)
-    return torch.round(w / scale).to(torch.int8).numpy(), scale.squeeze(1).to(torch.float16).numpy()
+def train_budget(hp: Hyperparameters) -> float:
+    """Training wall-clock cap less GPTQ_RESERVE_SECONDS: calibration reads training tokens, so it is train time."""
+    cap = hp.max_wallclock_seconds
+    return max(cap - hp.gptq_reserve_seconds, 1.0) if cap and hp.gptq else cap
 
 
-def export_artifact(state: dict[str, Tensor], path: str | Path) -> int:
-    """Quantize matrices per row to int8 (control tensors fp16), zstd the buffers; returns the file's bytes."""
+@torch.no_grad()
+def collect_hessians(run) -> dict[str, Tensor]:
+    """X^T X of the inputs of every quantized CastedLinear over GPTQ_TOKENS training tokens, summed over ranks."""
+    hp, model = run.hp, run.model
+    names = {n[:-7] for n, (_, f) in quant_formats(hp, model.state_dict()).items() if f.kind != "fp16"}
+    hs = {}
+
+    def hook(name, x):
+        x = x.detach().float().reshape(-1, x.size(-1))
+        hs[name] = hs.get(name, 0) + x.T @ x
+
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: hook(n, i[0]))
+             for n, m in model.named_modules() if n in names and isinstance(m, CastedLinear)]
+    ga = grad_accum_steps(hp, run.world_size)
+    loader = DistributedTokenLoader(os.path.join(hp.data_path, "fineweb_train_*.bin"), run.rank, run.world_size, run.device)
+    for _ in range(max(1, hp.gptq_tokens * ga // hp.train_batch_tokens)):
+        with run.autocast():
+            model(loader.next_batch(hp.train_batch_tokens, hp.train_seq_len, ga)[0])
+    for h in hooks:
+        h.remove()
+    if run.distributed:
+        for H in hs.values():
+            dist.all_reduce(H)
+    return hs
+
+
+def layout(shape: list[int], f: Fmt) -> list[tuple[str, list[int]]]:
+    """(group, shape) of each stored part of a tensor, in order; the loader walks the same list."""
+    if f.kind == "fp16":
+        return [("fp16", shape)]
+    lr = [("int8", [shape[0], f.rank]), ("scales", [shape[0]]), ("int8", [f.rank, shape[1]]), ("scales", [f.rank])]
+    return [(f.name, shape), ("scales", [shape[0]])] + lr * bool(f.rank)
+
+
+def pack(a: np.ndarray, packing: str, bits: int) -> bytes:
+    """u8: a code per byte; bits: dense bit packing; shuffle: fp16 byte planes (exponents together)."""
+    if packing == "bits":
+        return np.packbits((a[:, None] >> np.arange(bits, dtype=np.uint8)) & 1, bitorder="little").tobytes()
+    return (a.view(np.uint8).reshape(-1, 2).T if packing == "shuffle" else a).tobytes()
+
+
+def unpack(b: bytes, packing: str, bits: int, n: int) -> np.ndarray:
+    a = np.frombuffer(b, np.uint8)
+    if packing == "bits":
+        return (np.unpackbits(a, count=n * bits, bitorder="little").reshape(n, bits) << np.arange(bits, dtype=np.uint8)).sum(1, dtype=np.uint8)
+    return a.reshape(2, n).T.copy().view(np.float16).ravel() if packing == "shuffle" else a
+
+
+def codecs() -> dict:
+    import brotli
     import zstandard
-    entries, blobs, offset = [], [], 0
+    return {"zstd": (lambda b: zstandard.ZstdCompressor(level=22).compress(b), lambda b, n: zstandard.ZstdDecompressor().decompress(b, max_output_size=n)),
+            "lzma": (lambda b: lzma.compress(b, preset=9 | lzma.PRESET_EXTREME), lambda b, n: lzma.decompress(b)),
+            "brotli": (lambda b: brotli.compress(b, quality=11), lambda b, n: brotli.decompress(b))}
+
+
+def encode_groups(groups: dict[str, np.ndarray], codec: str) -> tuple[dict, list[bytes]]:
+    """Each group's smallest (packing, codec); dense bit packing is only tried at <= 4 bits, where it can help."""
+    cs, jobs = codecs(), {}
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        for g, a in groups.items():
+            bits = 16 if g in FP16_GROUPS else parse_fmt(g).bits
+            for p in ["shuffle"] if bits == 16 else ["u8", "bits"][:1 + (bits <= 4)]:
+                for c in cs if codec == "auto" else [codec]:
+                    jobs[g, p, c] = pool.submit(lambda a, p, c, bits: cs[c][0](pack(a, p, bits)), a, p, c, bits)
+    meta, bufs = {}, []
+    for g, a in groups.items():
+        (_, p, c), best = min(((k, j.result()) for k, j in jobs.items() if k[0] == g), key=lambda kv: len(kv[1]))
+        bits = 16 if g in FP16_GROUPS else parse_fmt(g).bits
+        meta[g] = dict(codec=c, pack=p, bits=bits, n=a.size, raw=a.nbytes, len=len(best))
+        bufs.append(best)
+    return meta, bufs
+
+
+@torch.no_grad()
+def export_artifact(model: nn.Module, hp: Hyperparameters, path: str | Path, hessians: dict | None = None) -> dict:
+    """Quantize by QUANT_SPEC (GPTQ where Hessians are given), write the artifact atomically; returns its report."""
+    state, t0 = model.state_dict(), time.perf_counter()
+    fmts, groups, tensors, roles = quant_formats(hp, state), {}, [], {}
     for name, t in state.items():
-        t = t.detach().float().cpu()
-        arrays = quantize_int8_rows(t) if t.ndim == 2 and t.numel() > 4096 else (t.to(torch.float16).numpy(),)
-        for a in arrays:
-            entries.append(dict(name=name, dtype=a.dtype.str, shape=list(a.shape), offset=offset, shape_of=list(t.shape)))
-            blobs.append(a.tobytes())
-            offset += len(blobs[-1])
-    body = zstandard.ZstdCompressor(level=22).compress(b"".join(blobs))
-    header = json.dumps(dict(entries=entries, raw_bytes=offset)).encode()
-    data = ARTIFACT_MAGIC + len(header).to_bytes(4, "little") + header + body
+        role, f = fmts.get(name, (None, Fmt("fp16")))
+        t = t.detach().float()
+        parts = [t] if f.kind == "fp16" else quantize(t, f, (hessians or {}).get(name[:-7]), hp)
+        if role:
+            r = roles.setdefault(f"{role}:{f.tag}", dict(params=0, err=0.0, norm=0.0))
+            deq = t.half().float() if f.kind == "fp16" else dequantize(parts, f)
+            r["params"] += t.numel()
+            r["err"] += float((deq - t).square().sum())
+            r["norm"] += float(t.square().sum())
+        for (g, _), p in zip(layout(list(t.shape), f), parts):
+            groups.setdefault(g, []).append((p.half() if g in FP16_GROUPS else p).cpu().numpy().ravel())
+        tensors.append([name, list(t.shape), f.tag])
+    groups = {g: np.concatenate(a) for g, a in groups.items()}
+    meta, bufs = encode_groups(groups, hp.codec)
+    header = json.dumps(dict(seed=hp.quant_seed, groups=meta, tensors=tensors), separators=(",", ":")).encode()
+    body = header + b"".join(bufs)
+    data = ARTIFACT_MAGIC + len(header).to_bytes(4, "little") + hashlib.sha256(body).digest() + body
     write_atomic(path, data)
-    return len(data)
+    for g, m in meta.items():
+        m["bits_per_value"] = round(8 * m["len"] / m["n"], 4)
+        if g not in FP16_GROUPS:  # order-0 entropy of the codes: what an ideal entropy coder would reach
+            p = np.bincount(groups[g]) / m["n"]
+            m["entropy_bits"] = round(float(-(p[p > 0] * np.log2(p[p > 0])).sum()), 4)
+    for r in roles.values():
+        r["rel_mse"] = r.pop("err") / max(r.pop("norm"), 1e-30)
+    return dict(bytes=len(data), header_bytes=len(header), spec=hp.quant_spec, codec=hp.codec, gptq=hessians is not None,
+                groups=meta, roles=roles, seconds=round(time.perf_counter() - t0, 3))
 
 
 def load_artifact(path: str | Path) -> dict[str, Tensor]:
-    import zstandard
-    data = Path(path).read_bytes()
+    """Artifact -> state dict of dequantized float32 tensors; refuses foreign, corrupt or truncated files."""
+    path, fix = Path(path), "re-export it with train_gpt.py or point ARTIFACT_PATH at an intact artifact"
+    data = path.read_bytes() if path.is_file() else b""
     if data[:4] != ARTIFACT_MAGIC:
-        raise ConfigError(f"{path}: not a parameter-golf artifact (bad magic)")
+        raise ConfigError(f"{path}: {'not a train_gpt.py artifact (bad magic)' if data else 'missing or empty'}; {fix}")
     n = int.from_bytes(data[4:8], "little")
-    header = json.loads(data[8:8 + n])
-    raw = zstandard.ZstdDecompressor().decompress(data[8 + n:], max_output_size=header["raw_bytes"])
-    arrays: dict[str, list[np.ndarray]] = {}
-    for e in header["entries"]:
-        a = np.frombuffer(raw, dtype=np.dtype(e["dtype"]), count=math.prod(e["shape"]), offset=e["offset"]).reshape(e["shape"])
-        arrays.setdefault(e["name"], []).append(a)
-    state = {}
-    for name, parts in arrays.items():
-        t = torch.from_numpy(parts[0].astype(np.float32))
-        state[name] = t * torch.from_numpy(parts[1].astype(np.float32))[:, None] if len(parts) == 2 else t
+    if hashlib.sha256(data[40:]).digest() != data[8:40]:
+        raise ConfigError(f"{path}: corrupt or truncated (checksum mismatch); {fix}")
+    header, pos, arrays, cs = json.loads(data[40:40 + n]), 40 + n, {}, codecs()
+    for g, m in header["groups"].items():
+        arrays[g] = unpack(cs[m["codec"]][1](data[pos:pos + m["len"]], m["raw"]), m["pack"], m["bits"], m["n"])
+        pos += m["len"]
+    cursor, state = dict.fromkeys(arrays, 0), {}
+    for name, shape, tag in header["tensors"]:
+        f, parts = parse_fmt(tag, seed=header["seed"]), []
+        for g, shp in layout(shape, f):
+            k = math.prod(shp)
+            parts.append(torch.from_numpy(arrays[g][cursor[g]:cursor[g] + k].reshape(shp).copy()))
+            cursor[g] += k
+        state[name] = parts[0].float() if f.kind == "fp16" else dequantize(parts, f)
     return state
 
 
@@ -632,6 +1278,7 @@ def token_nll(logits: Tensor, targets: Tensor) -> Tensor:
 # main() runs named stages over one shared Run: setup, train, export, evaluate, report.
 
 ARTIFACT_CAP_BYTES = 16_000_000
+CODE_BYTES = len(Path(__file__).read_bytes())  # read at start: the code that actually ran
 
 
 class TrainingDiverged(RuntimeError):
@@ -850,10 +1497,11 @@ def train(run: Run):
         for o, s in zip(optimizers, saved[1]):
             o.load_state_dict(s)
     loader = DistributedTokenLoader(pattern, run.rank, run.world_size, run.device)
-    sched = Schedule(hp.iterations, hp.warmdown_iters, hp.lr_warmup_steps, hp.max_wallclock_seconds)
+    cap = train_budget(hp)
+    sched = Schedule(hp.iterations, hp.warmdown_iters, hp.lr_warmup_steps, cap)
     averager = WeightAverager(run.model, hp)
     run.log(f"train: grad_accum {ga}, {hp.train_batch_tokens} tokens/step, {hp.iterations} iterations, "
-            f"wall-clock cap {hp.max_wallclock_seconds:.0f}s")
+            f"wall-clock cap {cap:.0f}s")
     step, train_s, stop = 0, 0.0, False
     t0 = time.perf_counter()
     while step < hp.iterations and not stop:
@@ -863,7 +1511,7 @@ def train(run: Run):
         on_train_step(run, step, lr_mult)
         step += 1
         train_s = time.perf_counter() - t0
-        capped = hp.max_wallclock_seconds > 0 and train_s >= hp.max_wallclock_seconds
+        capped = cap > 0 and train_s >= cap
         stop = run.all_sum(float(capped))[0] > 0  # every rank stops on the same step
         if step % hp.train_log_every == 0 or step == hp.iterations or stop:
             loss_v = run.all_sum(loss.item())[0] / run.world_size
@@ -878,21 +1526,36 @@ def train(run: Run):
             run.log(f"step {step} val_loss {loss_v:.4f} val_bpb {bpb:.4f}")
             t0 = time.perf_counter() - train_s  # evaluation time is not training time
     if stop:
-        run.log(f"stopping at step {step}: wall-clock cap {hp.max_wallclock_seconds:.0f}s reached")
+        run.log(f"stopping at step {step}: wall-clock cap {cap:.0f}s reached")
     used = averager.apply(hp.weight_avg)
     run.results.update(steps=step, train_seconds=round(train_s, 3), weights=used)
     run.log(f"train: done, {step} steps in {train_s:.1f}s; exporting {used} weights")
 
 
 def export(run: Run):
-    """Write the artifact, count artifact bytes, then reload it into a fresh model for evaluation."""
+    """GPTQ calibration (train time), quantize, write the artifact, count its bytes, reload it into a fresh model."""
     hp = run.hp
-    path = Path(hp.log_dir) / f"{hp.run_id}.artifact"
-    model_bytes = export_artifact(run.model.state_dict(), path) if run.master else 0
+    path = Path(hp.artifact_path or Path(hp.log_dir) / f"{hp.run_id}.artifact")
+    t0 = time.perf_counter()
+    hessians = collect_hessians(run) if hp.gptq else None
+    if hessians is not None:
+        run.results["gptq_calib_seconds"] = calib_s = round(time.perf_counter() - t0, 3)
+        run.results["train_seconds"] = train_s = round(run.results.get("train_seconds", 0.0) + calib_s, 3)
+        run.log(f"gptq: Hessians of {len(hessians)} layers from {hp.gptq_tokens:,} train tokens in {calib_s:.1f}s "
+                f"(reserve {hp.gptq_reserve_seconds:.0f}s); train time with calibration {train_s:.1f}s")
+    report = export_artifact(run.model, hp, path, hessians) if run.master else dict(bytes=0)
     if run.distributed:
         dist.barrier()
-    model_bytes = int(run.all_sum(model_bytes)[0])
-    code_bytes = len(Path(__file__).read_bytes())
+    model_bytes = int(run.all_sum(report["bytes"])[0])
+    if run.master:
+        run.results["quant"] = report
+        for g, m in report["groups"].items():
+            ent = f", code entropy {m['entropy_bits']:.3f}" if "entropy_bits" in m else ""
+            run.log(f"quant {g}: {m['n']:,} values -> {m['len']:,} bytes ({m['bits_per_value']:.3f} bits/value{ent}) "
+                    f"{m['codec']}/{m['pack']}")
+        run.log("quant rel. MSE: " + ", ".join(f"{k} {r['rel_mse']:.2e}" for k, r in report["roles"].items())
+                + f"; quantized and compressed in {report['seconds']:.1f}s")
+    code_bytes = CODE_BYTES
     run.results.update(artifact_path=str(path), code_bytes=code_bytes, model_bytes=model_bytes,
                        artifact_bytes=code_bytes + model_bytes)
     run.log(f"export: {path} model {model_bytes:,} + code {code_bytes:,} = {code_bytes + model_bytes:,} bytes "
@@ -907,13 +1570,52 @@ def export(run: Run):
 
 
 def evaluate(run: Run):
-    """Evaluation stages in order; the last one that ran is the reported, legal score."""
-    t0 = time.perf_counter()
-    stage_t = time.perf_counter()
-    loss, bpb = eval_plain(run, run.model)
-    run.results["stages"]["roundtrip"] = dict(val_loss=loss, val_bpb=bpb, seconds=round(time.perf_counter() - stage_t, 3))
-    run.log(f"eval roundtrip: val_loss {loss:.4f} val_bpb {bpb:.4f}")
-    run.results.update(val_loss=loss, val_bpb=bpb, eval_seconds=round(time.perf_counter() - t0, 3))
+    """Evaluation stages in order: roundtrip (plain windows), sliding, ttt, ngram (over the last neural stage's
+    statistics). A stage runs only if its estimated time fits what is left of EVAL_BUDGET_SECONDS; the last stage
+    that ran gives the reported, legal score. EVAL_AUDIT=1 then audits the stages into results["audit"]."""
+    hp, t0, stages = run.hp, time.perf_counter(), run.results["stages"]
+    toks = torch.from_numpy(run.val_tokens.astype(np.int64)).to(run.device)
+    M, n_bytes = toks.numel() - 1, count_bytes(run.val_tokens[:-1], run.val_tokens[1:], run.luts)
+    left = lambda: hp.eval_budget_seconds - (time.perf_counter() - t0)  # noqa: E731
+
+    def stage(name: str, est: float, fn):
+        if stages and est > left():  # the first stage always runs, so there is a score
+            run.log(f"WARNING: eval {name} skipped: needs ~{est:.0f}s, {left():.0f}s of EVAL_BUDGET_SECONDS left")
+            return None
+        s, out = time.perf_counter(), fn()
+        if isinstance(out, tuple):
+            loss, bpb = out
+        else:
+            loss = float((out[0] if out.dim() == 2 else out).double().sum()) / M
+            bpb = loss / math.log(2) * M / n_bytes
+        stages[name] = dict(val_loss=loss, val_bpb=bpb, seconds=round(time.perf_counter() - s, 3))
+        run.results.update(val_loss=loss, val_bpb=bpb, eval_seconds=round(time.perf_counter() - t0, 3))
+        run.log(f"eval {name}: val_loss {loss:.4f} val_bpb {bpb:.4f} ({stages[name]['seconds']:.1f}s)")
+        return out
+
+    stage("roundtrip", 0.0, lambda: eval_plain(run, run.model))
+    slide_s = stages["roundtrip"]["seconds"] * len(sliding_plan(M, hp.eval_seq_len, hp.eval_stride)[2]) / max(
+        1, M // hp.eval_seq_len)
+    ngram_s, hint = 0.0, None
+    if hp.ngram_order:  # time the counting on a prefix to estimate the stage
+        s, k = time.perf_counter(), min(M, 1 << 18)
+        ngram_counts(toks[:k + 1], hp.ngram_order)
+        ngram_s = 2 * (time.perf_counter() - s) * M / k
+        hint = ngram_counts(toks, hp.ngram_order)[1][1:] if hp.ngram_mode == "tilt" else None
+    stats = stage("sliding", 1.1 * slide_s, lambda: eval_sliding(run, run.model, toks, hint))
+    slide_s = stages.get("sliding", {}).get("seconds", slide_s)
+    if hp.ttt_enabled:
+        box = min(hp.ttt_seconds, left() - 1.1 * slide_s - ngram_s)
+        out = stage("ttt", slide_s + box if box > 0 else math.inf, lambda: eval_ttt(run, run.model, toks, hint, box))
+        stats = stats if out is None else out
+    if hp.ngram_order and stats is not None:
+        stage("ngram", ngram_s, lambda: ngram_nll(hp, toks, stats)[0])
+    run.results["eval_seconds"] = round(time.perf_counter() - t0, 3)
+    if hp.eval_audit:
+        s, res = time.perf_counter(), audit(run, run.model)
+        run.results["audit"] = res
+        run.log(f"eval audit: {'passed' if res['passed'] else 'FAILED'} in {time.perf_counter() - s:.0f}s: "
+                + ", ".join(f"{k} {v:.2g}" for k, v in res["checks"].items()))
 
 
 def report(run: Run):
