@@ -26,6 +26,7 @@ ARTIFACT_CAP_BYTES = 16_000_000  # decimal bytes, code + compressed model (the r
 RESULT_STATUSES = ("ok", "failed", "over_cap")
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+NUMBER_RE = re.compile(r"^(-|[-+]?[0-9][0-9,]*(\.[0-9]+)?)$")  # right-aligned in tables
 # Variables a launcher sets itself; the user must not pass them with --env / --grid.
 LAUNCHER_KEYS = ("SEED", "RUN_ID")
 
@@ -182,8 +183,7 @@ def fmt(v: object, digits: int = 4) -> str:
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """Plain aligned text table (numbers right-aligned)."""
     cells = [[str(h) for h in headers]] + [[c if isinstance(c, str) else fmt(c) for c in row] for row in rows]
-    numeric = [all(isinstance(row[i], (int, float)) or row[i] in (None, "-") for row in rows) if rows else False
-               for i in range(len(headers))]
+    numeric = [bool(rows) and all(NUMBER_RE.match(r[i]) for r in cells[1:]) for i in range(len(headers))]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     lines = []
     for k, r in enumerate(cells):

@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def summarize(specs: list[RunSpec]) -> str:
     rows = [(s.seed, s.run_id, s.status, spec_value(s, "val_bpb"), spec_value(s, "val_loss"),
-             spec_value(s, "artifact_bytes"), spec_value(s, "steps"), spec_value(s, "train_seconds")) for s in specs]
+             spec_value(s, "artifact_bytes"), spec_value(s, "steps"), fmt(spec_value(s, "train_seconds"), 1))
+            for s in specs]
     out = [table(("seed", "run_id", "status", "val_bpb", "val_loss", "artifact_bytes", "steps", "train_s"), rows)]
     ok = [s for s in specs if spec_ok(s)]
     if ok:
