@@ -1,0 +1,188 @@
+"""QUANTIZATION: quantizer accuracy against known optima, GPTQ, packing, the artifact file, QAT = export."""
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt as T
+from conftest import tiny_env
+
+LLOYD_MAX_MSE = {2: 0.1175, 3: 0.03454, 4: 0.009497}  # optimal scalar quantizer of a unit Gaussian
+
+
+def mse(w, f, **kw):
+    return float((T.dequantize(T.quantize(w, f, **kw), f) - w).square().mean())
+
+
+def best_uniform_mse(w: torch.Tensor, q: int) -> float:
+    """Reference: per row, brute-force the step of the symmetric uniform grid -q..q (coarse, then fine)."""
+    steps = torch.logspace(-3, 0.5, 300)[:, None, None]
+    for _ in range(2):
+        err = ((w / steps).round().clamp(-q, q) * steps - w).square().mean(-1)  # (steps, rows)
+        best = steps[err.argmin(0), :, 0][None]  # (1, rows, 1)
+        steps = best * torch.linspace(0.97, 1.03, 121)[:, None, None]
+    return float(err.min(0).values.mean())
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_uniform_grid_mse_within_5pct_of_optimal_step(bits):
+    w = torch.randn(48, 2048, generator=torch.Generator().manual_seed(bits))
+    ratio = mse(w, T.Fmt("int", bits)) / best_uniform_mse(w, 2 ** (bits - 1) - 1)
+    assert 0.99 <= ratio <= 1.05, ratio
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_turboquant_mse_within_5pct_of_lloyd_max(bits):
+    # long rows: on short ones a per-row scale fits the sample's finite tail and beats the population optimum
+    w = torch.randn(64, 2048, generator=torch.Generator().manual_seed(bits)) * 0.02
+    ratio = mse(w, T.Fmt("tq", bits, seed=7)) / 0.02 ** 2 / LLOYD_MAX_MSE[bits]
+    assert 0.95 <= ratio <= 1.05, ratio
+
+
+def test_rotation_orthogonal_and_rebuilt_from_seed():
+    r = T.rotation(64, 3, "cpu")
+    assert torch.allclose(r @ r.T, torch.eye(64, dtype=torch.float64), atol=1e-12)
+    T.rotation.cache_clear()
+    assert torch.equal(T.rotation(64, 3, "cpu"), r) and not torch.equal(T.rotation(64, 4, "cpu"), r)
+
+
+def test_clip_sigmas_sets_the_clip():
+    w = torch.randn(16, 256)
+    codes, s = T.quantize_rows(w, T.grid(T.Fmt("int", 4)), clip=2.5)
+    assert torch.allclose(s, (2.5 * w.square().mean(1).sqrt() / 7).half().float())
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int6", "tq3"])
+def test_gptq_reduces_output_error_on_correlated_inputs(fmt):
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(128, 128, generator=g) * torch.logspace(0, -2, 128)[:, None]  # decaying spectrum
+    x = torch.randn(4096, 128, generator=g) @ mix + 0.3 * torch.randn(4096, 128, generator=g)
+    w = torch.randn(96, 128, generator=g)
+    hp = T.load_hparams({})
+    f = T.parse_fmt(fmt)
+    plain = T.dequantize(T.quantize(w, f), f)
+    gptq = T.dequantize(T.quantize(w, f, x.T @ x, hp), f)
+    err_plain, err_gptq = (x @ (w - plain).T).norm(), (x @ (w - gptq).T).norm()
+    assert err_gptq < 0.8 * err_plain, (err_gptq, err_plain)
+
+
+def test_low_rank_correction_reduces_error():
+    w = torch.randn(128, 256) + torch.randn(128, 4) @ torch.randn(4, 256)  # a few strong directions
+    assert mse(w, T.parse_fmt("int3+lr8")) < 0.9 * mse(w, T.parse_fmt("int3"))
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_pack_unpack_exact(bits):
+    codes = np.random.default_rng(bits).integers(0, 2 ** bits, 1001).astype(np.uint8)
+    for packing in ("u8", "bits"):
+        assert np.array_equal(T.unpack(T.pack(codes, packing, bits), packing, bits, codes.size), codes)
+    h = np.random.default_rng(0).standard_normal(513).astype(np.float16)
+    assert np.array_equal(T.unpack(T.pack(h, "shuffle", 16), "shuffle", 16, h.size), h)
+
+
+SPEC = "attn_qk:int6,attn_vo:tq3+lr4,mlp_up:int5,mlp_down:int4+lr2,embed:int8,aux:fp16,first:int7"
+
+
+def small_model(spec=SPEC, **env):
+    hp = T.load_hparams(dict(PRESET="tiny", NUM_LAYERS="2", MODEL_DIM="128", NUM_HEADS="2", NUM_KV_HEADS="1",
+                             VOCAB_SIZE="256", BIGRAM_BUCKETS="256", QUANT_SPEC=spec, **env))
+    torch.manual_seed(0)
+    model = T.GPT(hp)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return hp, model
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    hp, model = small_model(CODEC="zstd")
+    path = tmp_path_factory.mktemp("art") / "m.artifact"
+    report = T.export_artifact(model, hp, path)
+    return hp, model, path, report
+
+
+def test_save_load_bit_exact(exported, tmp_path):
+    hp, model, path, report = exported
+    state, fmts = T.load_artifact(path), T.quant_formats(hp, model.state_dict())
+    assert fmts["blocks.0.attn.q.weight"][1].bits == 7 and fmts["blocks.1.attn.q.weight"][1].bits == 6  # first:
+    assert report["bytes"] == path.stat().st_size and set(report["groups"]) >= {"int5", "int7", "tq3", "fp16", "scales"}
+    for name, t in model.state_dict().items():
+        f = fmts.get(name, (None, T.Fmt("fp16")))[1]
+        want = t.half().float() if f.kind == "fp16" else T.dequantize(T.quantize(t, f), f)
+        assert torch.equal(state[name], want), name
+    T.export_artifact(model, hp, tmp_path / "again.artifact")
+    assert (tmp_path / "again.artifact").read_bytes() == path.read_bytes()  # deterministic
+    for g in report["groups"].values():
+        assert g["len"] > 0 and ("entropy_bits" not in g or g["entropy_bits"] <= g["bits"])
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "foreign", "missing"])
+def test_refuses_damaged_or_foreign_file(exported, tmp_path, damage):
+    path = tmp_path / "bad.artifact"
+    data = bytearray(exported[2].read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x10
+    if damage != "missing":
+        path.write_bytes(bytes(data[:len(data) - 100]) if damage == "truncate" else
+                         b"\x93NUMPY" + bytes(200) if damage == "foreign" else bytes(data))
+    with pytest.raises(T.ConfigError, match="bad magic|checksum|missing") as e:
+        T.load_artifact(path)
+    assert str(path) in str(e.value) and "re-export" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_qat_forward_equals_exported_forward(tmp_path):
+    hp, model = small_model(SPEC.replace("+lr4", "").replace("+lr2", ""), QAT_THRESHOLD="0.5", QAT_STEPS="3", CODEC="zstd")
+    run = T.Run(hp, torch.device("cpu"))
+    run.model, run.log = model, lambda msg: None
+    for step, lr in enumerate([1.0, 0.45, 0.3, 0.25, 0.1, 0.0]):
+        T.on_train_step(run, 100 + step, lr)
+    assert run.results["qat_stages"] == [[102, 2], [103, 1], [105, 0]]
+    assert model.blocks[1].mlp.up.qat == T.Fmt("int", 5) and model.blocks[1].attn.v.qat.kind == "tq"
+    x = torch.randint(0, hp.vocab_size, (2, 64))
+    model(x).square().mean().backward()  # straight-through gradients reach the fp32 weights
+    assert model.blocks[1].mlp.up.weight.grad.abs().sum() > 0
+    T.export_artifact(model, hp, tmp_path / "q.artifact")
+    state = T.load_artifact(tmp_path / "q.artifact")
+    fresh = T.GPT(hp)
+    fresh.load_state_dict(state)
+    with torch.no_grad():  # tensors QAT does not touch (embeddings, gains) take the exported values
+        for name, t in model.state_dict().items():
+            m = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else None
+            if isinstance(m, T.CastedLinear) and m.qat is not None:
+                assert torch.equal(T.fake_quant(m.weight, m.qat), state[name]), name
+            else:
+                t.copy_(state[name])
+        assert torch.equal(model(x), fresh(x))
+
+
+def test_bad_quant_env_fails_naming_the_variable():
+    for env, var in [({"QUANT_SPEC": "mlp_up:int9"}, "QUANT_SPEC"), ({"QUANT_SPEC": "mlp:int5"}, "QUANT_SPEC"),
+                     ({"CODEC": "gzip"}, "CODEC"), ({"QAT_THRESHOLD": "1.5"}, "QAT_THRESHOLD")]:
+        with pytest.raises(T.ConfigError, match=var):
+            T.load_hparams(env)
+
+
+def test_gptq_reserve_comes_off_the_training_cap():
+    assert T.train_budget(T.load_hparams({"MAX_WALLCLOCK_SECONDS": "600", "GPTQ_RESERVE_SECONDS": "12"})) == 588
+    assert T.train_budget(T.load_hparams({"MAX_WALLCLOCK_SECONDS": "600", "GPTQ": "0"})) == 600
+    assert T.train_budget(T.load_hparams({"MAX_WALLCLOCK_SECONDS": "0"})) == 0
+
+
+def test_export_stage_roundtrip_and_over_cap(tiny_run, brown_data, tmp_path, monkeypatch):
+    """The real export stage (GPTQ on training tokens, default spec): reloaded weights score close to the
+    trained ones, results carry the quant report, and an artifact over the cap marks the run over_cap."""
+    hp = T.load_hparams(tiny_env(brown_data, tmp_path, ARTIFACT_PATH=str(tmp_path / "x.artifact"), CODEC="zstd"))
+    val = tiny_run.val_tokens[:32 * hp.eval_seq_len + 1]
+    run = dataclasses.replace(tiny_run, hp=hp, val_tokens=val, results=dict(status="running", train_seconds=1.0))
+    monkeypatch.setattr(T, "ARTIFACT_CAP_BYTES", 1000)
+    T.export(run)
+    assert run.model is not tiny_run.model and run.results["artifact_path"] == str(tmp_path / "x.artifact")
+    assert run.results["status"] == "over_cap" and run.results["artifact_bytes"] > 1000
+    q = run.results["quant"]
+    assert q["gptq"] and run.results["gptq_calib_seconds"] > 0 and {"int5", "int6", "int8"} <= set(q["groups"])
+    _, bpb_fp = T.eval_plain(run, tiny_run.model)
+    _, bpb_q = T.eval_plain(run, run.model)
+    assert math.isfinite(bpb_q) and abs(bpb_q - bpb_fp) < 0.05, (bpb_fp, bpb_q)
