@@ -127,16 +127,16 @@ class Hyperparameters:
     val_max_tokens: int = 0  # 0 = the whole split (a score only counts on the whole split)
     eval_budget_seconds: float = 600.0
     eval_stride: int = 64  # sliding windows: new targets scored per window
-    eval_batch_seqs: int = 0  # windows (TTT lora: documents) per batch; 0 = VAL_BATCH_TOKENS // EVAL_SEQ_LEN
+    eval_batch_seqs: int = 0  # windows per batch (0: VAL_BATCH_TOKENS // EVAL_SEQ_LEN); TTT lora: docs (0: 1/8)
     ngram_order: int = 7  # causal n-gram of orders 1..K over earlier validation tokens; 0 = off
     ngram_mode: str = "mix"  # mix: interpolate with the n-gram | tilt: boost its hinted token
     ngram_discount: float = 0.6  # absolute discount D, in (0, 1]
     ttt_enabled: bool = True  # score-first test-time training
-    ttt_mode: str = "full"  # full: all weights, carried along the stream | lora: adapters reset per document batch
-    ttt_chunk_tokens: int = 32768  # full: targets per chunk | lora: per document chunk (at most EVAL_SEQ_LEN)
-    ttt_lr: float = 0.002
-    ttt_momentum: float = 0.9
-    ttt_epochs: int = 3
+    ttt_mode: str = "lora"  # lora: per-document adapters, reset per document batch | full: all weights, carried on
+    ttt_chunk_tokens: int = 256  # lora: targets per document chunk (at most EVAL_SEQ_LEN) | full: per stream chunk
+    ttt_lr: float = 0.01  # lora: Adam | full: SGD (e.g. 0.002 with TTT_CHUNK_TOKENS=32768, TTT_EPOCHS=3)
+    ttt_momentum: float = 0.9  # full: SGD momentum
+    ttt_epochs: int = 1
     ttt_lora_rank: int = 8
     ttt_seconds: float = 300.0  # adaptation time box; later chunks are only scored
     eval_audit: bool = False  # check the four legality conditions on a slice (results["audit"])
@@ -376,8 +376,8 @@ def eval_plain(run: Run, model: nn.Module) -> tuple[float, float]:
 def sliding_plan(n_targets: int, seq_len: int, stride: int) -> tuple[int, np.ndarray, np.ndarray]:
     """(W, first, ends): window k holds targets [ends[k]-W, ends[k]) and scores those from first[k] on; every
     target is scored exactly once, with all the context a W-token window gives it."""
-    W = min(seq_len, n_targets)
-    ends = np.minimum(np.arange(W, n_targets + stride, min(stride, W)), n_targets)
+    W, step = min(seq_len, n_targets), min(stride, seq_len, n_targets)
+    ends = np.minimum(np.arange(W, n_targets + step, step), n_targets)
     return W, np.concatenate(([0], ends[:-1])), ends
 
 
@@ -588,15 +588,17 @@ def eval_ttt_lora(run: Run, model: nn.Module, toks: Tensor, hint: Tensor | None,
     order = torch.argsort(lengths[share], descending=True, stable=True)
     starts, lengths = starts[share][order], lengths[share][order]
     linears = [m for m in model.blocks.modules() if isinstance(m, CastedLinear)]
-    per_batch = hp.eval_batch_seqs or max(1, hp.val_batch_tokens // hp.eval_seq_len)
+    per_batch = hp.eval_batch_seqs or max(1, hp.val_batch_tokens // (8 * hp.eval_seq_len))  # rows train: 1/8
     stats, t0 = torch.zeros(3, M, device=dev), time.perf_counter()
-    gen = torch.Generator(device=dev).manual_seed(hp.seed)
+    gen = torch.Generator(device=dev).manual_seed(hp.seed)  # every document starts from the same adapters
+    init = [torch.randn(hp.ttt_lora_rank, m.in_features, device=dev, generator=gen) / m.in_features ** 0.5
+            for m in linears]
     for bi, b in enumerate(range(0, len(starts), per_batch)):
         s, n = starts[b:b + per_batch], lengths[b:b + per_batch]
         T = int(n.max())
         X = toks[(s[:, None] + torch.arange(T + 1, device=dev)).clamp_max(M)]  # past a document: causal, unscored
-        ab = [(torch.randn(len(s), hp.ttt_lora_rank, m.in_features, device=dev, generator=gen) / m.in_features ** 0.5,
-               torch.zeros(len(s), m.out_features, hp.ttt_lora_rank, device=dev)) for m in linears]
+        ab = [(a.expand(len(s), -1, -1).clone(), torch.zeros(len(s), m.out_features, hp.ttt_lora_rank, device=dev))
+              for m, a in zip(linears, init)]
         adapters = [t.requires_grad_() for pair in ab for t in pair]
         hooks = [m.register_forward_hook(lambda m, inp, out, A=A, B=B: out + torch.einsum(
             "btr,bor->bto", torch.einsum("bti,bri->btr", inp[0], A.to(out.dtype)), B.to(out.dtype)))
@@ -617,7 +619,7 @@ def eval_ttt_lora(run: Run, model: nn.Module, toks: Tensor, hint: Tensor | None,
                     stats[:, pos] = target_stats(lp.detach(), tgt, None if hint is None else hint[pos])
                 if adapt:
                     opt.zero_grad()
-                    (-lp.gather(1, tgt[:, None])).mean().backward()
+                    (-lp.gather(1, tgt[:, None])).sum().backward()  # a sum: each row's gradient is its own
                     opt.step()
             note(ledger, "adapt", (bi, i), adapters)
         for h in hooks:
@@ -636,7 +638,7 @@ def audit(run: Run, model: nn.Module, n_pos: int = 2) -> dict:
     prefix_counts: n-gram counts at p against a brute-force recount of the prefix. ttt_weights: chunks not scored
     with the weights adapted on the chunks before them. Passed when every figure is at most 1e-5."""
     n_tokens = 4 * run.hp.eval_seq_len + 1
-    hp = dataclasses.replace(run.hp, ttt_chunk_tokens=max(1, n_tokens // 4))
+    hp = dataclasses.replace(run.hp, ttt_chunk_tokens=min(run.hp.ttt_chunk_tokens, n_tokens // 4))
     sub, K, V, ledger = dataclasses.replace(run, hp=hp), hp.ngram_order, hp.vocab_size, []
     toks = torch.from_numpy(run.val_tokens[:n_tokens].astype(np.int64)).to(run.device)
     M, W, first, ends = toks.numel() - 1, *sliding_plan(toks.numel() - 1, hp.eval_seq_len, hp.eval_stride)
@@ -847,31 +849,32 @@ def dequantize(parts: list[Tensor], f: Fmt) -> Tensor:
     return w
 
 
-@torch.compiler.disable  # the per-row search stays eager; toggling QAT recompiles the model once
-def fake_quant(w: Tensor, f: Fmt) -> Tensor:
-    """Straight-through: the forward value is exactly the weight export writes, the gradient is identity."""
-    with torch.no_grad():
-        q = dequantize(quantize(w, f), f)
+def fake_quant(w: Tensor, q: Tensor) -> Tensor:
+    """Straight-through: the forward value is exactly q (the weight export writes), the gradient is identity."""
     return q + (w - w.detach())
 
 
+@torch.no_grad()
 def on_train_step(run, step: int, lr_mult: float):
-    """Progressive QAT: once the warmdown LR multiplier is below QAT_THRESHOLD, every quantized CastedLinear
-    fake-quantizes its weight in its QUANT_SPEC format; QAT_STEPS=n starts n-1 bits wider and drops a bit
-    per equal LR interval down to the spec."""
+    """Progressive QAT. Once the warmdown LR multiplier is below QAT_THRESHOLD, each quantized CastedLinear gets
+    `qat_fmt` (its QUANT_SPEC format; QAT_STEPS=n starts n-1 bits wider and drops a bit per equal LR interval)
+    and, after every optimizer step, `qat` = its weight quantized and dequantized as export does. Computing it
+    here, once per step and outside the compiled forward, keeps the graph whole: toggling recompiles once."""
     hp = run.hp
-    if not hp.qat_threshold or lr_mult >= hp.qat_threshold or step < hp.lr_warmup_steps:
-        return
-    extra = min(int(lr_mult / hp.qat_threshold * hp.qat_steps), hp.qat_steps - 1)
-    stages = run.results.setdefault("qat_stages", [])
-    if stages and stages[-1][1] == extra:
-        return
-    stages.append([step + 1, extra])
-    modules = dict(run.model.named_modules())
-    for name, (_, f) in quant_formats(hp, run.model.state_dict()).items():
-        if isinstance(m := modules[name[:-7]], CastedLinear) and f.kind != "fp16":
-            m.qat = f._replace(bits=min(f.bits + extra, 8 if f.kind == "int" else 4), rank=0)
-    run.log(f"qat: from step {step + 1}, weights fake-quantized at QUANT_SPEC + {extra} bits")
+    if hp.qat_threshold and lr_mult < hp.qat_threshold and step >= hp.lr_warmup_steps:
+        extra = min(int(lr_mult / hp.qat_threshold * hp.qat_steps), hp.qat_steps - 1)
+        stages = run.results.setdefault("qat_stages", [])
+        if not stages or stages[-1][1] != extra:
+            stages.append([step + 1, extra])
+            modules = dict(run.model.named_modules())
+            for name, (_, f) in quant_formats(hp, run.model.state_dict()).items():
+                if isinstance(m := modules[name[:-7]], CastedLinear) and f.kind != "fp16":
+                    m.qat_fmt = f._replace(bits=min(f.bits + extra, 8 if f.kind == "int" else 4), rank=0)
+            run.log(f"qat: from step {step + 1}, weights fake-quantized at QUANT_SPEC + {extra} bits")
+    for m in run.model.modules():
+        if f := getattr(m, "qat_fmt", None):
+            q = dequantize(quantize(m.weight, f), f)
+            m.qat = q if m.qat is None else m.qat.copy_(q)  # in place: the compiled graph keeps its input
 
 
 def train_budget(hp: Hyperparameters) -> float:
@@ -1108,7 +1111,8 @@ def rms_norm(x: Tensor) -> Tensor:
 
 
 class CastedLinear(nn.Linear):
-    """Linear kept in fp32, computed in the activation dtype; `qat` (a format) fake-quantizes the weight."""
+    """Linear kept in fp32, computed in the activation dtype; `qat` (the fake-quantized weight, kept by
+    on_train_step) replaces the weight in the forward with a straight-through gradient."""
 
     qat = None
 
@@ -1536,6 +1540,9 @@ def export(run: Run):
     """GPTQ calibration (train time), quantize, write the artifact, count its bytes, reload it into a fresh model."""
     hp = run.hp
     path = Path(hp.artifact_path or Path(hp.log_dir) / f"{hp.run_id}.artifact")
+    for m in run.model.modules():  # QAT's weights are of the raw weights; export takes the averaged ones
+        if isinstance(m, CastedLinear):
+            m.qat_fmt = m.qat = None
     t0 = time.perf_counter()
     hessians = collect_hessians(run) if hp.gptq else None
     if hessians is not None:
@@ -1642,6 +1649,8 @@ def main() -> int:
         run.results.update(status="failed", error=str(e))
         run.log(f"ERROR: {e}")
     finally:
+        if run.results["status"] == "running":  # an exception or interrupt escaped the stages
+            run.results.update(status="failed", error="interrupted or crashed; see the log")
         report(run)
         if run.distributed:
             dist.destroy_process_group()

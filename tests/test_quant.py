@@ -140,10 +140,14 @@ def test_qat_forward_equals_exported_forward(tmp_path):
     for step, lr in enumerate([1.0, 0.45, 0.3, 0.25, 0.1, 0.0]):
         T.on_train_step(run, 100 + step, lr)
     assert run.results["qat_stages"] == [[102, 2], [103, 1], [105, 0]]
-    assert model.blocks[1].mlp.up.qat == T.Fmt("int", 5) and model.blocks[1].attn.v.qat.kind == "tq"
+    assert model.blocks[1].mlp.up.qat_fmt == T.Fmt("int", 5) and model.blocks[1].attn.v.qat_fmt.kind == "tq"
     x = torch.randint(0, hp.vocab_size, (2, 64))
     model(x).square().mean().backward()  # straight-through gradients reach the fp32 weights
     assert model.blocks[1].mlp.up.weight.grad.abs().sum() > 0
+    with torch.no_grad():  # an optimizer step; the hook after it refreshes the fake-quantized weights
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    T.on_train_step(run, 106, 0.0)
     T.export_artifact(model, hp, tmp_path / "q.artifact")
     state = T.load_artifact(tmp_path / "q.artifact")
     fresh = T.GPT(hp)
@@ -152,7 +156,7 @@ def test_qat_forward_equals_exported_forward(tmp_path):
         for name, t in model.state_dict().items():
             m = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else None
             if isinstance(m, T.CastedLinear) and m.qat is not None:
-                assert torch.equal(T.fake_quant(m.weight, m.qat), state[name]), name
+                assert torch.equal(T.fake_quant(m.weight, m.qat), state[name]), name  # forward value = export's
             else:
                 t.copy_(state[name])
         assert torch.equal(model(x), fresh(x))
