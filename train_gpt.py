@@ -595,7 +595,7 @@ def eval_ttt_lora(run: Run, model: nn.Module, toks: Tensor, hint: Tensor | None,
             for m in linears]
     for bi, b in enumerate(range(0, len(starts), per_batch)):
         s, n = starts[b:b + per_batch], lengths[b:b + per_batch]
-        T = int(n.max())
+        T = -(-int(n.max()) // c) * c  # whole chunks, so a document's windows do not depend on its batch
         X = toks[(s[:, None] + torch.arange(T + 1, device=dev)).clamp_max(M)]  # past a document: causal, unscored
         ab = [(a.expand(len(s), -1, -1).clone(), torch.zeros(len(s), m.out_features, hp.ttt_lora_rank, device=dev))
               for m, a in zip(linears, init)]
@@ -605,8 +605,8 @@ def eval_ttt_lora(run: Run, model: nn.Module, toks: Tensor, hint: Tensor | None,
             for m, (A, B) in zip(linears, ab)]
         opt = torch.optim.Adam(adapters, lr=hp.ttt_lr)
         note(ledger, "adapt", (bi, -1), adapters)
-        for i in range(-(-T // c)):
-            e = min((i + 1) * c, T)
+        for i in range(T // c):
+            e = (i + 1) * c
             col = torch.arange(max(0, e - L), e, device=dev)
             scored = (col >= i * c) & (col < n[:, None])
             pos, tgt = (s[:, None] + col)[scored], X[:, col + 1][scored]

@@ -1,0 +1,263 @@
+"""Evaluation: sliding windows, the causal n-gram, score-first TTT, the stage budget, and the audit catching leaks."""
+import copy
+import dataclasses
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+import train_gpt as T
+
+
+def sub_run(run, n_tokens, **hp):
+    """A copy of the run that sees the first n_tokens of the split, with hyperparameters replaced."""
+    return dataclasses.replace(run, hp=dataclasses.replace(run.hp, **hp), val_tokens=run.val_tokens[:n_tokens],
+                               results=dict(stages={}))
+
+
+def stream(run):
+    return torch.from_numpy(run.val_tokens.astype(np.int64))
+
+
+def record_scored(monkeypatch) -> list:
+    """Make window_logprobs log the target indices it scores."""
+    seen, real = [], T.window_logprobs
+
+    def spy(model, toks, first, ends, W):
+        seen.extend(np.concatenate([np.arange(f, e) for f, e in zip(first, ends)]).tolist())
+        return real(model, toks, first, ends, W)
+    monkeypatch.setattr(T, "window_logprobs", spy)
+    return seen
+
+
+def brute_counts(toks, t, n):
+    """(contexts, pairs, distinct continuations) of order n at position t, recounted from the prefix."""
+    occ = [s for s in range(n - 1, t) if toks[s - n + 1:s] == toks[t - n + 1:t]] if t >= n - 1 else []
+    return len(occ), sum(toks[s] == toks[t] for s in occ), len({toks[s] for s in occ})
+
+
+@pytest.mark.parametrize("n,seq_len,stride", [(1000, 256, 64), (1024, 256, 256), (1023, 256, 100), (100, 256, 64),
+                                              (257, 256, 1), (5000, 128, 300), (1000, 256, 512)])
+def test_sliding_plan_scores_every_target_once_with_full_windows(n, seq_len, stride):
+    W, first, ends = T.sliding_plan(n, seq_len, stride)
+    assert W == min(seq_len, n)
+    assert np.array_equal(np.concatenate([np.arange(f, e) for f, e in zip(first, ends)]), np.arange(n))
+    assert first[0] == 0 and ends[0] == W and (ends - W >= 0).all() and (first >= ends - W).all()
+    assert (ends > first).all()
+    assert (ends[1:] - first[1:] <= min(stride, W)).all()
+
+
+def test_sliding_with_stride_equal_to_context_is_plain_eval(tiny_run):
+    r = sub_run(tiny_run, 8 * tiny_run.hp.eval_seq_len + 1, eval_stride=tiny_run.hp.eval_seq_len)
+    loss, _ = T.eval_plain(r, r.model)
+    stats = T.eval_sliding(r, r.model, stream(r))
+    assert float(stats[0].double().mean()) == pytest.approx(loss, rel=1e-6)
+
+
+def test_sliding_counts_every_token_and_byte_once_and_beats_plain(tiny_run, monkeypatch):
+    r = sub_run(tiny_run, 3001, eval_batch_seqs=7)
+    toks, M = stream(r), 3000
+    seen = record_scored(monkeypatch)
+    for world in (1, 3):  # each rank's share, as the ranks of a world of 3 would score them
+        seen.clear()
+        plan = T.sliding_plan(M, r.hp.eval_seq_len, r.hp.eval_stride)
+        for rank in range(world):
+            T.score_windows(dataclasses.replace(r, rank=rank, world_size=world), r.model, toks, plan, 0,
+                            len(plan[2]), None, torch.zeros(3, M))
+        idx = np.array(seen)
+        assert np.array_equal(np.sort(idx), np.arange(M)) and np.array_equal(idx, np.arange(M))
+        assert T.count_bytes(r.val_tokens[idx], r.val_tokens[idx + 1], r.luts) == \
+            T.count_bytes(r.val_tokens[:-1], r.val_tokens[1:], r.luts)
+    stats = T.eval_sliding(r, r.model, toks)
+    plain = T.eval_sliding(dataclasses.replace(r, hp=dataclasses.replace(r.hp, eval_stride=r.hp.eval_seq_len)),
+                           r.model, toks)
+    assert (stats[0] > 0).all() and stats[0].mean() < plain[0].mean()
+
+
+def test_ngram_counts_equal_brute_force_prefix_counts():
+    gen = np.random.default_rng(0)
+    for vocab in (2, 5, 50):
+        toks = gen.integers(0, vocab, 400)
+        counts, hint, match = T.ngram_counts(torch.from_numpy(toks), 6)
+        tl = toks.tolist()
+        for t in range(400):
+            for n in range(1, 7):
+                assert tuple(int(x[t]) for x in counts[n - 1]) == brute_counts(tl, t, n), (vocab, t, n)
+            longest = max([n for n in range(1, 7) if brute_counts(tl, t, n)[0]], default=0)
+            assert int(match[t]) == longest
+            if longest:  # the token after the latest earlier occurrence of the longest context
+                s = max(s for s in range(longest - 1, t) if tl[s - longest + 1:s] == tl[t - longest + 1:t])
+                assert int(hint[t]) == tl[s]
+
+
+def test_ngram_distribution_sums_to_one_over_the_vocabulary(tiny_run):
+    toks, V = stream(tiny_run)[:301], tiny_run.hp.vocab_size
+    for t in (1, 150, 300):
+        subst, p = toks.clone(), []
+        for v in range(V):
+            subst[t] = v
+            p.append(T.ngram_prob(T.ngram_counts(subst, 7)[0], 0.75, V)[t])
+        assert float(torch.stack(p).sum()) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_mix_and_tilt_are_normalized():
+    gen = torch.Generator().manual_seed(0)
+    lp = torch.randn(1024, generator=gen, dtype=torch.float64).log_softmax(0)
+    p_ng = torch.rand(1024, generator=gen, dtype=torch.float64)
+    p_ng /= p_ng.sum()
+    for z in (-3.0, 0.0, 2.5):
+        z = torch.tensor(z, dtype=torch.float64)
+        assert float(torch.exp(-T.mix_nll(-lp, p_ng, z)).sum()) == pytest.approx(1.0, abs=1e-12)
+        is_hint = torch.arange(1024) == 17
+        assert float(torch.exp(-T.tilt_nll(-lp, lp[17], is_hint, z)).sum()) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_online_fit_uses_only_earlier_targets():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(5000, generator=gen, dtype=torch.float64)
+    fit = lambda data: T.fit_online(lambda th, i: (data[i] - th[..., 0]) ** 2, 5000,  # noqa: E731
+                                    torch.zeros(1, dtype=torch.float64))
+    a, y = fit(x), x.clone()
+    y[3000:] = 10
+    b = fit(y)
+    assert torch.equal(a[:4096], b[:4096]) and not torch.equal(a[4096:], b[4096:])
+    assert a[1500, 0] == pytest.approx(float(x[:1024].mean()), abs=1e-6)  # block [1024, 2048): fitted on < 1024
+
+
+def test_ngram_stage_gains_on_brown(tiny_run):
+    r = sub_run(tiny_run, 12001)
+    toks = stream(r)
+    stats = T.eval_sliding(r, r.model, toks)
+    for mode in ("mix", "tilt"):
+        hp = dataclasses.replace(r.hp, ngram_mode=mode)
+        s = stats if mode == "mix" else T.eval_sliding(r, r.model, toks, T.ngram_counts(toks, 7)[1][1:])
+        nll = T.ngram_nll(hp, toks, s)[0]
+        assert torch.isfinite(nll).all() and nll.mean() < stats[0].double().mean(), mode
+
+
+def test_audit_passes_on_the_real_code(tiny_run):
+    res = T.audit(sub_run(tiny_run, None), tiny_run.model, n_pos=1)
+    assert res["passed"], res
+    assert {"norm_model", "norm_ngram", "norm_mix", "causal_model_row", "causal_sliding", "causal_ttt",
+            "causal_ngram", "prefix_counts", "ttt_weights"} <= set(res["checks"])
+
+
+def test_audit_passes_in_tilt_mode_and_lora_ttt(tiny_run):
+    res = T.audit(sub_run(tiny_run, None, ngram_mode="tilt", ttt_mode="lora"), tiny_run.model, n_pos=1)
+    assert res["passed"] and "norm_tilt" in res["checks"], res
+
+
+def test_audit_fails_on_a_full_rescore_ngram_cache(tiny_run, monkeypatch):
+    """Seed 001's leak: counts from a table of every validation token, then every token rescored against it."""
+    real = T.ngram_counts
+
+    def leaky(toks, order):  # counts at t in the second copy have seen the whole stream
+        counts, hint, match = real(torch.cat((toks, toks)), order)
+        n = toks.numel()
+        return [tuple(x[n:] for x in c) for c in counts], hint[n:], match[n:]
+    monkeypatch.setattr(T, "ngram_counts", leaky)
+    res = T.audit(sub_run(tiny_run, None, ttt_enabled=False), tiny_run.model, n_pos=1)
+    assert not res["passed"]
+    assert res["checks"]["norm_ngram"] > 1e-3 and res["checks"]["prefix_counts"] > 0
+    assert res["checks"]["causal_ngram"] > 1e-5
+
+
+class Peeking(nn.Module):
+    """A model that looks at the token it is asked to predict."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx):
+        return self.model(idx) + 5.0 * F.one_hot(idx.roll(-1, 1), self.model.hp.vocab_size).float()
+
+
+def test_audit_catches_a_future_peeking_model(tiny_run):
+    res = T.audit(sub_run(tiny_run, None, ttt_enabled=False, ngram_order=0), Peeking(tiny_run.model), n_pos=1)
+    assert not res["passed"] and res["checks"]["causal_model_row"] > 1e-3
+
+
+def test_ttt_scores_once_and_chunk_weights_ignore_the_chunk(tiny_run, monkeypatch):
+    r = sub_run(tiny_run, 2049, ttt_mode="full", ttt_chunk_tokens=512, ttt_lr=0.01)
+    toks, M = stream(r), 2048
+    seen = record_scored(monkeypatch)
+    ledger = []
+    a = T.eval_ttt(r, r.model, toks, ledger=ledger)
+    assert sorted(seen) == list(range(M)) and (a[0] > 0).all()
+    scored = {key: cs for kind, key, cs in ledger if kind == "score"}
+    adapted = {key: cs for kind, key, cs in ledger if kind == "adapt"}
+    assert len(scored) == 4 and all(cs == adapted[(0, c - 1)] for (_, c), cs in scored.items())
+    assert len(set(scored.values())) == 4  # the weights did change between chunks
+    _, first, ends = T.sliding_plan(M, r.hp.eval_seq_len, r.hp.eval_stride)
+    lo, hi = first[16], ends[23]  # chunk 2 (8 windows per chunk)
+    pert = toks.clone()
+    pert[lo + 1:hi + 1] = torch.randint(r.hp.vocab_size, (hi - lo,), generator=torch.Generator().manual_seed(1))
+    ledger2 = []
+    b = T.eval_ttt(r, r.model, pert, ledger=ledger2)
+    scored2 = {key: cs for kind, key, cs in ledger2 if kind == "score"}
+    assert all(scored2[(0, c)] == scored[(0, c)] for c in (0, 1, 2)) and scored2[(0, 3)] != scored[(0, 3)]
+    assert torch.equal(a[:, :lo], b[:, :lo])
+    assert torch.equal(r.model.state_dict()["tok_emb.weight"], tiny_run.model.state_dict()["tok_emb.weight"])
+
+
+def test_ttt_with_zero_lr_is_sliding_eval(tiny_run):
+    r = sub_run(tiny_run, 2049, ttt_mode="full", ttt_chunk_tokens=512, ttt_lr=0.0)
+    assert torch.allclose(T.eval_ttt(r, r.model, stream(r)), T.eval_sliding(r, r.model, stream(r)), atol=1e-5)
+
+
+def test_lora_ttt_scores_every_target_once(tiny_run):
+    r = sub_run(tiny_run, 4001, ttt_mode="lora", ttt_chunk_tokens=128, eval_batch_seqs=4)
+    ledger = []
+    stats = T.eval_ttt(r, r.model, stream(r), ledger=ledger)
+    assert (stats[0] > 0).all() and torch.isfinite(stats).all()
+    adapted = {key: cs for kind, key, cs in ledger if kind == "adapt"}
+    assert all(cs == adapted[(b, i - 1)] for kind, (b, i), cs in ledger if kind == "score")
+
+
+def test_evaluate_runs_the_stages_and_keeps_the_last_score_within_budget(tiny_run):
+    r = sub_run(tiny_run, 3001, ttt_chunk_tokens=1024, eval_audit=True)
+    T.evaluate(r)
+    stages = r.results["stages"]
+    assert list(stages) == ["roundtrip", "sliding", "ttt", "ngram"]
+    assert r.results["val_bpb"] == stages["ngram"]["val_bpb"] and r.results["audit"]["passed"]
+    assert stages["sliding"]["val_bpb"] < stages["roundtrip"]["val_bpb"]
+    assert stages["ngram"]["val_bpb"] < stages["ttt"]["val_bpb"]
+    r = sub_run(tiny_run, 3001, eval_budget_seconds=1e-9)
+    T.evaluate(r)
+    assert list(r.results["stages"]) == ["roundtrip"]
+    assert r.results["val_bpb"] == r.results["stages"]["roundtrip"]["val_bpb"]
+
+
+def _worker(rank, port, model, hp, luts, toks, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    run = T.Run(hp, torch.device("cpu"), rank, 2, luts=luts)
+    lora = dataclasses.replace(run, hp=dataclasses.replace(hp, ttt_mode="lora", ttt_chunk_tokens=128, eval_batch_seqs=2))
+    result = (T.eval_sliding(run, model, toks), T.eval_ttt(run, model, toks), T.eval_ttt(lora, model, toks))
+    if rank == 0:
+        torch.save(result, out)
+    dist.destroy_process_group()
+
+
+def test_two_processes_match_one(tiny_run, tmp_path):
+    r = sub_run(tiny_run, 6001, ttt_mode="full", ttt_chunk_tokens=1024, eval_batch_seqs=3)
+    r.model, toks = copy.deepcopy(r.model), stream(r)
+    for m in r.model.modules():  # as reloaded from the artifact: no QAT, whose rounding amplifies float noise
+        m.qat = None
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(port, r.model, r.hp, r.luts, toks, tmp_path / "two.pt"), nprocs=2)
+    sliding, full, lora = torch.load(tmp_path / "two.pt")
+    assert torch.equal(sliding, T.eval_sliding(r, r.model, toks))
+    assert torch.allclose(full, T.eval_ttt(r, r.model, toks), atol=1e-4)
+    one = dataclasses.replace(r, hp=dataclasses.replace(r.hp, ttt_mode="lora", ttt_chunk_tokens=128, eval_batch_seqs=2))
+    assert torch.allclose(lora, T.eval_ttt(one, r.model, toks), atol=1e-4)
