@@ -477,12 +477,12 @@ def tilt_nll(nll: Tensor, lp_hint: Tensor, is_hint: Tensor, b: Tensor) -> Tensor
 
 def fit_online(fn, n: int, theta: Tensor) -> Tensor:
     """Per-target parameters: targets in [b, 2b), b = 1024, 2048, ..., use theta fitted (L-BFGS on fn) on up to
-    2^16 evenly spaced targets before b, so a target's parameters depend on earlier targets only."""
+    2^14 evenly spaced targets before b, so a target's parameters depend on earlier targets only."""
     out, b = theta.repeat(n, 1), 1024
     while b < n:
         th = theta.clone().requires_grad_()
         opt = torch.optim.LBFGS([th], max_iter=20, line_search_fn="strong_wolfe")
-        idx = torch.arange(0, b, max(1, b >> 16), device=theta.device)
+        idx = torch.arange(0, b, max(1, b >> 14), device=theta.device)
 
         def closure():
             opt.zero_grad()
@@ -1611,12 +1611,14 @@ def evaluate(run: Run):
         hint = ngram_counts(toks, hp.ngram_order)[1][1:] if hp.ngram_mode == "tilt" else None
     stats = stage("sliding", 1.1 * slide_s, lambda: eval_sliding(run, run.model, toks, hint))
     slide_s = stages.get("sliding", {}).get("seconds", slide_s)
-    if hp.ttt_enabled:
-        box = min(hp.ttt_seconds, left() - 1.1 * slide_s - ngram_s)
-        out = stage("ttt", slide_s + box if box > 0 else math.inf, lambda: eval_ttt(run, run.model, toks, hint, box))
+    if hp.ttt_enabled:  # scoring cost (lora: one window per chunk) plus an adaptation box that fits what is left
+        score_s = slide_s if hp.ttt_mode == "full" else stages["roundtrip"]["seconds"] * hp.eval_seq_len / min(
+            hp.ttt_chunk_tokens, hp.eval_seq_len)
+        box = min(hp.ttt_seconds, left() - 1.1 * score_s - ngram_s)
+        out = stage("ttt", score_s + box if box > 0 else math.inf, lambda: eval_ttt(run, run.model, toks, hint, box))
         stats = stats if out is None else out
-    if hp.ngram_order and stats is not None:
-        stage("ngram", ngram_s, lambda: ngram_nll(hp, toks, stats)[0])
+    if hp.ngram_order:
+        stage("ngram", math.inf if stats is None else ngram_s, lambda: ngram_nll(hp, toks, stats)[0])
     run.results["eval_seconds"] = round(time.perf_counter() - t0, 3)
     if hp.eval_audit:
         s, res = time.perf_counter(), audit(run, run.model)
