@@ -17,7 +17,9 @@ Exit code 0 if the first spec fits, 1 if not, 2 on a bad input.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -91,9 +93,7 @@ def main(argv=None) -> int:
     ap.add_argument("--codec", help="override CODEC (auto tries zstd, lzma and brotli: slowest, smallest)")
     args = ap.parse_args(argv)
     try:
-        hp = T.load_hparams()
-        if args.codec:
-            hp = T.load_hparams({**__import__("os").environ, "CODEC": args.codec})
+        hp = T.load_hparams({**os.environ, **({"CODEC": args.codec} if args.codec else {})})
         specs = args.spec or [hp.quant_spec] + [s for s in ALTERNATIVES if s != hp.quant_spec]
         for s in specs:
             T.parse_spec(s)
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
         print(f"| {s} | {code:.3f} | {ent:.3f} | {scale:.2f} |")
     fits_first = None
     for s in specs:
-        p = predict(T.dataclasses.replace(hp, quant_spec=s), state, meter)
+        p = predict(dataclasses.replace(hp, quant_spec=s), state, meter)
         fits = p["total"] <= T.ARTIFACT_CAP_BYTES
         fits_first = fits if fits_first is None else fits_first
         print(f"\nQUANT_SPEC={s}\n\n| role:format | params | bits/weight | bytes |\n|---|---|---|---|")

@@ -1,0 +1,175 @@
+#!/usr/bin/env python3
+"""Quantization benchmark on the CPU proxy: artifact bytes and val_bpb damage of each format.
+
+    python scripts/bench_quant.py                  # train (or reuse) the tiny model, measure, update docs
+    python scripts/bench_quant.py --steps 300 --val-tokens 0 --no-docs
+
+Trains PRESET=tiny for --steps steps once and keeps the fp32 weights in a raw checkpoint (JSON
+header + little-endian float32 buffers, no pickle) under --out; later runs reuse it. Each variant
+is exported with train_gpt.export_artifact (GPTQ from training-token Hessians where named),
+reloaded from disk and scored with eval_plain on the validation split; damage is against the fp32
+weights on the same tokens. Writes a markdown table to stdout and, unless --no-docs, into
+docs/BENCHMARKS.md under its own heading (replacing its previous section).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import train_gpt as T  # noqa: E402
+
+HEADING = "## Quantization: artifact bytes and val_bpb damage"
+ROLES = ("attn_qk", "attn_vo", "mlp_up", "mlp_down", "embed", "aux")
+
+
+def uniform(fmt: str, embed: str | None = None) -> str:
+    return ",".join(f"{r}:{embed if r == 'embed' and embed else fmt}" for r in ROLES)
+
+
+MIXED = "attn_qk:int6,attn_vo:int6,mlp_up:int5,mlp_down:int5,embed:int8,aux:int6"
+VARIANTS = [  # (label, QUANT_SPEC, GPTQ)
+    ("int8", uniform("int8"), False),
+    ("int6", uniform("int6"), False),
+    ("int5", uniform("int5"), False),
+    ("int4", uniform("int4"), False),
+    ("int5 MLP / int6 attn / int8 embed", MIXED, False),
+    ("int5, int8 embed", uniform("int5", "int8"), False),
+    ("int7@12 (set step), int8 embed", uniform("int7@12", "int8"), False),
+    ("tq4 (TurboQuant)", uniform("tq4"), False),
+    ("tq3 (TurboQuant)", uniform("tq3"), False),
+    ("tq2 (TurboQuant)", uniform("tq2"), False),
+    ("int6, int8 embed", uniform("int6", "int8"), False),
+    ("GPTQ int6, int8 embed", uniform("int6", "int8"), True),
+    ("GPTQ int5, int8 embed", uniform("int5", "int8"), True),
+    ("GPTQ int5 MLP / int6 attn / int8 embed", MIXED, True),
+    ("GPTQ int7@12, int8 embed", uniform("int7@12", "int8"), True),
+    ("int4, int8 embed", uniform("int4", "int8"), False),
+    ("int4+lr8, int8 embed (low-rank)", uniform("int4+lr8", "int8"), False),
+    ("GPTQ int4+lr8, int8 embed", uniform("int4+lr8", "int8"), True),
+]
+
+
+def save_raw(state: dict, path: Path):
+    header, bufs, off = {}, [], 0
+    for k, t in state.items():
+        b = t.detach().float().cpu().numpy().astype("<f4").tobytes()
+        header[k] = [list(t.shape), off]
+        bufs.append(b)
+        off += len(b)
+    h = json.dumps(header).encode()
+    T.write_atomic(path, len(h).to_bytes(4, "little") + h + b"".join(bufs))
+
+
+def load_raw(path: Path) -> dict:
+    data = path.read_bytes()
+    n = int.from_bytes(data[:4], "little")
+    header, body = json.loads(data[4:4 + n]), memoryview(data)[4 + n:]
+    return {k: torch.from_numpy(np.frombuffer(body, "<f4", count=int(np.prod(s)), offset=o).reshape(s).copy())
+            for k, (s, o) in header.items()}
+
+
+def trained(hp: T.Hyperparameters, ckpt: Path) -> T.Run:
+    """setup() and the fp32 weights of the tiny model: from ckpt, else trained now and saved there."""
+    run = T.setup(hp)
+    if ckpt.is_file():
+        run.model.load_state_dict(load_raw(ckpt))
+        print(f"reusing {ckpt}", file=sys.stderr)
+    else:
+        T.train(run)
+        save_raw(run.model.state_dict(), ckpt)
+    return run
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=300, help="training steps of the tiny model (default 300)")
+    ap.add_argument("--val-tokens", type=int, default=0, help="validation tokens scored (0 = the whole split)")
+    ap.add_argument("--qat-threshold", type=float, default=0.0,
+                    help="also train a model with QAT below this LR multiplier and export it (0 = skip)")
+    ap.add_argument("--qat-spec", default=T.Hyperparameters.quant_spec, help="QUANT_SPEC of the QAT model")
+    ap.add_argument("--out", default="logs/bench_quant", help="checkpoints, artifacts and results folder")
+    ap.add_argument("--codec", default="auto")
+    ap.add_argument("--only", help="comma-separated variant numbers (1-based) to run")
+    ap.add_argument("--train-only", action="store_true", help="only make the checkpoints")
+    ap.add_argument("--no-docs", action="store_true", help="do not write docs/BENCHMARKS.md")
+    args = ap.parse_args(argv)
+    out = ROOT / args.out
+    env = dict(PRESET="tiny", ITERATIONS=str(args.steps), WARMDOWN_ITERS=str(max(1, args.steps // 3)), LOG_DIR=str(out),
+               RUN_ID="bench_quant_train", QAT_THRESHOLD="0", GPTQ="0", CODEC=args.codec, VAL_MAX_TOKENS=str(args.val_tokens))
+    env.update({k: v for k, v in os.environ.items() if k == "DATA_PATH"})
+    try:
+        hp = T.load_hparams(env)
+        qhp = T.load_hparams({**env, "RUN_ID": "bench_quant_qat", "QAT_THRESHOLD": str(args.qat_threshold),
+                              "QUANT_SPEC": args.qat_spec})
+        if args.qat_threshold:
+            qrun = trained(qhp, out / f"tiny_{args.steps}steps_qat{args.qat_threshold:g}_fp32.raw")
+        run = trained(hp, out / f"tiny_{args.steps}steps_fp32.raw")
+    except T.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.train_only:
+        return 0
+    variants = [(label, spec, gptq, run.model) for label, spec, gptq in VARIANTS]
+    if args.qat_threshold:
+        variants += [(f"QAT {args.qat_threshold:g} + {'GPTQ ' * g}{args.qat_spec}", args.qat_spec, g, qrun.model)
+                     for g in (False, True)]
+    t0 = time.perf_counter()
+    _, bpb_fp = T.eval_plain(run, run.model)
+    print(f"fp32: val_bpb {bpb_fp:.4f} ({time.perf_counter() - t0:.0f}s per eval)", file=sys.stderr)
+    rows, only = [], {int(i) for i in args.only.split(",")} if args.only else None
+    n_params = sum(t.numel() for t in run.model.state_dict().values())
+    hessians = {}
+    for i, (label, spec, gptq, model) in enumerate(variants, 1):
+        if only and i not in only:
+            continue
+        if gptq and id(model) not in hessians:  # Hessians of the model's own activations on training tokens
+            hessians[id(model)] = T.collect_hessians(dataclasses.replace(
+                run, model=model, hp=dataclasses.replace(hp, quant_spec=uniform("int8"))))
+        vhp = dataclasses.replace(hp, quant_spec=spec)
+        path = out / f"variant{i}.artifact"
+        rep = T.export_artifact(model, vhp, path, hessians[id(model)] if gptq else None)
+        fresh = T.GPT(vhp)
+        fresh.load_state_dict(T.load_artifact(path))
+        _, bpb = T.eval_plain(run, fresh)
+        rows.append(dict(label=label, spec=spec, gptq=gptq, bytes=rep["bytes"], bits=8 * rep["bytes"] / n_params,
+                         val_bpb=bpb, damage=bpb - bpb_fp))
+        print(f"{label}: {rep['bytes']:,} bytes, val_bpb {bpb:.4f} ({bpb - bpb_fp:+.4f})", file=sys.stderr)
+    T.write_atomic(out / "results.json", json.dumps(dict(fp32_val_bpb=bpb_fp, params=n_params, rows=rows), indent=1))
+    qat_note = (f" QAT rows: a second model trained the same way with QAT_THRESHOLD={args.qat_threshold:g} and "
+                f"QUANT_SPEC={args.qat_spec}; damage is against the first model's fp32 score." if args.qat_threshold else "")
+    table = [f"PRESET=tiny ({n_params:,} parameters: 4 layers, d=256, tied embedding 1024x256) trained "
+             f"{args.steps} steps on the Brown data, QAT off; fp32 val_bpb {bpb_fp:.4f} on {run.val_tokens.size - 1:,} "
+             f"validation tokens (eval_plain). Each row: `export_artifact` with that QUANT_SPEC (CODEC={args.codec}), "
+             f"reloaded from disk and scored; GPTQ rows use Hessians of {hp.gptq_tokens:,} training tokens. "
+             "Bits/param = model file bits / all parameters (scales, fp16 control tensors and header included)."
+             f"{qat_note} Command: `python scripts/bench_quant.py --steps {args.steps} --val-tokens {args.val_tokens}"
+             f"{f' --qat-threshold {args.qat_threshold:g}' if args.qat_threshold else ''}`.", "",
+             "| variant | model bytes | bits/param | val_bpb | damage |", "|---|--:|--:|--:|--:|"]
+    table += [f"| {r['label']} | {r['bytes']:,} | {r['bits']:.2f} | {r['val_bpb']:.4f} | {r['damage']:+.4f} |" for r in rows]
+    text = "\n".join(table)
+    print(text)
+    if not args.no_docs and not only:
+        date = subprocess.run(["date", "-u", "+%F"], capture_output=True, text=True).stdout.strip()
+        docs = ROOT / "docs/BENCHMARKS.md"
+        old = docs.read_text() if docs.is_file() else "# Benchmarks\n"
+        start = old.find(HEADING)
+        end = old.find("\n## ", start + 1) if start >= 0 else -1
+        section = f"{HEADING} ({date}, CPU (2 cores))\n\n{text}\n"
+        new = (old[:start] + section + (old[end + 1:] if end >= 0 else "")) if start >= 0 else old.rstrip("\n") + "\n\n" + section
+        T.write_atomic(docs, new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
