@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     except T.ConfigError as e:
         raise UserError(str(e)) from None
     dev, threads = run.device, torch.get_num_threads() if run.device.type == "cpu" else 1
-    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({threads} threads)"
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({os.cpu_count()} cores, {threads} torch threads)"
 
     train = T.load_data_shard(T.shard_files(os.path.join(hp.data_path, "fineweb_train_*.bin"))[0])[:args.tokens + 1]
     toks = torch.from_numpy(train.astype(np.int64)).to(dev)
@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     fake = torch.stack((torch.rand(toks.numel() - 1, generator=gen) * 8, torch.rand(toks.numel() - 1, generator=gen) * 6,
                         torch.zeros(toks.numel() - 1))).to(dev)  # stand-in NLL and entropy
     rates = {}
+    T.ngram_nll(hp, toks[:4097], fake[:, :4096])  # warm-up: first-call allocations are not throughput
     for K in orders:
         t = time.perf_counter()
         T.ngram_nll(dataclasses.replace(hp, ngram_order=K), toks, fake)
