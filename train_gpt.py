@@ -121,6 +121,7 @@ class Hyperparameters:
     qat_threshold: float = 0.15  # QAT once the warmdown LR multiplier is below this; 0 = off
     qat_steps: int = 1  # QAT stages: start QAT_STEPS-1 bits above QUANT_SPEC, one bit less per stage
     codec: str = "auto"  # auto (smallest per group) | zstd | lzma | brotli
+    quant_fit: bool = True  # over the cap: re-export with roles a bit narrower (MLP first, down to int4)
     artifact_path: str = ""  # empty: LOG_DIR/RUN_ID.artifact
     # evaluation
     eval_seq_len: int = 2048
@@ -957,6 +958,24 @@ def encode_groups(groups: dict[str, np.ndarray], codec: str) -> tuple[dict, list
     return meta, bufs
 
 
+FIT_ORDER = ("mlp_up", "mlp_down", "attn_vo", "aux", "attn_qk", "embed", "head")  # least sensitive first
+
+
+def narrower_spec(hp: Hyperparameters, state: dict, excess: int) -> str | None:
+    """QUANT_FIT: QUANT_SPEC with intN roles one bit narrower in FIT_ORDER (cycling, down to int4) until the
+    estimated saving, 1 bit per weight per bit removed, covers excess bytes; None when nothing can narrow."""
+    spec, params, saved = dict.fromkeys(FIT_ORDER, "int8") | parse_spec(hp.quant_spec), {}, 0
+    for name, (role, _) in quant_formats(hp, state).items():
+        params[role] = params.get(role, 0) + state[name].numel()
+    while saved < excess and (roles := [r for r in FIT_ORDER if params.get(r) and parse_fmt(spec[r]).kind == "int"
+                                        and parse_fmt(spec[r]).bits > 4]):
+        for r in roles:
+            if saved < excess:
+                spec[r] = (f := parse_fmt(spec[r]))._replace(bits=f.bits - 1).tag
+                saved += params[r] // 8
+    return ",".join(f"{r}:{t}" for r, t in spec.items()) if saved else None
+
+
 @torch.no_grad()
 def export_artifact(model: nn.Module, hp: Hyperparameters, path: str | Path, hessians: dict | None = None) -> dict:
     """Quantize by QUANT_SPEC (GPTQ where Hessians are given), write the artifact atomically; returns its report."""
@@ -1550,10 +1569,19 @@ def export(run: Run):
         run.results["train_seconds"] = train_s = round(run.results.get("train_seconds", 0.0) + calib_s, 3)
         run.log(f"gptq: Hessians of {len(hessians)} layers from {hp.gptq_tokens:,} train tokens in {calib_s:.1f}s "
                 f"(reserve {hp.gptq_reserve_seconds:.0f}s); train time with calibration {train_s:.1f}s")
-    report = export_artifact(run.model, hp, path, hessians) if run.master else dict(bytes=0)
-    if run.distributed:
-        dist.barrier()
-    model_bytes = int(run.all_sum(report["bytes"])[0])
+    spec, state, tried = hp.quant_spec, run.model.state_dict(), []
+    while True:  # QUANT_FIT: every rank sees the same byte count, so all take the same narrower spec
+        report = export_artifact(run.model, dataclasses.replace(hp, quant_spec=spec), path, hessians) if run.master else dict(bytes=0)
+        if run.distributed:
+            dist.barrier()
+        model_bytes = int(run.all_sum(report["bytes"])[0])
+        tried.append([spec, model_bytes])
+        excess = CODE_BYTES + model_bytes - ARTIFACT_CAP_BYTES
+        if excess <= 0 or not hp.quant_fit or not (spec := narrower_spec(dataclasses.replace(hp, quant_spec=spec), state, excess)):
+            break
+        run.log(f"export: {excess:,} bytes over the cap; QUANT_FIT re-exports with QUANT_SPEC={spec}")
+    if len(tried) > 1:
+        run.results["quant_fit"] = tried
     if run.master:
         run.results["quant"] = report
         for g, m in report["groups"].items():
@@ -1562,14 +1590,13 @@ def export(run: Run):
                     f"{m['codec']}/{m['pack']}")
         run.log("quant rel. MSE: " + ", ".join(f"{k} {r['rel_mse']:.2e}" for k, r in report["roles"].items())
                 + f"; quantized and compressed in {report['seconds']:.1f}s")
-    code_bytes = CODE_BYTES
-    run.results.update(artifact_path=str(path), code_bytes=code_bytes, model_bytes=model_bytes,
-                       artifact_bytes=code_bytes + model_bytes)
-    run.log(f"export: {path} model {model_bytes:,} + code {code_bytes:,} = {code_bytes + model_bytes:,} bytes "
+    run.results.update(artifact_path=str(path), code_bytes=CODE_BYTES, model_bytes=model_bytes,
+                       artifact_bytes=CODE_BYTES + model_bytes)
+    run.log(f"export: {path} model {model_bytes:,} + code {CODE_BYTES:,} = {CODE_BYTES + model_bytes:,} bytes "
             f"(cap {ARTIFACT_CAP_BYTES:,})")
-    if code_bytes + model_bytes > ARTIFACT_CAP_BYTES:
+    if excess > 0:
         run.results["status"] = "over_cap"
-        run.log(f"ERROR: artifact is {code_bytes + model_bytes - ARTIFACT_CAP_BYTES:,} bytes over the cap; "
+        run.log(f"ERROR: artifact is {excess:,} bytes over the cap{' at the QUANT_FIT floor (int4)' * hp.quant_fit}; "
                 "use lower-bit formats or a smaller model")
     fresh = GPT(hp).to(run.device)
     fresh.load_state_dict(load_artifact(path))

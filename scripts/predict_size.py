@@ -11,7 +11,8 @@ and compressed exactly as train_gpt.py does (same quantizer, packing and CODEC),
 scales (also measured) and low-rank factors; control tensors cost 16 bits each; the JSON header
 is counted exactly; the code is the bytes of train_gpt.py. Gaussian weights are a proxy: trained
 weights with heavier tails compress better under a searched clip, GPTQ codes slightly worse.
-Prints the per-format bits, each spec's per-role table and whether it fits 16,000,000 bytes.
+Prints the per-format bits, each spec's per-role table and whether it fits 16,000,000 bytes (if not,
+the narrower spec QUANT_FIT would fall back to).
 Exit code 0 if the first spec fits, 1 if not, 2 on a bad input.
 """
 from __future__ import annotations
@@ -125,6 +126,13 @@ def main(argv=None) -> int:
         verdict = "fits" if fits else "DOES NOT FIT"
         print(f"\npredicted artifact {p['total']:,.0f} bytes: {verdict} "
               f"({T.ARTIFACT_CAP_BYTES - p['total']:+,.0f} bytes of margin)")
+        fit, q = s, p
+        while hp.quant_fit and q["total"] > T.ARTIFACT_CAP_BYTES and (
+                nxt := T.narrower_spec(dataclasses.replace(hp, quant_spec=fit), state, q["total"] - T.ARTIFACT_CAP_BYTES)):
+            fit, q = nxt, predict(dataclasses.replace(hp, quant_spec=nxt), state, meter)
+        if fit != s:
+            print(f"QUANT_FIT=1 would re-export it as QUANT_SPEC={fit}: predicted {q['total']:,.0f} bytes "
+                  f"({'fits' if q['total'] <= T.ARTIFACT_CAP_BYTES else 'still over the cap at the int4 floor'})")
     return 0 if fits_first else 1
 
 

@@ -178,7 +178,8 @@ def test_gptq_reserve_comes_off_the_training_cap():
 def test_export_stage_roundtrip_and_over_cap(tiny_run, brown_data, tmp_path, monkeypatch):
     """The real export stage (GPTQ on training tokens, default spec): reloaded weights score close to the
     trained ones, results carry the quant report, and an artifact over the cap marks the run over_cap."""
-    hp = T.load_hparams(tiny_env(brown_data, tmp_path, ARTIFACT_PATH=str(tmp_path / "x.artifact"), CODEC="zstd"))
+    hp = T.load_hparams(tiny_env(brown_data, tmp_path, ARTIFACT_PATH=str(tmp_path / "x.artifact"), CODEC="zstd",
+                                 QUANT_FIT="0"))
     val = tiny_run.val_tokens[:32 * hp.eval_seq_len + 1]
     run = dataclasses.replace(tiny_run, hp=hp, val_tokens=val, results=dict(status="running", train_seconds=1.0))
     monkeypatch.setattr(T, "ARTIFACT_CAP_BYTES", 1000)
@@ -190,3 +191,34 @@ def test_export_stage_roundtrip_and_over_cap(tiny_run, brown_data, tmp_path, mon
     _, bpb_fp = T.eval_plain(run, tiny_run.model)
     _, bpb_q = T.eval_plain(run, run.model)
     assert math.isfinite(bpb_q) and abs(bpb_q - bpb_fp) < 0.05, (bpb_fp, bpb_q)
+
+
+def test_narrower_spec_steps_least_sensitive_roles_first():
+    hp = T.load_hparams({"PRESET": "tiny"})
+    state = T.GPT(hp).state_dict()
+    mlp_up = sum(t.numel() for n, t in state.items() if n.endswith("up.weight"))
+    spec = T.parse_spec(T.narrower_spec(hp, state, 1))
+    assert spec["mlp_up"] == "int4" and spec["mlp_down"] == "int5" and spec["attn_qk"] == "int6"
+    spec = T.parse_spec(T.narrower_spec(hp, state, mlp_up // 8 + 1))  # one role's saving is not enough
+    assert spec["mlp_up"] == spec["mlp_down"] == "int4" and spec["attn_vo"] == "int6"
+    floor = T.narrower_spec(hp, state, 10**9)
+    assert all(T.parse_fmt(f).bits == 4 for r, f in T.parse_spec(floor).items() if r != "head")
+    assert T.narrower_spec(dataclasses.replace(hp, quant_spec=floor), state, 1) is None
+    assert T.parse_spec(T.narrower_spec(dataclasses.replace(hp, quant_spec="mlp_up:int7@12"), state, 1))["mlp_up"] == "int6@12"
+
+
+def test_quant_fit_reexports_narrower_until_under_the_cap(tiny_run, brown_data, tmp_path, monkeypatch):
+    """An artifact a byte over the cap is re-exported with MLP-up one bit narrower and fits; one that cannot
+    fit even at the int4 floor still ends over_cap, with every spec tried in the results."""
+    hp = T.load_hparams(tiny_env(brown_data, tmp_path, CODEC="zstd", GPTQ="0"))
+    first = T.export_artifact(tiny_run.model, hp, tmp_path / "probe.artifact")["bytes"]
+    run = dataclasses.replace(tiny_run, hp=hp, results=dict(status="running"))
+    monkeypatch.setattr(T, "ARTIFACT_CAP_BYTES", T.CODE_BYTES + first - 1)
+    T.export(run)
+    (spec0, bytes0), (spec1, bytes1) = run.results["quant_fit"]
+    assert bytes0 == first and T.parse_spec(spec1)["mlp_up"] == "int4" and bytes1 < first
+    assert run.results["status"] == "running" and run.results["quant"]["spec"] == spec1
+    monkeypatch.setattr(T, "ARTIFACT_CAP_BYTES", 1000)
+    run = dataclasses.replace(tiny_run, hp=hp, results=dict(status="running"))
+    T.export(run)
+    assert run.results["status"] == "over_cap" and set(run.results["quant"]["groups"]) <= {"int4", "scales", "fp16"}

@@ -569,3 +569,22 @@ def test_every_script_has_help(name, capsys):
         module.main(["--help"])
     assert e.value.code == 0
     assert "usage:" in capsys.readouterr().out
+
+
+def test_predict_size_fits_and_quant_fit_fallback(monkeypatch, capsys):
+    """Meta-device parameter counts: the tiny config fits; a 16-layer d=512 model at int8 does not, and the
+    script names the narrower spec QUANT_FIT would export (MLP-up first) with its predicted size."""
+    predict_size = importlib.import_module("predict_size")
+    monkeypatch.setenv("PRESET", "tiny")
+    assert predict_size.main(["--codec", "zstd", "--spec", "mlp_up:int5,embed:int8"]) == 0
+    out = capsys.readouterr().out
+    assert "2,413,331 parameters" in out and ": fits" in out and "QUANT_FIT" not in out
+    monkeypatch.setenv("NUM_LAYERS", "16")
+    monkeypatch.setenv("MODEL_DIM", "512")
+    assert predict_size.main(["--codec", "zstd", "--spec", "attn_qk:int8,attn_vo:int8,mlp_up:int8,mlp_down:int8"]) == 1
+    line = capsys.readouterr().out.split("QUANT_FIT=1 would re-export it as QUANT_SPEC=")[1].split("\n")[0]
+    bits = {r: int(f[3]) for r, f in (x.split(":") for x in line.split(" ")[0].rstrip(":").split(","))}
+    assert line.endswith("(fits)") and bits["mlp_up"] <= bits["mlp_down"] <= bits["attn_vo"] <= bits["attn_qk"] < 8, line
+    monkeypatch.setenv("QUANT_FIT", "0")
+    assert predict_size.main(["--codec", "zstd", "--spec", "mlp_up:int8"]) == 1
+    assert "QUANT_FIT" not in capsys.readouterr().out
