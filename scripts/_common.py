@@ -7,6 +7,7 @@ Not a CLI. Every user-facing failure raises UserError; `cli(main)` turns it into
 """
 from __future__ import annotations
 
+import argparse
 import glob
 import importlib.util
 import json
@@ -214,6 +215,22 @@ def import_trainer(script: str | Path):
         del sys.modules[name]
         raise
     return module
+
+
+def add_launch_args(p: argparse.ArgumentParser, what: str):
+    """The options run_seeds.py and sweep.py share; `what` names the unit the config check validates."""
+    p.add_argument("--nproc", type=int, default=None,
+                   help="processes per run (GPUs); default: the number of CUDA devices, or 1 without CUDA")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VAL",
+                   help="fixed environment variable for every run (repeatable), e.g. --env PRESET=tiny")
+    p.add_argument("--script", type=Path, default=Path("train_gpt.py"), help="training script (default ./train_gpt.py)")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing, write nothing")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete an existing <RUN_ID>.json/.txt/.artifact before re-running that RUN_ID")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="reuse runs whose <RUN_ID>.json already says status ok (resume an interrupted batch)")
+    p.add_argument("--no-check", action="store_true",
+                   help=f"do not import the script to validate {what} before launching")
 
 
 def parse_env_pairs(pairs: Sequence[str], flag: str = "--env") -> dict[str, str]:

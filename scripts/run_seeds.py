@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (RunSpec, UserError, check_existing, check_run_prefix, cli, default_nproc, execute,  # noqa: E402
+from _common import (RunSpec, add_launch_args, UserError, check_existing, check_run_prefix, cli, default_nproc, execute,  # noqa: E402
                      fmt, mean_std, parse_env_pairs, parse_seeds, spec_ok, spec_value, table, validate_config)
 
 
@@ -29,18 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", required=True, help="comma-separated seeds, e.g. 1337,42,2024")
     p.add_argument("--run-prefix", required=True, help="RUN_ID of each run is <prefix>_seed<seed>")
-    p.add_argument("--nproc", type=int, default=None,
-                   help="processes per run (GPUs); default: the number of CUDA devices, or 1 without CUDA")
-    p.add_argument("--env", action="append", default=[], metavar="KEY=VAL",
-                   help="extra environment variable for every run (repeatable), e.g. --env PRESET=tiny")
-    p.add_argument("--script", type=Path, default=Path("train_gpt.py"), help="training script (default ./train_gpt.py)")
-    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
-    p.add_argument("--overwrite", action="store_true",
-                   help="delete an existing <RUN_ID>.json/.txt/.artifact before re-running that RUN_ID")
-    p.add_argument("--skip-existing", action="store_true",
-                   help="reuse runs whose <RUN_ID>.json already says status ok (resume an interrupted batch)")
-    p.add_argument("--no-check", action="store_true",
-                   help="do not import the script to validate the configuration before launching")
+    add_launch_args(p, "the configuration")
     return p
 
 

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (ENV_KEY_RE, LAUNCHER_KEYS, RunSpec, UserError, check_existing, check_run_prefix,  # noqa: E402
+from _common import (ENV_KEY_RE, LAUNCHER_KEYS, RunSpec, add_launch_args, UserError, check_existing, check_run_prefix,  # noqa: E402
                      cli, default_nproc, execute, log_dir_for, mean_std, parse_env_pairs, parse_seeds, spec_ok,
                      spec_value, table, validate_config, write_atomic)
 
@@ -127,15 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a variable and its values (repeatable; the sweep is the cartesian product)")
     p.add_argument("--seeds", default="1337", help="comma-separated seeds per combination (default 1337)")
     p.add_argument("--run-prefix", required=True, help="first part of every RUN_ID and of the summary file names")
-    p.add_argument("--nproc", type=int, default=None,
-                   help="processes per run (GPUs); default: the number of CUDA devices, or 1 without CUDA")
-    p.add_argument("--env", action="append", default=[], metavar="KEY=VAL",
-                   help="fixed environment variable for every run (repeatable)")
-    p.add_argument("--script", type=Path, default=Path("train_gpt.py"), help="training script (default ./train_gpt.py)")
-    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing, write nothing")
-    p.add_argument("--overwrite", action="store_true", help="delete an existing run's files before re-running it")
-    p.add_argument("--skip-existing", action="store_true", help="reuse runs whose result JSON already says ok")
-    p.add_argument("--no-check", action="store_true", help="do not import the script to validate each combination")
+    add_launch_args(p, "each combination")
     return p
 
 
