@@ -389,6 +389,11 @@ def window_logprobs(model: nn.Module, toks: Tensor, first: np.ndarray, ends: np.
     return model(toks[idx])[scored].float().log_softmax(-1), toks[idx + 1][scored]
 
 
+def eval_rows(hp: Hyperparameters, share: int = 1) -> int:
+    """Sequences per evaluation batch: EVAL_BATCH_SEQS, else VAL_BATCH_TOKENS / share worth of EVAL_SEQ_LEN rows."""
+    return hp.eval_batch_seqs or max(1, hp.val_batch_tokens // (share * hp.eval_seq_len))
+
+
 def target_stats(lp: Tensor, tgt: Tensor, hint: Tensor | None) -> Tensor:
     """(NLL, entropy, log-prob of the hint: -inf without one) of log-prob rows lp."""
     lph = torch.zeros_like(lp[:, 0]) if hint is None else torch.where(
@@ -400,7 +405,7 @@ def target_stats(lp: Tensor, tgt: Tensor, hint: Tensor | None) -> Tensor:
 def score_windows(run: Run, model: nn.Module, toks: Tensor, plan, k0: int, k1: int, hint: Tensor | None, stats: Tensor):
     """Score windows [k0, k1) of the plan (this rank's contiguous share) into stats[:, targets]."""
     W, first, ends = plan
-    per_batch = run.hp.eval_batch_seqs or max(1, run.hp.val_batch_tokens // run.hp.eval_seq_len)
+    per_batch = eval_rows(run.hp)
     lo, hi = (k0 + (k1 - k0) * r // run.world_size for r in (run.rank, run.rank + 1))
     model.eval()
     for s in range(lo, hi, per_batch):
@@ -497,11 +502,12 @@ def fit_online(fn, n: int, theta: Tensor) -> Tensor:
     return out
 
 
-def ngram_nll(hp: Hyperparameters, toks: Tensor, stats: Tensor) -> tuple[Tensor, Tensor]:
+def ngram_nll(hp: Hyperparameters, toks: Tensor, stats: Tensor, pre: tuple | None = None) -> tuple[Tensor, Tensor]:
     """Per-target NLL of the model mixed with the causal n-gram (mix) or tilted towards its hint (tilt), and the
     per-target mixing logit / tilt strength z = theta . (1, model entropy, matched order / K, model log-prob of the
-    hint (tilt; 0 in mix)), theta fitted online. All features are known before the target is seen."""
-    counts, hint, match = ngram_counts(toks, hp.ngram_order)
+    hint (tilt; 0 in mix)), theta fitted online. All features are known before the target is seen. pre: the output
+    of ngram_counts when the caller has it (tilt uses only its hint and match)."""
+    counts, hint, match = pre or ngram_counts(toks, hp.ngram_order)
     nll, lph = stats[0].double(), stats[2].double()
     feats = torch.stack((torch.ones_like(nll), stats[1].double(), match[1:] / hp.ngram_order, lph.clamp_min(-30)), 1)
     if hp.ngram_mode == "mix":
@@ -558,7 +564,7 @@ def adapt_full(run: Run, model: nn.Module, opt: torch.optim.Optimizer, span: Ten
     hp, L = run.hp, min(run.hp.eval_seq_len, span.numel() - 1)
     n = (span.numel() - 1) // L
     x, y = (s[:n * L].view(n, L)[run.rank::run.world_size] for s in (span[:-1], span[1:]))
-    per_batch = hp.eval_batch_seqs or max(1, hp.val_batch_tokens // hp.eval_seq_len)
+    per_batch = eval_rows(hp)
     for g in opt.param_groups:
         g["lr"] = lr
     for _ in range(hp.ttt_epochs):
@@ -589,7 +595,7 @@ def eval_ttt_lora(run: Run, model: nn.Module, toks: Tensor, hint: Tensor | None,
     order = torch.argsort(lengths[share], descending=True, stable=True)
     starts, lengths = starts[share][order], lengths[share][order]
     linears = [m for m in model.blocks.modules() if isinstance(m, CastedLinear)]
-    per_batch = hp.eval_batch_seqs or max(1, hp.val_batch_tokens // (8 * hp.eval_seq_len))  # rows train: 1/8
+    per_batch = eval_rows(hp, 8)  # rows train here: 1/8 of the scoring batch
     stats, t0 = torch.zeros(3, M, device=dev), time.perf_counter()
     gen = torch.Generator(device=dev).manual_seed(hp.seed)  # every document starts from the same adapters
     init = [torch.randn(hp.ttt_lora_rank, m.in_features, device=dev, generator=gen) / m.in_features ** 0.5
@@ -647,12 +653,13 @@ def audit(run: Run, model: nn.Module, n_pos: int = 2) -> dict:
     hint = lambda tk: ngram_counts(tk, K)[1][1:] if K and hp.ngram_mode == "tilt" else None  # noqa: E731
 
     def scores(tk: Tensor) -> tuple[dict[str, Tensor], Tensor | None]:  # per-target NLL of each stage; n-gram z
-        stats = eval_sliding(sub, model, tk, hint(tk))
+        h = hint(tk)
+        stats = eval_sliding(sub, model, tk, h)
         out, z = dict(sliding=stats[0]), None
         if K:
             out["ngram"], z = ngram_nll(hp, tk, stats)
         if hp.ttt_enabled:
-            out["ttt"] = eval_ttt(sub, model, tk, hint(tk), ledger=None if tk is not toks else ledger)[0]
+            out["ttt"] = eval_ttt(sub, model, tk, h, ledger=None if tk is not toks else ledger)[0]
         return out, z
 
     def row(tk: Tensor, p: int) -> Tensor:  # the model's log-prob row at target p, from the window that scores it
@@ -942,18 +949,16 @@ def codecs() -> dict:
 
 def encode_groups(groups: dict[str, np.ndarray], codec: str) -> tuple[dict, list[bytes]]:
     """Each group's smallest (packing, codec); dense bit packing is only tried at <= 4 bits, where it can help."""
-    cs, jobs = codecs(), {}
+    cs, jobs, bits = codecs(), {}, {g: 16 if g in FP16_GROUPS else parse_fmt(g).bits for g in groups}
     with ThreadPoolExecutor(os.cpu_count()) as pool:
         for g, a in groups.items():
-            bits = 16 if g in FP16_GROUPS else parse_fmt(g).bits
-            for p in ["shuffle"] if bits == 16 else ["u8", "bits"][:1 + (bits <= 4)]:
+            for p in ["shuffle"] if bits[g] == 16 else ["u8", "bits"][:1 + (bits[g] <= 4)]:
                 for c in cs if codec == "auto" else [codec]:
-                    jobs[g, p, c] = pool.submit(lambda a, p, c, bits: cs[c][0](pack(a, p, bits)), a, p, c, bits)
+                    jobs[g, p, c] = pool.submit(lambda a, p, c, b: cs[c][0](pack(a, p, b)), a, p, c, bits[g])
     meta, bufs = {}, []
     for g, a in groups.items():
         (_, p, c), best = min(((k, j.result()) for k, j in jobs.items() if k[0] == g), key=lambda kv: len(kv[1]))
-        bits = 16 if g in FP16_GROUPS else parse_fmt(g).bits
-        meta[g] = dict(codec=c, pack=p, bits=bits, n=a.size, raw=a.nbytes, len=len(best))
+        meta[g] = dict(codec=c, pack=p, bits=bits[g], n=a.size, raw=a.nbytes, len=len(best))
         bufs.append(best)
     return meta, bufs
 
@@ -967,8 +972,8 @@ def narrower_spec(hp: Hyperparameters, state: dict, excess: int) -> str | None:
     spec, params, saved = dict.fromkeys(FIT_ORDER, "int8") | parse_spec(hp.quant_spec), {}, 0
     for name, (role, _) in quant_formats(hp, state).items():
         params[role] = params.get(role, 0) + state[name].numel()
-    while saved < excess and (roles := [r for r in FIT_ORDER if params.get(r) and parse_fmt(spec[r]).kind == "int"
-                                        and parse_fmt(spec[r]).bits > 4]):
+    while saved < excess and (roles := [r for r in FIT_ORDER if params.get(r) and (f := parse_fmt(spec[r])).kind == "int"
+                                        and f.bits > 4]):
         for r in roles:
             if saved < excess:
                 spec[r] = (f := parse_fmt(spec[r]))._replace(bits=f.bits - 1).tag
@@ -977,14 +982,18 @@ def narrower_spec(hp: Hyperparameters, state: dict, excess: int) -> str | None:
 
 
 @torch.no_grad()
-def export_artifact(model: nn.Module, hp: Hyperparameters, path: str | Path, hessians: dict | None = None) -> dict:
-    """Quantize by QUANT_SPEC (GPTQ where Hessians are given), write the artifact atomically; returns its report."""
-    state, t0 = model.state_dict(), time.perf_counter()
+def export_artifact(model: nn.Module, hp: Hyperparameters, path: str | Path, hessians: dict | None = None,
+                    cache: dict | None = None) -> dict:
+    """Quantize by QUANT_SPEC (GPTQ where Hessians are given), write the artifact atomically; returns its report.
+    cache: {(name, format): parts} kept across QUANT_FIT's re-exports, so unchanged tensors are quantized once."""
+    state, t0, cache = model.state_dict(), time.perf_counter(), {} if cache is None else cache
     fmts, groups, tensors, roles = quant_formats(hp, state), {}, [], {}
     for name, t in state.items():
         role, f = fmts.get(name, (None, Fmt("fp16")))
         t = t.detach().float()
-        parts = [t] if f.kind == "fp16" else quantize(t, f, (hessians or {}).get(name[:-7]), hp)
+        if (name, f) not in cache:
+            cache[name, f] = [t] if f.kind == "fp16" else quantize(t, f, (hessians or {}).get(name[:-7]), hp)
+        parts = cache[name, f]
         if role:
             r = roles.setdefault(f"{role}:{f.tag}", dict(params=0, err=0.0, norm=0.0))
             deq = t.half().float() if f.kind == "fp16" else dequantize(parts, f)
@@ -1569,16 +1578,17 @@ def export(run: Run):
         run.results["train_seconds"] = train_s = round(run.results.get("train_seconds", 0.0) + calib_s, 3)
         run.log(f"gptq: Hessians of {len(hessians)} layers from {hp.gptq_tokens:,} train tokens in {calib_s:.1f}s "
                 f"(reserve {hp.gptq_reserve_seconds:.0f}s); train time with calibration {train_s:.1f}s")
-    spec, state, tried = hp.quant_spec, run.model.state_dict(), []
+    qhp, state, tried, cache = hp, run.model.state_dict(), [], {}
     while True:  # QUANT_FIT: every rank sees the same byte count, so all take the same narrower spec
-        report = export_artifact(run.model, dataclasses.replace(hp, quant_spec=spec), path, hessians) if run.master else dict(bytes=0)
+        report = export_artifact(run.model, qhp, path, hessians, cache) if run.master else dict(bytes=0)
         if run.distributed:
             dist.barrier()
         model_bytes = int(run.all_sum(report["bytes"])[0])
-        tried.append([spec, model_bytes])
+        tried.append([qhp.quant_spec, model_bytes])
         excess = CODE_BYTES + model_bytes - ARTIFACT_CAP_BYTES
-        if excess <= 0 or not hp.quant_fit or not (spec := narrower_spec(dataclasses.replace(hp, quant_spec=spec), state, excess)):
+        if excess <= 0 or not hp.quant_fit or not (spec := narrower_spec(qhp, state, excess)):
             break
+        qhp = dataclasses.replace(hp, quant_spec=spec)
         run.log(f"export: {excess:,} bytes over the cap; QUANT_FIT re-exports with QUANT_SPEC={spec}")
     if len(tried) > 1:
         run.results["quant_fit"] = tried
@@ -1630,12 +1640,14 @@ def evaluate(run: Run):
     stage("roundtrip", 0.0, lambda: eval_plain(run, run.model))
     slide_s = stages["roundtrip"]["seconds"] * len(sliding_plan(M, hp.eval_seq_len, hp.eval_stride)[2]) / max(
         1, M // hp.eval_seq_len)
-    ngram_s, hint = 0.0, None
+    ngram_s, pre, hint = 0.0, None, None
     if hp.ngram_order:  # time the counting on a prefix to estimate the stage
         s, k = time.perf_counter(), min(M, 1 << 18)
         ngram_counts(toks[:k + 1], hp.ngram_order)
         ngram_s = 2 * (time.perf_counter() - s) * M / k
-        hint = ngram_counts(toks, hp.ngram_order)[1][1:] if hp.ngram_mode == "tilt" else None
+        if hp.ngram_mode == "tilt":  # the hint is needed by the neural stages; the counts themselves are not kept
+            pre = (None, *ngram_counts(toks, hp.ngram_order)[1:])
+            hint = pre[1][1:]
     stats = stage("sliding", 1.1 * slide_s, lambda: eval_sliding(run, run.model, toks, hint))
     slide_s = stages.get("sliding", {}).get("seconds", slide_s)
     if hp.ttt_enabled:  # scoring cost (lora: one window per chunk) plus an adaptation box that fits what is left
@@ -1645,7 +1657,7 @@ def evaluate(run: Run):
         out = stage("ttt", score_s + box if box > 0 else math.inf, lambda: eval_ttt(run, run.model, toks, hint, box))
         stats = stats if out is None else out
     if hp.ngram_order:
-        stage("ngram", math.inf if stats is None else ngram_s, lambda: ngram_nll(hp, toks, stats)[0])
+        stage("ngram", math.inf if stats is None else ngram_s, lambda: ngram_nll(hp, toks, stats, pre)[0])
     run.results["eval_seconds"] = round(time.perf_counter() - t0, 3)
     if hp.eval_audit:
         s, res = time.perf_counter(), audit(run, run.model)
