@@ -17,7 +17,6 @@ import argparse
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,8 +25,9 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 import train_gpt as T  # noqa: E402
+from _common import UserError, cli  # noqa: E402
 
 HEADING = "## Quantization: artifact bytes and val_bpb damage"
 ROLES = ("attn_qk", "attn_vo", "mlp_up", "mlp_down", "embed", "aux")
@@ -116,8 +116,7 @@ def main(argv=None) -> int:
             qrun = trained(qhp, out / f"tiny_{args.steps}steps_qat{args.qat_threshold:g}_fp32.raw")
         run = trained(hp, out / f"tiny_{args.steps}steps_fp32.raw")
     except T.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise UserError(str(e)) from None
     if args.train_only:
         return 0
     variants = [(label, spec, gptq, run.model) for label, spec, gptq in VARIANTS]
@@ -148,7 +147,8 @@ def main(argv=None) -> int:
     T.write_atomic(out / "results.json", json.dumps(dict(fp32_val_bpb=bpb_fp, params=n_params, rows=rows), indent=1))
     qat_note = (f" QAT rows: a second model trained the same way with QAT_THRESHOLD={args.qat_threshold:g} and "
                 f"QUANT_SPEC={args.qat_spec}; damage is against the first model's fp32 score." if args.qat_threshold else "")
-    table = [f"PRESET=tiny ({n_params:,} parameters: 4 layers, d=256, tied embedding 1024x256) trained "
+    table = [f"PRESET=tiny ({n_params:,} parameters: {hp.num_layers} layers, d={hp.model_dim}, "
+             f"{'tied ' if hp.tie_embeddings else ''}embedding {hp.vocab_size}x{hp.model_dim}) trained "
              f"{args.steps} steps on the Brown data, QAT off; fp32 val_bpb {bpb_fp:.4f} on {run.val_tokens.size - 1:,} "
              f"validation tokens (eval_plain). Each row: `export_artifact` with that QUANT_SPEC (CODEC={args.codec}), "
              f"reloaded from disk and scored; GPTQ rows use Hessians of {hp.gptq_tokens:,} training tokens. "
@@ -160,16 +160,17 @@ def main(argv=None) -> int:
     text = "\n".join(table)
     print(text)
     if not args.no_docs and not only:
-        date = subprocess.run(["date", "-u", "+%F"], capture_output=True, text=True).stdout.strip()
+        date = time.strftime("%Y-%m-%d", time.gmtime())
+        where = torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
         docs = ROOT / "docs/BENCHMARKS.md"
         old = docs.read_text() if docs.is_file() else "# Benchmarks\n"
         start = old.find(HEADING)
         end = old.find("\n## ", start + 1) if start >= 0 else -1
-        section = f"{HEADING} ({date}, CPU (2 cores))\n\n{text}\n"
+        section = f"{HEADING} ({date}, {where})\n\n{text}\n"
         new = (old[:start] + section + (old[end + 1:] if end >= 0 else "")) if start >= 0 else old.rstrip("\n") + "\n\n" + section
         T.write_atomic(docs, new)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli(main)

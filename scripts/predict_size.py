@@ -28,8 +28,9 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 import train_gpt as T  # noqa: E402
+from _common import UserError, cli  # noqa: E402
 
 ALTERNATIVES = [
     "attn_qk:int8,attn_vo:int8,mlp_up:int8,mlp_down:int8,embed:int8,aux:int8,head:int8",
@@ -84,8 +85,7 @@ def predict(hp: T.Hyperparameters, state: dict, meter: Meter) -> dict:
         r["bits"] += bits
     header = len(json.dumps(dict(seed=hp.quant_seed, tensors=tensors, groups={g: dict(codec="brotli", pack="shuffle", bits=16, n=10 ** 8, raw=10 ** 8, len=10 ** 8) for g in {f.name for _, f in fmts.values()} | {"scales", "fp16"}}), separators=(",", ":")))
     model = sum(r["bits"] for r in roles.values()) / 8 + 2 * control + header + 44
-    code = len((ROOT / "train_gpt.py").read_bytes())
-    return dict(roles=roles, control=control, header=header, model=model, code=code, total=model + code)
+    return dict(roles=roles, control=control, header=header, model=model, code=T.CODE_BYTES, total=model + T.CODE_BYTES)
 
 
 def main(argv=None) -> int:
@@ -99,8 +99,7 @@ def main(argv=None) -> int:
         for s in specs:
             T.parse_spec(s)
     except T.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise UserError(str(e)) from None
     with torch.device("meta"):
         state = T.GPT(hp).state_dict()
     meter = Meter(hp.codec)
@@ -137,4 +136,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli(main)
