@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 ARTIFACT_CAP_BYTES = 16_000_000  # decimal bytes, code + compressed model (the rules' cap)
-RESULT_STATUSES = ("ok", "failed", "over_cap")
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 NUMBER_RE = re.compile(r"^(-|[-+]?[0-9][0-9,]*(\.[0-9]+)?)$")  # right-aligned in tables
@@ -88,10 +87,6 @@ def expand_paths(items: Iterable[str], what: str) -> list[tuple[Path, bool]]:
     return out
 
 
-def is_result(data: object) -> bool:
-    return isinstance(data, dict) and "run_id" in data and "status" in data
-
-
 def read_result(path: Path) -> dict:
     """One run's result JSON; UserError when it is unreadable or not a train_gpt.py result."""
     try:
@@ -100,7 +95,7 @@ def read_result(path: Path) -> dict:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
-    if not is_result(data):
+    if not (isinstance(data, dict) and "run_id" in data and "status" in data):
         raise UserError(f"{path}: not a train_gpt.py result JSON (no run_id/status)")
     data["_path"] = str(path)
     return data
@@ -115,15 +110,12 @@ def load_results(items: Iterable[str], what: str) -> list[dict]:
             if from_glob:
                 continue
             raise UserError(f"{what}: {path}: expected a result .json (logs/<RUN_ID>.json)")
-        if from_glob:
-            try:
-                data = json.loads(path.read_text())
-            except (OSError, ValueError):
-                data = None
-            if not is_result(data):
-                print(f"note: skipping {path}: not a run result JSON", file=sys.stderr)
-                continue
-        results.append(read_result(path))
+        try:
+            results.append(read_result(path))
+        except UserError:
+            if not from_glob:
+                raise
+            print(f"note: skipping {path}: not a run result JSON", file=sys.stderr)
     if not results:
         raise UserError(f"{what}: no run result JSONs given")
     return results
@@ -342,12 +334,12 @@ def check_existing(specs: list[RunSpec], overwrite: bool, skip_existing: bool) -
     """Refuse to mix a new run with an old one's files (train_gpt.py appends to <RUN_ID>.txt)."""
     conflicts = []
     for spec in specs:
-        present = [p for p in result_paths(spec) if p.exists()]
-        if not present:
+        paths = result_paths(spec)
+        if not any(p.exists() for p in paths):
             continue
         if skip_existing:
             try:
-                old = read_result(result_paths(spec)[0])
+                old = read_result(paths[0])
             except UserError:
                 old = None
             if old is not None and old.get("status") == "ok":

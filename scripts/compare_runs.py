@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import UserError, cli, fmt, load_results, mean_std, refuse_bad, result_problem, table  # noqa: E402
+from _common import UserError, cli, load_results, mean_std, refuse_bad, result_problem, table  # noqa: E402
 
 DEFAULT_MARGIN = 0.005  # nats
 DEFAULT_ALPHA = 0.01

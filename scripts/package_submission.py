@@ -115,10 +115,6 @@ def world_size_from_log(text: str) -> int | None:
     return int(m[-1]) if m else None
 
 
-def fmt_bytes(n: object) -> str:
-    return f"{int(n):,}" if isinstance(n, (int, float)) else "-"
-
-
 def build_readme(sub: dict, runs: list[dict], rows: list, env: dict[str, str], nproc: int, folder: str,
                  warning: str | None) -> str:
     seeds = [r["seed"] for r in runs]
@@ -133,7 +129,7 @@ def build_readme(sub: dict, runs: list[dict], rows: list, env: dict[str, str], n
               "| seed | val_bpb | val_loss | artifact bytes | steps | train s | eval s |",
               "|---:|---:|---:|---:|---:|---:|---:|"]
     for r in runs:
-        lines.append(f"| {r['seed']} | {r['val_bpb']:.4f} | {r['val_loss']:.4f} | {fmt_bytes(r['artifact_bytes'])} | "
+        lines.append(f"| {r['seed']} | {r['val_bpb']:.4f} | {r['val_loss']:.4f} | {int(r['artifact_bytes']):,} | "
                      f"{r.get('steps', '-')} | {r.get('train_seconds', '-')} | {r.get('eval_seconds', '-')} |")
     lines.append(f"| **mean** | **{sub['val_bpb']:.4f}** | **{sub['val_loss']:.4f}** | {sub['bytes_total']:,} (max) | | | |")
     stages = sub["metadata"].get("eval_stages") or {}
@@ -207,7 +203,6 @@ def main(argv: list[str] | None = None) -> int:
     dup = sorted({str(s) for s in seeds if seeds.count(s) > 1})
     if dup:
         raise UserError(f"--runs: seed(s) {', '.join(dup)} appear more than once; give one run per seed")
-    runs.sort(key=lambda r: seeds.index(r.get("seed")))
     config = check_same_config(runs)
     code_bytes = check_code_bytes(runs, args.script)
     logs = {}

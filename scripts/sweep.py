@@ -74,7 +74,7 @@ def plan(grid: dict[str, list[str]], seeds: list[int], env: dict[str, str], pref
     return specs
 
 
-def rank_combos(specs: list[RunSpec], grid: dict[str, list[str]]) -> list[dict]:
+def rank_combos(specs: list[RunSpec]) -> list[dict]:
     combos: dict[str, dict] = {}
     for s in specs:
         c = combos.setdefault(combo_slug(s.label), dict(params=s.label, runs=[]))
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     finished = execute(specs, nproc, args.script, args.dry_run, args.overwrite)
     if args.dry_run:
         return 0
-    ranked = rank_combos(specs, grid)
+    ranked = rank_combos(specs)
     rows = [(i, *[c["params"][k] for k in grid], f"{c['n_ok']}/{c['n_runs']}", c["val_bpb_mean"], c["val_bpb_std"],
              c["val_loss_mean"], c["artifact_bytes_max"]) for i, c in enumerate(ranked, 1)]
     print("\n" + table(("rank", *grid, "ok", "val_bpb", "bpb std", "val_loss", "max artifact"), rows))
