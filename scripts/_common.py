@@ -61,6 +61,19 @@ def write_atomic(path: str | Path, data: bytes | str) -> None:
             tmp.unlink()
 
 
+def command_echo(script: str, argv: Sequence[str] | None) -> str:
+    """The command line a benchmark was run with, for its Markdown section."""
+    return " ".join([f"python scripts/{script}", *(argv if argv is not None else sys.argv[1:])])
+
+
+def append_md(path: str | Path, lines: Sequence[str]) -> None:
+    """Append a section (its lines) to a Markdown file, one blank line after what is already there."""
+    path = Path(path)
+    old = path.read_text() if path.is_file() else ""
+    write_atomic(path, old + ("\n" if old and not old.endswith("\n\n") else "") + "\n".join(lines) + "\n\n")
+    print(f"appended a section to {path}")
+
+
 # -----------------------------------------------------------------------------
 # result JSONs (logs/<RUN_ID>.json, written by train_gpt.py's report())
 # -----------------------------------------------------------------------------

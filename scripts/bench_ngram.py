@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import UserError, cli, import_trainer, parse_env_pairs, write_atomic  # noqa: E402
+from _common import UserError, append_md, cli, command_echo, import_trainer, parse_env_pairs  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,12 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         hp = T.load_hparams(env)
         run = T.setup(hp)
+        train = T.load_data_shard(T.shard_files(os.path.join(hp.data_path, "fineweb_train_*.bin"))[0])[:args.tokens + 1]
+        if args.artifact:
+            run.model.load_state_dict(T.load_artifact(args.artifact))
     except T.ConfigError as e:
         raise UserError(str(e)) from None
     dev, threads = run.device, torch.get_num_threads() if run.device.type == "cpu" else 1
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({os.cpu_count()} cores, {threads} torch threads)"
 
-    train = T.load_data_shard(T.shard_files(os.path.join(hp.data_path, "fineweb_train_*.bin"))[0])[:args.tokens + 1]
     toks = torch.from_numpy(train.astype(np.int64)).to(dev)
     gen = torch.Generator().manual_seed(0)
     fake = torch.stack((torch.rand(toks.numel() - 1, generator=gen) * 8, torch.rand(toks.numel() - 1, generator=gen) * 6,
@@ -80,9 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"throughput K={K}: {rates[K]:,.0f} tokens/s on {where} = {rates[K] / threads:,.0f} per thread "
               f"({toks.numel() - 1:,} tokens)")
 
-    if args.artifact:
-        run.model.load_state_dict(T.load_artifact(args.artifact))
-    else:
+    if not args.artifact:
         T.train(run)
     toks = torch.from_numpy(run.val_tokens.astype(np.int64)).to(dev)
     M, n_bytes = toks.numel() - 1, T.count_bytes(run.val_tokens[:-1], run.val_tokens[1:], run.luts)
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.append_md:
         model = f"`{args.artifact}`" if args.artifact else f"PRESET={hp.preset} trained {args.iterations} steps here"
         lines = [f"## bench_ngram.py: {where}, {time.strftime('%Y-%m-%d', time.gmtime())}", "",
-                 f"`{' '.join(['python scripts/bench_ngram.py', *(argv if argv is not None else sys.argv[1:])])}` "
+                 f"`{command_echo('bench_ngram.py', argv)}` "
                  f"(torch {torch.__version__}); data `{hp.data_path}`, {M:,} validation targets; model {model}; "
                  f"sliding val_bpb {base:.4f} (stride {hp.eval_stride}, window {hp.eval_seq_len}); "
                  f"D = {hp.ngram_discount}.", "",
@@ -109,10 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                  "|---:|---:|---:|---:|---:|"]
         lines += [f"| {K} | {rates[K]:,.0f} | {rates[K] / threads:,.0f} | {mix} | "
                   f"{f'{tilt:.4f} ({tilt - base:+.4f})' if K == hp.ngram_order else ''} |" for K, mix in rows]
-        md = Path(args.append_md)
-        old = md.read_text() if md.is_file() else ""
-        write_atomic(md, old + ("\n" if old and not old.endswith("\n\n") else "") + "\n".join(lines) + "\n\n")
-        print(f"appended a section to {md}")
+        append_md(args.append_md, lines)
     return 0
 
 

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import UserError, cli, import_trainer, parse_env_pairs, write_atomic  # noqa: E402
+from _common import UserError, append_md, cli, command_echo, import_trainer, parse_env_pairs, write_atomic  # noqa: E402
 
 
 class SyntheticLoader:
@@ -136,68 +136,56 @@ def main(argv: list[str] | None = None) -> int:
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    step = 0
-    t0 = time.perf_counter()
-    for _ in range(args.warmup):
-        trainer.train_step(run, loader, optimizers, ga, 1.0, step)
-        if averager is not None:
-            averager.update(step, 1.0)
-        step += 1
-    sync()
-    warm_s = time.perf_counter() - t0
-    if args.warmup:
-        print(f"warm-up: {args.warmup} step(s) in {warm_s:.2f}s")
-    times, loss = [], None
-    for _ in range(args.steps):
-        sync()
+    times, t0 = [], time.perf_counter()
+    for step in range(args.warmup + args.steps):
+        timed = step >= args.warmup
+        if step == args.warmup:
+            sync()
+            warm_s = time.perf_counter() - t0
+            if args.warmup:
+                print(f"warm-up: {args.warmup} step(s) in {warm_s:.2f}s")
         t = time.perf_counter()
         loss = trainer.train_step(run, loader, optimizers, ga, 1.0, step)
         if averager is not None:
             averager.update(step, 1.0)
-        sync()
-        times.append(time.perf_counter() - t)
-        step += 1
+        if timed:
+            sync()
+            times.append(time.perf_counter() - t)
     loss_v = float(loss)
     if not math.isfinite(loss_v):
-        print(f"warning: train loss is {loss_v} after {step} steps", file=sys.stderr)
-    mean_s = sum(times) / len(times)
+        print(f"warning: train loss is {loss_v} after {args.warmup + args.steps} steps", file=sys.stderr)
+    mean_s, med_s = sum(times) / len(times), statistics.median(times)
     tok_s = local_tokens / mean_s
     cuda_peak = torch.cuda.max_memory_allocated(device) if cuda else None
     rss = peak_rss_bytes()
-    print(f"timed: {args.steps} step(s): ms/step mean {1000 * mean_s:.1f}, median {1000 * statistics.median(times):.1f}, "
+    print(f"timed: {args.steps} step(s): ms/step mean {1000 * mean_s:.1f}, median {1000 * med_s:.1f}, "
           f"min {1000 * min(times):.1f}, max {1000 * max(times):.1f}")
     scaled = (f"; x{args.world_size} ranks = {tok_s * args.world_size:,.0f} tokens/s (without all-reduce cost)"
               if args.world_size > 1 else "")
     print(f"throughput: {tok_s:,.0f} tokens/s this process{scaled}")
-    if cuda_peak is not None:
-        print(f"peak memory: {cuda_peak / 2**30:.2f} GiB CUDA allocated; process peak RSS {rss / 2**20:,.0f} MiB")
-    else:
-        print(f"peak memory: process peak RSS {rss / 2**20:,.0f} MiB")
+    rss_mib = f"{rss / 2**20:,.0f} MiB"
+    mem = f"{cuda_peak / 2**30:.2f} GiB CUDA" if cuda else f"{rss_mib} RSS"
+    print(f"peak memory: {mem + ' allocated; ' if cuda else ''}process peak RSS {rss_mib}")
     print(f"parameters: {n_params:,}; last train loss {loss_v:.4f} (random tokens: ~ln(vocab) = {math.log(hp.vocab_size):.2f})")
     if args.json:
         write_atomic(args.json, json.dumps(dict(
             script=str(script), preset=hp.preset, device=str(device), torch=torch.__version__, compile=compiled,
             qat=args.qat, params=n_params, world_size=args.world_size, grad_accum=ga, tokens_per_step=local_tokens,
             steps=args.steps, warmup=args.warmup, warmup_seconds=round(warm_s, 4),
-            ms_per_step_mean=round(1000 * mean_s, 3), ms_per_step_median=round(1000 * statistics.median(times), 3),
+            ms_per_step_mean=round(1000 * mean_s, 3), ms_per_step_median=round(1000 * med_s, 3),
             tokens_per_second=round(tok_s, 1), cuda_peak_bytes=cuda_peak, peak_rss_bytes=rss, last_loss=loss_v,
             env=extra), indent=2))
         print(f"wrote {args.json}")
     if args.append_md:
         where = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
-        mem = f"{cuda_peak / 2**30:.2f} GiB CUDA" if cuda_peak is not None else f"{rss / 2**20:,.0f} MiB RSS"
-        section = "\n".join([
+        append_md(args.append_md, [
             f"## bench_train.py: PRESET={hp.preset}, {where}, {time.strftime('%Y-%m-%d', time.gmtime())}", "",
-            f"`{' '.join(['python scripts/bench_train.py', *(argv if argv is not None else sys.argv[1:])])}`"
+            f"`{command_echo('bench_train.py', argv)}`"
             f" (torch {torch.__version__}, compile {'on' if compiled else 'off'}{', QAT on' if args.qat else ''})", "",
             "| parameters | world size | tokens/step (this rank) | grad accum | ms/step (mean / median) | tokens/s (this rank) | peak memory |",
             "|---:|---:|---:|---:|---:|---:|---:|",
             f"| {n_params:,} | {args.world_size} | {local_tokens:,} | {ga} | {1000 * mean_s:.1f} / "
-            f"{1000 * statistics.median(times):.1f} | {tok_s:,.0f} | {mem} |", "", ""])
-        md = Path(args.append_md)
-        old = md.read_text() if md.is_file() else ""
-        write_atomic(md, old + ("\n" if old and not old.endswith("\n\n") else "") + section)
-        print(f"appended a section to {md}")
+            f"{1000 * med_s:.1f} | {tok_s:,.0f} | {mem} |"])
     return 0
 
 
