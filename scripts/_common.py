@@ -301,6 +301,23 @@ def validate_config(script: Path, env: dict[str, str], known_extra: Sequence[str
     return warnings
 
 
+def check_launch(args: argparse.Namespace, envs: Iterable[dict[str, str]]) -> int:
+    """Check add_launch_args' --nproc and --script, and (unless --no-check) validate each environment,
+    printing each distinct warning once. Returns the processes per run."""
+    if args.nproc is not None and args.nproc < 1:
+        raise UserError(f"--nproc {args.nproc}: expected an int >= 1")
+    if not args.script.is_file():
+        raise UserError(f"{args.script}: training script not found; run from the repo root or pass --script")
+    if not args.no_check:
+        warned = set()
+        for env in envs:
+            for w in validate_config(args.script, env):
+                if w not in warned:
+                    warned.add(w)
+                    print(f"warning: {w}", file=sys.stderr)
+    return args.nproc or default_nproc()
+
+
 # -----------------------------------------------------------------------------
 # the sequential launcher (run_seeds.py, sweep.py)
 # -----------------------------------------------------------------------------

@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (RunSpec, add_launch_args, UserError, check_existing, check_run_prefix, cli, default_nproc, execute,  # noqa: E402
-                     fmt, mean_std, parse_env_pairs, parse_seeds, spec_ok, spec_value, table, validate_config)
+from _common import (RunSpec, add_launch_args, check_existing, check_launch, check_run_prefix, cli, execute, fmt,  # noqa: E402
+                     mean_std, parse_env_pairs, parse_seeds, spec_ok, spec_value, table)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,14 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = parse_seeds(args.seeds)
     prefix = check_run_prefix(args.run_prefix)
     env = parse_env_pairs(args.env)
-    if args.nproc is not None and args.nproc < 1:
-        raise UserError(f"--nproc {args.nproc}: expected an int >= 1")
-    if not args.script.is_file():
-        raise UserError(f"{args.script}: training script not found; run from the repo root or pass --script")
-    if not args.no_check:
-        for w in validate_config(args.script, env):
-            print(f"warning: {w}", file=sys.stderr)
-    nproc = args.nproc or default_nproc()
+    nproc = check_launch(args, [env])
     specs = [RunSpec(run_id=f"{prefix}_seed{s}", seed=s, env=env) for s in seeds]
     check_existing(specs, args.overwrite, args.skip_existing)
     finished = execute(specs, nproc, args.script, args.dry_run, args.overwrite)

@@ -26,9 +26,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (ENV_KEY_RE, LAUNCHER_KEYS, RunSpec, add_launch_args, UserError, check_existing, check_run_prefix,  # noqa: E402
-                     cli, default_nproc, execute, log_dir_for, mean_std, parse_env_pairs, parse_seeds, spec_ok,
-                     spec_value, table, validate_config, write_atomic)
+from _common import (ENV_KEY_RE, LAUNCHER_KEYS, RunSpec, add_launch_args, UserError, check_existing, check_launch,  # noqa: E402
+                     check_run_prefix, cli, execute, log_dir_for, mean_std, parse_env_pairs, parse_seeds, spec_ok,
+                     spec_value, table, write_atomic)
 
 RESULT_COLUMNS = ("seed", "run_id", "status", "val_bpb", "val_loss", "artifact_bytes", "steps", "train_seconds",
                   "eval_seconds")
@@ -140,19 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     both = sorted(set(grid) & set(env))
     if both:
         raise UserError(f"{', '.join(both)}: given in both --grid and --env")
-    if args.nproc is not None and args.nproc < 1:
-        raise UserError(f"--nproc {args.nproc}: expected an int >= 1")
-    if not args.script.is_file():
-        raise UserError(f"{args.script}: training script not found; run from the repo root or pass --script")
     specs = plan(grid, seeds, env, prefix)
-    if not args.no_check:
-        warned = set()
-        for s in specs[::len(seeds)]:  # one check per combination
-            for w in validate_config(args.script, s.env):
-                if w not in warned:
-                    warned.add(w)
-                    print(f"warning: {w}", file=sys.stderr)
-    nproc = args.nproc or default_nproc()
+    nproc = check_launch(args, [s.env for s in specs[::len(seeds)]])  # one check per combination
     n_combos = len(specs) // len(seeds)
     print(f"sweep {prefix}: {n_combos} combination(s) x {len(seeds)} seed(s) = {len(specs)} run(s), "
           f"{nproc} process(es) each", flush=True)
