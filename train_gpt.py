@@ -12,11 +12,13 @@ import dataclasses
 import functools
 import glob
 import hashlib
+import importlib
 import json
 import lzma
 import math
 import os
 import re
+import shutil
 import sys
 import time
 import uuid
@@ -107,7 +109,8 @@ class Hyperparameters:
     swa_every: int = 50  # 0 = off
     swa_threshold: float = 0.2  # SWA collects while the LR multiplier is below this
     weight_avg: str = "ema"  # which weights are exported: ema | swa | none
-    compile: bool = True  # torch.compile (CUDA)
+    compile: bool = True  # torch.compile of the training and evaluation forward
+    attn_kernel: str = "auto"  # auto: flash-attn when importable and the activations are bf16 | flash: required | sdpa
     # quantization
     quant_spec: str = "attn_qk:int6,attn_vo:int6,mlp_up:int5,mlp_down:int5,embed:int8,aux:int6,head:int8"
     quant_clip_sigmas: float = 0.0  # 0: per-row clip searched for least MSE; > 0: clip at this many row RMS
@@ -117,12 +120,13 @@ class Hyperparameters:
     gptq_damp: float = 0.01  # fraction of the mean Hessian diagonal added to it
     gptq_block: int = 128
     gptq_act_order: bool = True
-    gptq_reserve_seconds: float = 10.0  # cut from MAX_WALLCLOCK_SECONDS for the calibration, which is train time
+    export_reserve_seconds: float = 45.0  # cut from MAX_WALLCLOCK_SECONDS for export (Hessians, GPTQ, compression)
     qat_threshold: float = 0.15  # QAT once the warmdown LR multiplier is below this; 0 = off
     qat_steps: int = 1  # QAT stages: start QAT_STEPS-1 bits above QUANT_SPEC, one bit less per stage
     codec: str = "auto"  # auto (smallest per group) | zstd | lzma | brotli
     quant_fit: bool = True  # over the cap: re-export with roles a bit narrower (MLP first, down to int4)
     artifact_path: str = ""  # empty: LOG_DIR/RUN_ID.artifact
+    resume_from: str = ""  # a LOG_DIR/RUN_ID.ckpt of trained weights: skip training, export and evaluate them
     # evaluation
     eval_seq_len: int = 2048
     val_max_tokens: int = 0  # 0 = the whole split (a score only counts on the whole split)
@@ -185,7 +189,8 @@ RULES = {  # field -> (predicate, what is expected); checked at start-up
     "gptq_tokens": (lambda v: v >= 1, "an int >= 1"),
     "gptq_damp": (lambda v: v > 0, "a number > 0"),
     "gptq_block": (lambda v: v >= 1, "an int >= 1"),
-    "gptq_reserve_seconds": (lambda v: v >= 0, "a number >= 0"),
+    "export_reserve_seconds": (lambda v: v >= 0, "a number >= 0"),
+    "attn_kernel": (lambda v: v in ("auto", "flash", "sdpa"), "auto, flash or sdpa"),
     "qat_threshold": (lambda v: 0 <= v <= 1, "a number in [0, 1] (0 = off)"),
     "qat_steps": (lambda v: 1 <= v <= 6, "an int in [1, 6]"),
     "codec": (lambda v: v in ("auto", "zstd", "lzma", "brotli"), "auto, zstd, lzma or brotli"),
@@ -220,12 +225,16 @@ def _parse(name: str, raw: str, kind: type):
 
 
 def load_hparams(env: dict[str, str] | None = None) -> Hyperparameters:
-    """Defaults <- PRESET's overrides <- explicit environment variables, then validated."""
+    """Defaults <- PRESET's overrides <- RESUME_FROM's saved configuration <- explicit environment variables,
+    then validated."""
     env = dict(os.environ if env is None else env)
     preset = env.get("PRESET", "default")
     if preset not in PRESETS:
         raise ConfigError(f"PRESET={preset!r}: unknown; choose one of {', '.join(PRESETS)}")
     values: dict[str, object] = {"preset": preset, **PRESETS[preset]}
+    if env.get("RESUME_FROM"):
+        names = {f.name for f in dataclasses.fields(Hyperparameters)}
+        values.update((k, v) for k, v in read_checkpoint(env["RESUME_FROM"])[0]["config"].items() if k in names)
     for f in dataclasses.fields(Hyperparameters):
         if f.name.upper() in env and f.name != "preset":
             values[f.name] = _parse(f.name, env[f.name.upper()], type(getattr(Hyperparameters, f.name)))
@@ -273,39 +282,41 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, eps: float = 1e-7) ->
 
 
 class Muon(torch.optim.Optimizer):
-    """Nesterov momentum, orthogonalized per matrix; ranks split the matrices and all-reduce the updates."""
+    """Nesterov momentum, orthogonalized per matrix. Matrices go in buckets of one per rank: each rank computes its
+    matrix's update and the bucket is all-reduced asynchronously (in comm_dtype: bf16 on CUDA, where the update is
+    already bf16) while the next bucket is computed."""
 
-    def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float = 0.0):
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float = 0.0,
+                 comm_dtype: torch.dtype = torch.float32):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay))
+        self.comm_dtype = comm_dtype
 
     @torch.no_grad()
     def step(self):
         distributed = dist.is_available() and dist.is_initialized()
         world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
         for group in self.param_groups:
-            params = group["params"]
-            if not params:
-                continue
-            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.float32)
-            offset = 0
-            for i, p in enumerate(params):
-                if i % world == rank and p.grad is not None:
-                    state = self.state[p]
-                    buf = state.setdefault("momentum_buffer", torch.zeros_like(p.grad))
+            params, pending = group["params"], []
+            for b in range(0, len(params), world):
+                bucket = params[b:b + world]
+                flat = torch.zeros(sum(p.numel() for p in bucket), device=bucket[0].device, dtype=self.comm_dtype)
+                if rank < len(bucket) and (p := bucket[rank]).grad is not None:
+                    buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
                     buf.mul_(group["momentum"]).add_(p.grad)
                     g = p.grad.add(buf, alpha=group["momentum"])  # nesterov
                     g = zeropower_via_newtonschulz5(g, steps=group["backend_steps"])
-                    g = g * max(1.0, g.size(0) / g.size(1)) ** 0.5
-                    flat[offset:offset + p.numel()] = g.reshape(-1).float()
-                offset += p.numel()
-            if distributed:
-                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            offset = 0
-            for p in params:
-                if group["weight_decay"]:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(flat[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
-                offset += p.numel()
+                    offset = sum(q.numel() for q in bucket[:rank])
+                    flat[offset:offset + p.numel()] = g.reshape(-1) * max(1.0, g.size(0) / g.size(1)) ** 0.5
+                pending.append((bucket, flat, dist.all_reduce(flat, async_op=True) if distributed else None))
+            for bucket, flat, work in pending:
+                if work is not None:
+                    work.wait()
+                offset = 0
+                for p in bucket:
+                    if group["weight_decay"]:
+                        p.mul_(1 - group["lr"] * group["weight_decay"])
+                    p.add_(flat[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
+                    offset += p.numel()
 
 # -----------------------------------------------------------------------------
 # EVALUATION SETUP
@@ -350,8 +361,7 @@ def count_bytes(prev: np.ndarray | Tensor, tgt: np.ndarray | Tensor, luts) -> in
 def eval_plain(run: Run, model: nn.Module) -> tuple[float, float]:
     """Non-overlapping EVAL_SEQ_LEN windows, split over ranks; returns (val_loss nats, val_bpb)."""
     hp, toks = run.hp, run.val_tokens
-    n_seq = (toks.size - 1) // hp.eval_seq_len
-    per_batch = max(1, hp.val_batch_tokens // hp.eval_seq_len)
+    n_seq, per_batch = (toks.size - 1) // hp.eval_seq_len, eval_rows(hp)
     lo, hi = n_seq * run.rank // run.world_size, n_seq * (run.rank + 1) // run.world_size
     nll = n_tok = n_bytes = 0.0
     model.eval()
@@ -364,7 +374,7 @@ def eval_plain(run: Run, model: nn.Module) -> tuple[float, float]:
         n_tok += y.numel()
         n_bytes += count_bytes(x, y, run.luts)
     model.train()
-    nll, n_tok, n_bytes = run.all_sum(nll, n_tok, n_bytes)
+    nll, n_tok, n_bytes = run.all_reduce(nll, n_tok, n_bytes)
     return nll / n_tok, nll / n_tok / math.log(2) * n_tok / n_bytes
 
 
@@ -549,7 +559,7 @@ def eval_ttt(run: Run, model: nn.Module, toks: Tensor, hint: Tensor | None = Non
         k0, k1 = c * per, min((c + 1) * per, len(ends))
         note(ledger, "score", (0, c), params)
         score_windows(run, model, toks, plan, k0, k1, hint, stats)
-        adapting = adapting and c + 1 < n_chunks and not run.all_sum(float(time.perf_counter() - t0 > box))[0]
+        adapting = adapting and c + 1 < n_chunks and not run.all_reduce(float(time.perf_counter() - t0 > box))[0]
         if adapting:
             lr = hp.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / (n_chunks - 1)))
             adapt_full(run, model, opt, toks[first[k0]:ends[k1 - 1] + 1], lr)
@@ -719,7 +729,6 @@ ROLE_OF = {"q": "attn_qk", "k": "attn_qk", "v": "attn_vo", "o": "attn_vo", "up":
            "tok_emb": "embed", "lm_head": "head", "bigram": "aux", "ve_embed": "aux", "ve_proj": "aux"}
 LLOYD_MAX = {2: (0.4528, 1.5104), 3: (0.2451, 0.7560, 1.3440, 2.1520),
              4: (0.1284, 0.3881, 0.6568, 0.9424, 1.2562, 1.6180, 2.0690, 2.7326)}
-CLIP_RATIOS = 1 - 0.7 * torch.linspace(0, 1, 16) ** 2  # of max |w|; dense near 1, where fine grids are sensitive
 FP16_GROUPS = ("fp16", "scales")
 
 
@@ -770,6 +779,13 @@ def quant_formats(hp: Hyperparameters, names) -> dict[str, tuple[str, Fmt]]:
     return out
 
 
+@functools.lru_cache(maxsize=None)  # QAT quantizes every step: constants are made on the device once
+def clip_ratios(device: torch.device) -> Tensor:
+    """Clip candidates, fractions of the row's max |w|: dense near 1, where fine grids are sensitive."""
+    return (1 - 0.7 * torch.linspace(0, 1, 16) ** 2).to(device)
+
+
+@functools.lru_cache(maxsize=None)
 def grid(f: Fmt, device=None) -> Tensor:
     if f.kind == "tq":
         half = torch.tensor(LLOYD_MAX[f.bits], device=device)
@@ -799,7 +815,7 @@ def quantize_rows(w: Tensor, levels: Tensor, clip: float = 0.0) -> tuple[Tensor,
     if clip:
         s = clip * w.square().mean(1, keepdim=True).sqrt()[None] / levels[-1]
     else:
-        s = CLIP_RATIOS.to(w.device)[:, None, None] * w.abs().amax(1, keepdim=True) / levels[-1]
+        s = clip_ratios(w.device)[:, None, None] * w.abs().amax(1, keepdim=True) / levels[-1]
     s = s.clamp_min(1e-7).half().float()
     codes, v = nearest(w / s, levels)
     best = (v * s - w).square().sum(-1).argmin(0)
@@ -807,16 +823,25 @@ def quantize_rows(w: Tensor, levels: Tensor, clip: float = 0.0) -> tuple[Tensor,
     return codes[best, rows].to(torch.uint8), s[best, rows, 0]
 
 
-def gptq_codes(w: Tensor, H: Tensor, levels: Tensor, s: Tensor, hp: Hyperparameters) -> Tensor:
+def gptq_codes(w: Tensor, H: Tensor, levels: Tensor, s: Tensor, hp: Hyperparameters) -> tuple[Tensor | None, float]:
     """GPTQ: round columns in blocks (in act-order: largest Hessian diagonal first), pushing each column's
-    rounding error onto the columns not yet rounded through the Cholesky factor of the damped inverse Hessian."""
+    rounding error onto the columns not yet rounded through the Cholesky factor of the damped inverse Hessian.
+    Returns (codes, damping used); a Hessian that is not positive definite even at 100x GPTQ_DAMP gives
+    (None, damping): the caller keeps plain rounding. Never raises: a failed export loses the whole run."""
     H = H.double().clone()
     d = H.diagonal()
     d[d == 0] = 1  # inputs never seen
-    d += hp.gptq_damp * d.mean()
     perm = torch.argsort(d, descending=True) if hp.gptq_act_order else torch.arange(w.size(1), device=w.device)
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H[perm][:, perm])), upper=True).float()
-    w, s = w[:, perm].clone(), s[:, None]
+    H, scale = H[perm][:, perm], float(d.mean())
+    for damp in (hp.gptq_damp, 10 * hp.gptq_damp, 100 * hp.gptq_damp):
+        L, info = torch.linalg.cholesky_ex(H + damp * scale * torch.eye(len(H), dtype=H.dtype, device=H.device))
+        if not info:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+        if not info and bool(torch.isfinite(U).all()):
+            break
+    else:
+        return None, damp
+    U, w, s = U.float(), w[:, perm].clone(), s[:, None]
     codes = torch.empty_like(w, dtype=torch.uint8)
     for i in range(0, w.size(1), hp.gptq_block):
         j = min(i + hp.gptq_block, w.size(1))
@@ -826,18 +851,23 @@ def gptq_codes(w: Tensor, H: Tensor, levels: Tensor, s: Tensor, hp: Hyperparamet
             err[:, c - i:c - i + 1] = e = (w[:, c:c + 1] - v * s) / U[c, c]
             w[:, c:j] -= e * U[c, c:j]
         w[:, j:] -= err @ U[i:j, j:]
-    return codes[:, torch.argsort(perm)]
+    return codes[:, torch.argsort(perm)], damp
 
 
-def quantize(w: Tensor, f: Fmt, H: Tensor | None = None, hp: Hyperparameters | None = None) -> list[Tensor]:
-    """A matrix in format f as its stored parts: codes, row scales (+ int8 low-rank factors and their scales)."""
+def quantize(w: Tensor, f: Fmt, H: Tensor | None = None, hp: Hyperparameters | None = None,
+             notes: list | None = None) -> list[Tensor]:
+    """A matrix in format f as its stored parts: codes, row scales (+ int8 low-rank factors and their scales).
+    notes gets a line when GPTQ needed more damping than GPTQ_DAMP or fell back to plain rounding."""
     w = w.float()
     rot = rotation(w.size(1), f.seed, str(w.device)) if f.kind == "tq" else None
     x = w if rot is None else (w.double() @ rot).float()
     levels = grid(f, w.device)
     parts = list(quantize_rows(x, levels, f.clip))
     if H is not None:
-        parts[0] = gptq_codes(x, H if rot is None else rot.T @ H.double() @ rot, levels, parts[1], hp)
+        codes, damp = gptq_codes(x, H if rot is None else rot.T @ H.double() @ rot, levels, parts[1], hp)
+        parts[0] = parts[0] if codes is None else codes
+        if notes is not None and (codes is None or damp != hp.gptq_damp):
+            notes.append("plain rounding (Hessian not positive definite)" if codes is None else f"damping {damp:g}")
     if f.rank:  # SVD of the error, weighted by input scale (diag H) when known
         d = torch.ones_like(w[0]) if H is None else H.diagonal().float().clamp_min(1e-8).sqrt()
         u, sv, vh = torch.linalg.svd((w - dequantize(parts, f._replace(rank=0))) * d, full_matrices=False)
@@ -863,52 +893,78 @@ def fake_quant(w: Tensor, q: Tensor) -> Tensor:
 
 
 @torch.no_grad()
+def set_qat(run, extra: int | None):
+    """Give each quantized CastedLinear `qat_fmt`, its QUANT_SPEC format `extra` bits wider (None: QAT off)."""
+    modules = dict(run.model.named_modules())
+    for name, (_, f) in quant_formats(run.hp, run.model.state_dict()).items():
+        if isinstance(m := modules[name[:-7]], CastedLinear):
+            m.qat_fmt = None if extra is None or f.kind == "fp16" else f._replace(
+                bits=min(f.bits + extra, 8 if f.kind == "int" else 4), rank=0)
+            m.qat = None if m.qat_fmt is None else m.qat
+    refresh_qat(run.model)
+
+
+@torch.no_grad()
+def refresh_qat(model: nn.Module):
+    """`qat` = the weight quantized and dequantized as export does, once per optimizer step and outside the compiled
+    forward (so the graph stays whole), in place (so the graph keeps its input). Every constant it needs is cached
+    on the device: no host-to-device copy per matrix."""
+    for m in model.modules():
+        if f := getattr(m, "qat_fmt", None):
+            q = dequantize(quantize(m.weight, f), f)
+            m.qat = q if m.qat is None else m.qat.copy_(q)
+
+
 def on_train_step(run, step: int, lr_mult: float):
-    """Progressive QAT. Once the warmdown LR multiplier is below QAT_THRESHOLD, each quantized CastedLinear gets
-    `qat_fmt` (its QUANT_SPEC format; QAT_STEPS=n starts n-1 bits wider and drops a bit per equal LR interval)
-    and, after every optimizer step, `qat` = its weight quantized and dequantized as export does. Computing it
-    here, once per step and outside the compiled forward, keeps the graph whole: toggling recompiles once."""
+    """Progressive QAT: once the warmdown LR multiplier is below QAT_THRESHOLD, weights are fake-quantized at their
+    QUANT_SPEC format; QAT_STEPS=n starts n-1 bits wider and drops a bit per equal LR interval."""
     hp = run.hp
     if hp.qat_threshold and lr_mult < hp.qat_threshold and step >= hp.lr_warmup_steps:
         extra = min(int(lr_mult / hp.qat_threshold * hp.qat_steps), hp.qat_steps - 1)
         stages = run.results.setdefault("qat_stages", [])
         if not stages or stages[-1][1] != extra:
             stages.append([step + 1, extra])
-            modules = dict(run.model.named_modules())
-            for name, (_, f) in quant_formats(hp, run.model.state_dict()).items():
-                if isinstance(m := modules[name[:-7]], CastedLinear) and f.kind != "fp16":
-                    m.qat_fmt = f._replace(bits=min(f.bits + extra, 8 if f.kind == "int" else 4), rank=0)
+            set_qat(run, extra)
             run.log(f"qat: from step {step + 1}, weights fake-quantized at QUANT_SPEC + {extra} bits")
-    for m in run.model.modules():
-        if f := getattr(m, "qat_fmt", None):
-            q = dequantize(quantize(m.weight, f), f)
-            m.qat = q if m.qat is None else m.qat.copy_(q)  # in place: the compiled graph keeps its input
+            return
+    refresh_qat(run.model)
 
 
 def train_budget(hp: Hyperparameters) -> float:
-    """Training wall-clock cap less GPTQ_RESERVE_SECONDS: calibration reads training tokens, so it is train time."""
+    """Training loop's wall-clock cap: MAX_WALLCLOCK_SECONDS less EXPORT_RESERVE_SECONDS, since export (Hessians from
+    training tokens, GPTQ, compression, QUANT_FIT retries) makes the artifact and so is train time."""
     cap = hp.max_wallclock_seconds
-    return max(cap - hp.gptq_reserve_seconds, 1.0) if cap and hp.gptq else cap
+    return max(cap - hp.export_reserve_seconds, 1.0) if cap else cap
 
 
 @torch.no_grad()
 def collect_hessians(run) -> dict[str, Tensor]:
-    """X^T X of the inputs of every quantized CastedLinear over GPTQ_TOKENS training tokens, summed over ranks."""
+    """X^T X of the inputs of every quantized CastedLinear over GPTQ_TOKENS training tokens (rounded up to whole
+    sequences per rank), summed over ranks. Accumulated in float64 outside autocast: a bf16 (or TF32) product of
+    decaying-spectrum activations is not positive definite, and GPTQ's Cholesky needs it to be."""
     hp, model = run.hp, run.model
     names = {n[:-7] for n, (_, f) in quant_formats(hp, model.state_dict()).items() if f.kind != "fp16"}
-    hs = {}
+    hs, last = {}, [None, None]  # last (input, X^T X): q, k and v share their input
 
     def hook(name, x):
-        x = x.detach().float().reshape(-1, x.size(-1))
-        hs[name] = hs.get(name, 0) + x.T @ x
+        if x is not last[0]:
+            with torch.autocast(run.device.type, enabled=False):
+                xd = x.detach().reshape(-1, x.size(-1)).double()
+                last[:] = x, xd.T @ xd
+        hs[name] = hs.get(name, 0) + last[1]
 
     hooks = [m.register_forward_hook(lambda m, i, o, n=n: hook(n, i[0]))
              for n, m in model.named_modules() if n in names and isinstance(m, CastedLinear)]
     ga = grad_accum_steps(hp, run.world_size)
     loader = DistributedTokenLoader(os.path.join(hp.data_path, "fineweb_train_*.bin"), run.rank, run.world_size, run.device)
-    for _ in range(max(1, hp.gptq_tokens * ga // hp.train_batch_tokens)):
+    rows, per_call = -(-hp.gptq_tokens // (run.world_size * hp.train_seq_len)), hp.train_batch_tokens // (
+        run.world_size * ga * hp.train_seq_len)  # sequences per rank: wanted, and per micro-batch
+    run.results["gptq_tokens_used"] = rows * run.world_size * hp.train_seq_len
+    while rows > 0:
+        k = min(rows, per_call)
         with run.autocast():
-            model(loader.next_batch(hp.train_batch_tokens, hp.train_seq_len, ga)[0])
+            model(loader.next_batch(k * run.world_size * hp.train_seq_len, hp.train_seq_len, 1)[0])
+        rows -= k
     for h in hooks:
         h.remove()
     if run.distributed:
@@ -939,16 +995,29 @@ def unpack(b: bytes, packing: str, bits: int, n: int) -> np.ndarray:
     return a.reshape(2, n).T.copy().view(np.float16).ravel() if packing == "shuffle" else a
 
 
+CODEC_MODULES = {"zstd": "zstandard", "lzma": "lzma", "brotli": "brotli"}  # codec -> module (pip name)
+
+
+def optional_import(name: str):
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
 def codecs() -> dict:
-    import brotli
-    import zstandard
-    return {"zstd": (lambda b: zstandard.ZstdCompressor(level=22).compress(b), lambda b, n: zstandard.ZstdDecompressor().decompress(b, max_output_size=n)),
-            "lzma": (lambda b: lzma.compress(b, preset=9 | lzma.PRESET_EXTREME), lambda b, n: lzma.decompress(b)),
-            "brotli": (lambda b: brotli.compress(b, quality=11), lambda b, n: brotli.decompress(b))}
+    """codec -> (compress, decompress(data, raw size)) for every codec whose module imports."""
+    mods = {c: optional_import(m) for c, m in CODEC_MODULES.items()}
+    zstd, brotli = mods["zstd"], mods["brotli"]
+    table = {"zstd": (lambda b: zstd.ZstdCompressor(level=22).compress(b), lambda b, n: zstd.ZstdDecompressor().decompress(b, max_output_size=n)),
+             "lzma": (lambda b: lzma.compress(b, preset=9 | lzma.PRESET_EXTREME), lambda b, n: lzma.decompress(b)),
+             "brotli": (lambda b: brotli.compress(b, quality=11), lambda b, n: brotli.decompress(b))}
+    return {c: fns for c, fns in table.items() if mods[c]}
 
 
 def encode_groups(groups: dict[str, np.ndarray], codec: str) -> tuple[dict, list[bytes]]:
-    """Each group's smallest (packing, codec); dense bit packing is only tried at <= 4 bits, where it can help."""
+    """Each group's smallest (packing, codec) among the installed codecs (auto) or of CODEC; dense bit packing is
+    only tried at <= 4 bits, where it can help."""
     cs, jobs, bits = codecs(), {}, {g: 16 if g in FP16_GROUPS else parse_fmt(g).bits for g in groups}
     with ThreadPoolExecutor(os.cpu_count()) as pool:
         for g, a in groups.items():
@@ -987,12 +1056,13 @@ def export_artifact(model: nn.Module, hp: Hyperparameters, path: str | Path, hes
     """Quantize by QUANT_SPEC (GPTQ where Hessians are given), write the artifact atomically; returns its report.
     cache: {(name, format): parts} kept across QUANT_FIT's re-exports, so unchanged tensors are quantized once."""
     state, t0, cache = model.state_dict(), time.perf_counter(), {} if cache is None else cache
-    fmts, groups, tensors, roles = quant_formats(hp, state), {}, [], {}
+    fmts, groups, tensors, roles, notes = quant_formats(hp, state), {}, [], {}, cache.setdefault("notes", {})
     for name, t in state.items():
         role, f = fmts.get(name, (None, Fmt("fp16")))
         t = t.detach().float()
         if (name, f) not in cache:
-            cache[name, f] = [t] if f.kind == "fp16" else quantize(t, f, (hessians or {}).get(name[:-7]), hp)
+            cache[name, f] = [t] if f.kind == "fp16" else quantize(
+                t, f, (hessians or {}).get(name[:-7]), hp, notes.setdefault(name, []))
         parts = cache[name, f]
         if role:
             r = roles.setdefault(f"{role}:{f.tag}", dict(params=0, err=0.0, norm=0.0))
@@ -1005,9 +1075,7 @@ def export_artifact(model: nn.Module, hp: Hyperparameters, path: str | Path, hes
         tensors.append([name, list(t.shape), f.tag])
     groups = {g: np.concatenate(a) for g, a in groups.items()}
     meta, bufs = encode_groups(groups, hp.codec)
-    header = json.dumps(dict(seed=hp.quant_seed, groups=meta, tensors=tensors), separators=(",", ":")).encode()
-    body = header + b"".join(bufs)
-    data = ARTIFACT_MAGIC + len(header).to_bytes(4, "little") + hashlib.sha256(body).digest() + body
+    header, data = frame(ARTIFACT_MAGIC, dict(seed=hp.quant_seed, groups=meta, tensors=tensors), bufs)
     write_atomic(path, data)
     for g, m in meta.items():
         m["bits_per_value"] = round(8 * m["len"] / m["n"], 4)
@@ -1017,20 +1085,37 @@ def export_artifact(model: nn.Module, hp: Hyperparameters, path: str | Path, hes
     for r in roles.values():
         r["rel_mse"] = r.pop("err") / max(r.pop("norm"), 1e-30)
     return dict(bytes=len(data), header_bytes=len(header), spec=hp.quant_spec, codec=hp.codec, gptq=hessians is not None,
-                groups=meta, roles=roles, seconds=round(time.perf_counter() - t0, 3))
+                groups=meta, roles=roles, gptq_fallbacks={n: v[0] for n, v in notes.items() if v},
+                seconds=round(time.perf_counter() - t0, 3))
+
+
+def frame(magic: bytes, header: dict, bufs: list[bytes]) -> tuple[bytes, bytes]:
+    """(header, file): magic, u32 header length, sha256 of the rest, JSON header, buffers. No pickle."""
+    head = json.dumps(header, separators=(",", ":")).encode()
+    body = head + b"".join(bufs)
+    return head, magic + len(head).to_bytes(4, "little") + hashlib.sha256(body).digest() + body
+
+
+def unframe(path: str | Path, magic: bytes, what: str, fix: str) -> tuple[dict, bytes, int]:
+    """(header, file bytes, offset of the buffers) of a framed file; refuses foreign, corrupt or truncated files."""
+    path = Path(path)
+    data = path.read_bytes() if path.is_file() else b""
+    if data[:4] != magic:
+        raise ConfigError(f"{path}: {f'not a {what} (bad magic)' if data else 'missing or empty'}; {fix}")
+    n = int.from_bytes(data[4:8], "little")
+    if hashlib.sha256(data[40:]).digest() != data[8:40]:
+        raise ConfigError(f"{path}: corrupt or truncated (checksum mismatch); {fix}")
+    return json.loads(data[40:40 + n]), data, 40 + n
 
 
 def load_artifact(path: str | Path) -> dict[str, Tensor]:
     """Artifact -> state dict of dequantized float32 tensors; refuses foreign, corrupt or truncated files."""
-    path, fix = Path(path), "re-export it with train_gpt.py or point ARTIFACT_PATH at an intact artifact"
-    data = path.read_bytes() if path.is_file() else b""
-    if data[:4] != ARTIFACT_MAGIC:
-        raise ConfigError(f"{path}: {'not a train_gpt.py artifact (bad magic)' if data else 'missing or empty'}; {fix}")
-    n = int.from_bytes(data[4:8], "little")
-    if hashlib.sha256(data[40:]).digest() != data[8:40]:
-        raise ConfigError(f"{path}: corrupt or truncated (checksum mismatch); {fix}")
-    header, pos, arrays, cs = json.loads(data[40:40 + n]), 40 + n, {}, codecs()
+    header, data, pos = unframe(path, ARTIFACT_MAGIC, "train_gpt.py artifact",
+                                "re-export it with train_gpt.py or point ARTIFACT_PATH at an intact artifact")
+    arrays, cs = {}, codecs()
     for g, m in header["groups"].items():
+        if m["codec"] not in cs:
+            raise ConfigError(f"{path}: group {g} is {m['codec']}-compressed; pip install {CODEC_MODULES[m['codec']]}")
         arrays[g] = unpack(cs[m["codec"]][1](data[pos:pos + m["len"]], m["raw"]), m["pack"], m["bits"], m["n"])
         pos += m["len"]
     cursor, state = dict.fromkeys(arrays, 0), {}
@@ -1088,18 +1173,20 @@ def load_val_tokens(data_path: str, seq_len: int, max_tokens: int = 0) -> np.nda
 
 
 class TokenStream:
-    """Reads shards in order, wrapping around forever."""
+    """Reads shards in order, wrapping around forever; the next shard loads in a background thread."""
 
     def __init__(self, pattern: str):
-        self.files, self.file_idx = shard_files(pattern), 0
+        self.files, self.file_idx, self.loader = shard_files(pattern), 0, ThreadPoolExecutor(1)
         self.tokens, self.pos = load_data_shard(self.files[0]), 0
+        self.next = self.loader.submit(load_data_shard, self.files[1 % len(self.files)])
 
     def take(self, n: int) -> np.ndarray:
         chunks = []
         while n > 0:
             if self.pos >= self.tokens.size:
                 self.file_idx = (self.file_idx + 1) % len(self.files)
-                self.tokens, self.pos = load_data_shard(self.files[self.file_idx]), 0
+                self.tokens, self.pos = self.next.result(), 0
+                self.next = self.loader.submit(load_data_shard, self.files[(self.file_idx + 1) % len(self.files)])
             k = min(n, self.tokens.size - self.pos)
             chunks.append(self.tokens[self.pos:self.pos + k])
             self.pos, n = self.pos + k, n - k
@@ -1116,6 +1203,7 @@ class DistributedTokenLoader:
         local = global_tokens // (self.world_size * grad_accum_steps)
         chunk = self.stream.take((local + 1) * self.world_size)
         span = torch.from_numpy(chunk[self.rank * (local + 1):(self.rank + 1) * (local + 1)].astype(np.int64))
+        span = span.pin_memory() if self.device.type == "cuda" else span  # so the copy below is truly asynchronous
         x, y = span[:-1].reshape(-1, seq_len), span[1:].reshape(-1, seq_len)
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
@@ -1150,22 +1238,30 @@ class CastedLinear(nn.Linear):
 
 
 class Rotary(nn.Module):
+    """Frequencies made in the forward, not kept in a buffer: the model has no buffers for DDP to broadcast."""
+
     def __init__(self, rot_dims: int, base: float):
         super().__init__()
-        self.register_buffer("inv_freq", 1.0 / base ** (torch.arange(0, rot_dims, 2).float() / rot_dims), persistent=False)
+        self.rot_dims, self.base = rot_dims, base
 
     def forward(self, x: Tensor) -> Tensor:
         """Rotate the first rot_dims of each head of x (B, T, H, D); the rest pass unchanged."""
-        rd = self.inv_freq.numel() * 2
-        freqs = torch.outer(torch.arange(x.size(1), device=x.device, dtype=torch.float32), self.inv_freq)
+        rd = self.rot_dims
+        inv_freq = 1.0 / self.base ** (torch.arange(0, rd, 2, device=x.device, dtype=torch.float32) / rd)
+        freqs = torch.outer(torch.arange(x.size(1), device=x.device, dtype=torch.float32), inv_freq)
         cos, sin = freqs.cos()[None, :, None, :].to(x.dtype), freqs.sin()[None, :, None, :].to(x.dtype)
         x1, x2, rest = x[..., :rd // 2], x[..., rd // 2:rd], x[..., rd:]
         return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Causal GQA attention on (B, T, H, D) tensors; flash-attn on CUDA when importable, else SDPA."""
-    if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+def use_flash(kernel: str, dtype: torch.dtype) -> bool:
+    """ATTN_KERNEL=auto|flash: flash-attn takes bf16/fp16 activations (CUDA autocast); fp32 (CPU) goes to SDPA."""
+    return kernel != "sdpa" and flash_attn_func is not None and dtype in (torch.bfloat16, torch.float16)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, kernel: str = "auto") -> Tensor:
+    """Causal GQA attention on (B, T, H, D) tensors of one dtype: flash-attn when use_flash, else SDPA."""
+    if use_flash(kernel, q.dtype):
         out = flash_attn_func(q, k, v, causal=True)
         return out[0] if isinstance(out, tuple) else out
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
@@ -1184,7 +1280,7 @@ class Attention(nn.Module):
         self.o.zero_init = True
         self.q_gain = nn.Parameter(torch.full((self.h,), hp.qk_gain_init))
         self.rotary = Rotary(hp.rope_dims or self.d, hp.rope_base)
-        self.xsa = xsa
+        self.xsa, self.kernel = xsa, hp.attn_kernel
 
     def forward(self, x: Tensor, ve: Tensor | None) -> Tensor:
         B, T, _ = x.shape
@@ -1192,9 +1288,10 @@ class Attention(nn.Module):
         k = self.k(x).view(B, T, self.kv, self.d)
         v = self.v(x) if ve is None else self.v(x) + ve
         v = v.view(B, T, self.kv, self.d)
-        q = self.rotary(rms_norm(q)) * self.q_gain.to(x.dtype)[:, None]
-        k = self.rotary(rms_norm(k))
-        y = attention(q, k, v)
+        # under autocast rms_norm returns fp32 and v is bf16: one dtype (v's), or flash-attn is never taken
+        q = (self.rotary(rms_norm(q)) * self.q_gain[:, None]).to(v.dtype)
+        k = self.rotary(rms_norm(k)).to(v.dtype)
+        y = attention(q, k, v, self.kernel)
         if self.xsa:  # exclusive self-attention: drop each head's component along its own value vector
             vn = F.normalize(v, dim=-1).repeat_interleave(self.h // self.kv, dim=2)
             y = y - (y * vn).sum(-1, keepdim=True) * vn
@@ -1275,8 +1372,9 @@ class GPT(nn.Module):
                 elif self.hp.ortho_init:
                     nn.init.orthogonal_(m.weight)
 
-    def forward(self, idx: Tensor) -> Tensor:
-        """Token ids (B, T) -> soft-capped logits (B, T, vocab) in float32."""
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> Tensor:
+        """Token ids (B, T) -> soft-capped logits (B, T, vocab) in float32, or with targets their per-token NLL
+        (B, T), computed inside the (compiled) forward so the logits are never written out."""
         x = self.tok_emb(idx)
         if self.bigram is not None:
             x = x + self.bigram(idx)
@@ -1295,14 +1393,27 @@ class GPT(nn.Module):
                 skips.append(x)
         x = rms_norm(x)
         logits = F.linear(x, self.tok_emb.weight.to(x.dtype)) if self.lm_head is None else self.lm_head(x)
-        logits = logits.float()
-        c = self.hp.logit_softcap
-        return c * torch.tanh(logits / c) if c > 0 else logits
+        logits, c = logits.float(), self.hp.logit_softcap
+        logits = c * torch.tanh(logits / c) if c > 0 else logits
+        return logits if targets is None else token_nll(logits, targets)
 
 
 def token_nll(logits: Tensor, targets: Tensor) -> Tensor:
     """Per-token negative log-likelihood in nats, same shape as targets."""
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none").view_as(targets)
+
+
+class FixedBatch(nn.Module):
+    """Pads each batch to `rows` rows and drops the padding from the logits, so a compiled evaluation model sees one
+    shape: a short last batch would otherwise recompile inside the evaluation budget."""
+
+    def __init__(self, model: nn.Module, rows: int):
+        super().__init__()
+        self.model, self.rows = model, rows
+
+    def forward(self, idx: Tensor) -> Tensor:
+        n = idx.size(0)
+        return self.model(torch.cat((idx, idx[-1:].expand(self.rows - n, -1))) if n < self.rows else idx)[:n]
 
 # -----------------------------------------------------------------------------
 # TRAINING
@@ -1357,10 +1468,10 @@ class Run:
     world_size: int = 1
     model: nn.Module | None = None  # the bare model (what is exported and evaluated)
     train_model: nn.Module | None = None  # compiled / DDP-wrapped view of it
+    eval_model: nn.Module | None = None  # compiled view of the reloaded model, one batch shape (None: model)
     luts: tuple | None = None
     val_tokens: np.ndarray | None = None
     results: dict = field(default_factory=dict)
-    log_lines: list = field(default_factory=list)
 
     @property
     def master(self) -> bool:
@@ -1379,10 +1490,10 @@ class Run:
     def autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
-    def all_sum(self, *values: float) -> list[float]:
+    def all_reduce(self, *values: float, op=dist.ReduceOp.SUM) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         if self.distributed:
-            dist.all_reduce(t)
+            dist.all_reduce(t, op=op)
         return t.tolist()
 
 
@@ -1408,24 +1519,46 @@ def setup(hp: Hyperparameters) -> Run:
     Path(hp.log_dir).mkdir(parents=True, exist_ok=True)
     run.log(f"config: {json.dumps(dataclasses.asdict(hp), sort_keys=True)}")
     run.log(f"runtime: torch {torch.__version__} device {device} world_size {world} "
-            f"attention {'flash-attn' if flash_attn_func is not None and cuda else 'sdpa'}")
+            f"attention {'flash-attn' if cuda and use_flash(hp.attn_kernel, torch.bfloat16) else 'sdpa'}")
     run.results.update(run_id=hp.run_id, seed=hp.seed, status="running", config=dataclasses.asdict(hp), stages={})
-    run.val_tokens = load_val_tokens(hp.data_path, hp.eval_seq_len, hp.val_max_tokens)
-    import sentencepiece as spm
-    tok_path = resolve_tokenizer(hp)
-    if not Path(tok_path).is_file():
-        raise ConfigError(f"TOKENIZER_PATH={tok_path}: file not found; set TOKENIZER_PATH or build data with scripts/prepare_data.py")
-    run.luts = build_byte_luts(spm.SentencePieceProcessor(model_file=tok_path), hp.vocab_size)
-    if int(run.val_tokens.max()) >= hp.vocab_size:
-        raise ConfigError(f"{hp.data_path}: validation token {int(run.val_tokens.max())} >= VOCAB_SIZE={hp.vocab_size}; "
-                          "the data and tokenizer/vocab do not match")
+    check_inputs(run)
     torch.manual_seed(hp.seed)
     np.random.seed(hp.seed)
     run.model = GPT(hp).to(device)
     n_params = sum(p.numel() for p in run.model.parameters())
     run.results["params"] = n_params
     run.log(f"model: {n_params:,} parameters")
+    need = 4 * n_params + 2 * ARTIFACT_CAP_BYTES  # the float32 checkpoint, the artifact and its temp file
+    for d in {Path(hp.log_dir), Path(hp.artifact_path or hp.log_dir).resolve().parent}:
+        if (free := shutil.disk_usage(d if d.is_dir() else Path(hp.log_dir)).free) < need:
+            raise ConfigError(f"{d}: {free:,} bytes free, the checkpoint and artifact need {need:,}; free disk space "
+                              "or set LOG_DIR / ARTIFACT_PATH elsewhere")
     return run
+
+
+def check_inputs(run: Run):
+    """Everything the configured run will need, checked before training so a ten-minute run cannot die at the end:
+    attention kernel, codecs, validation and training shards, tokenizer and vocabulary."""
+    hp, cuda = run.hp, run.device.type == "cuda"
+    if hp.attn_kernel == "flash" and not (cuda and flash_attn_func is not None):
+        raise ConfigError("ATTN_KERNEL=flash: flash-attn is not importable here (or no CUDA); pip install flash-attn "
+                          "(or FlashAttention-3's flash_attn_interface) or set ATTN_KERNEL=auto")
+    if missing := [c for c in CODEC_MODULES if c not in codecs()]:
+        if hp.codec in missing:
+            raise ConfigError(f"CODEC={hp.codec}: module {CODEC_MODULES[hp.codec]} is not installed; "
+                              f"pip install {CODEC_MODULES[hp.codec]} or set CODEC=auto")
+        run.log(f"WARNING: codecs {', '.join(missing)} not installed; CODEC=auto chooses among the others")
+    run.val_tokens = load_val_tokens(hp.data_path, hp.eval_seq_len, hp.val_max_tokens)
+    import sentencepiece as spm
+    tok_path = resolve_tokenizer(hp)
+    if not Path(tok_path).is_file():
+        raise ConfigError(f"TOKENIZER_PATH={tok_path}: file not found; set TOKENIZER_PATH or build data with scripts/prepare_data.py")
+    run.luts = build_byte_luts(spm.SentencePieceProcessor(model_file=tok_path), hp.vocab_size)
+    first_train = shard_files(os.path.join(hp.data_path, "fineweb_train_*.bin"))[0]
+    for name, toks in (("validation", run.val_tokens), (Path(first_train).name, load_data_shard(first_train))):
+        if int(toks.max()) >= hp.vocab_size:
+            raise ConfigError(f"{hp.data_path}: {name} token {int(toks.max())} >= VOCAB_SIZE={hp.vocab_size}; "
+                              "the data and tokenizer/vocab do not match")
 
 
 def build_optimizers(run: Run) -> list[torch.optim.Optimizer]:
@@ -1441,7 +1574,8 @@ def build_optimizers(run: Run) -> list[torch.optim.Optimizer]:
     groups += [dict(params=head, lr=hp.head_lr)] if head else []
     adam = torch.optim.AdamW([dict(g, base_lr=g["lr"]) for g in groups], betas=(hp.beta1, hp.beta2), eps=hp.adam_eps,
                              weight_decay=hp.adam_wd, fused=run.device.type == "cuda")
-    muon = Muon(matrices, lr=hp.matrix_lr, momentum=hp.muon_momentum, backend_steps=hp.muon_backend_steps, weight_decay=hp.muon_wd)
+    muon = Muon(matrices, lr=hp.matrix_lr, momentum=hp.muon_momentum, backend_steps=hp.muon_backend_steps,
+                weight_decay=hp.muon_wd, comm_dtype=torch.bfloat16 if run.device.type == "cuda" else torch.float32)
     for g in muon.param_groups:
         g["base_lr"] = hp.matrix_lr
     return [adam, muon]
@@ -1495,7 +1629,7 @@ def train_step(run: Run, loader, optimizers, ga: int, lr_mult: float, step: int)
         if run.distributed:
             model.require_backward_grad_sync = micro == ga - 1
         with run.autocast():
-            loss = token_nll(model(x), y).mean()
+            loss = model(x, y).mean()
         (loss / ga).backward()
         total += loss.detach() / ga
     frac = min(step / hp.muon_momentum_warmup_steps, 1.0) if hp.muon_momentum_warmup_steps else 1.0
@@ -1510,20 +1644,30 @@ def train_step(run: Run, loader, optimizers, ga: int, lr_mult: float, step: int)
     return total
 
 
+def compiled_graphs() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
 def train(run: Run):
     hp = run.hp
     ga = grad_accum_steps(hp, run.world_size)
-    model = torch.compile(run.model, dynamic=False) if hp.compile and run.device.type == "cuda" else run.model
-    if run.distributed:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    model = torch.compile(run.model, dynamic=False) if hp.compile else run.model
+    if run.distributed:  # no buffers to broadcast (Rotary keeps none), so none is broadcast per forward
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda" else None,
+                                                    broadcast_buffers=False)
     run.train_model = model
     optimizers = build_optimizers(run)
     pattern = os.path.join(hp.data_path, "fineweb_train_*.bin")
+    set_qat(run, None)  # the state the loop starts in, so the graph primed for it is the one the loop uses
     if hp.warmup_steps:  # prime compilation / kernels, then restore the initial state so priming is free
         saved = ([t.clone() for t in run.model.state_dict().values()], [o.state_dict() for o in optimizers])
         loader = DistributedTokenLoader(pattern, run.rank, run.world_size, run.device)
         for i in range(hp.warmup_steps):
+            if hp.qat_threshold and hp.warmup_steps > 1 and i == hp.warmup_steps // 2:
+                set_qat(run, 0)  # QAT's graph too: otherwise it compiles inside the timed window when QAT starts
             train_step(run, loader, optimizers, ga, 1.0, i)
+            refresh_qat(run.model)
+        set_qat(run, None)
         for t, s in zip(run.model.state_dict().values(), saved[0]):
             t.copy_(s)
         for o, s in zip(optimizers, saved[1]):
@@ -1534,7 +1678,7 @@ def train(run: Run):
     averager = WeightAverager(run.model, hp)
     run.log(f"train: grad_accum {ga}, {hp.train_batch_tokens} tokens/step, {hp.iterations} iterations, "
             f"wall-clock cap {cap:.0f}s")
-    step, train_s, stop = 0, 0.0, False
+    step, train_s, stop, graphs = 0, 0.0, False, compiled_graphs()
     t0 = time.perf_counter()
     while step < hp.iterations and not stop:
         lr_mult = sched.lr_mult(step, train_s)
@@ -1544,9 +1688,9 @@ def train(run: Run):
         step += 1
         train_s = time.perf_counter() - t0
         capped = cap > 0 and train_s >= cap
-        stop = run.all_sum(float(capped))[0] > 0  # every rank stops on the same step
+        stop = run.all_reduce(float(capped))[0] > 0  # every rank stops on the same step
         if step % hp.train_log_every == 0 or step == hp.iterations or stop:
-            loss_v = run.all_sum(loss.item())[0] / run.world_size
+            loss_v = run.all_reduce(loss.item())[0] / run.world_size
             if not math.isfinite(loss_v):
                 raise TrainingDiverged(f"train loss is {loss_v} at step {step}; lower the learning rates or check the data")
             tok_s = step * hp.train_batch_tokens / train_s
@@ -1559,31 +1703,74 @@ def train(run: Run):
             t0 = time.perf_counter() - train_s  # evaluation time is not training time
     if stop:
         run.log(f"stopping at step {step}: wall-clock cap {cap:.0f}s reached")
+    if hp.compile:  # each graph compiled inside the timed loop cost seconds of training
+        run.results["recompiles_in_loop"] = recompiles = compiled_graphs() - graphs
+        if recompiles:
+            run.log(f"WARNING: {recompiles} graph(s) compiled inside the timed loop; see scripts/preflight.py")
     used = averager.apply(hp.weight_avg)
-    run.results.update(steps=step, train_seconds=round(train_s, 3), weights=used)
+    run.results.update(steps=step, train_loop_seconds=round(train_s, 3), weights=used)
     run.log(f"train: done, {step} steps in {train_s:.1f}s; exporting {used} weights")
 
 
+CKPT_MAGIC = b"PGW1"
+
+
+def save_checkpoint(run: Run):
+    """The trained, averaged float32 weights and the results so far, before export (LOG_DIR/RUN_ID.ckpt): a crash in
+    export or evaluation loses nothing, RESUME_FROM=that file finishes the run with the same results."""
+    t0, path = time.perf_counter(), Path(run.hp.log_dir) / f"{run.hp.run_id}.ckpt"
+    if run.master:
+        state = {k: v.detach().float().cpu().contiguous() for k, v in run.model.state_dict().items()}
+        header = dict(config=dataclasses.asdict(run.hp), results=run.results,
+                      tensors=[[k, list(v.shape)] for k, v in state.items()])
+        write_atomic(path, frame(CKPT_MAGIC, header, [v.numpy().tobytes() for v in state.values()])[1])
+    if run.distributed:
+        dist.barrier()
+    run.results.update(checkpoint_path=str(path), checkpoint_seconds=round(time.perf_counter() - t0, 3))
+    run.log(f"checkpoint: {path} in {run.results['checkpoint_seconds']:.1f}s; RESUME_FROM={path} reruns export and evaluation")
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, Tensor]]:
+    header, data, pos = unframe(path, CKPT_MAGIC, "train_gpt.py checkpoint",
+                                "point RESUME_FROM at the LOG_DIR/RUN_ID.ckpt a training run wrote")
+    state = {}
+    for name, shape in header["tensors"]:
+        n = math.prod(shape)
+        state[name] = torch.from_numpy(np.frombuffer(data, "<f4", n, pos).reshape(shape).copy())
+        pos += 4 * n
+    return header, state
+
+
+def resume(run: Run):
+    """RESUME_FROM: the checkpoint's weights and training results instead of training (its configuration was
+    taken by load_hparams)."""
+    header, state = read_checkpoint(run.hp.resume_from)
+    try:
+        run.model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ConfigError(f"RESUME_FROM={run.hp.resume_from}: weights do not fit the configured model "
+                          f"({str(e).splitlines()[0]}); do not override shape variables when resuming") from None
+    run.results.update({k: v for k, v in header["results"].items() if k not in ("status", "config", "stages")})
+    run.log(f"resume: {run.hp.resume_from}, {run.results.get('steps')} steps trained; training skipped")
+
+
 def export(run: Run):
-    """GPTQ calibration (train time), quantize, write the artifact, count its bytes, reload it into a fresh model."""
-    hp = run.hp
+    """GPTQ calibration, quantize, write the artifact, count its bytes (all train time: it reads training data and
+    makes the artifact), then reload it into a fresh model, compiled for evaluation."""
+    hp, t0 = run.hp, time.perf_counter()
     path = Path(hp.artifact_path or Path(hp.log_dir) / f"{hp.run_id}.artifact")
-    for m in run.model.modules():  # QAT's weights are of the raw weights; export takes the averaged ones
-        if isinstance(m, CastedLinear):
-            m.qat_fmt = m.qat = None
-    t0 = time.perf_counter()
+    set_qat(run, None)  # QAT's weights are of the raw weights; export takes the averaged ones
     hessians = collect_hessians(run) if hp.gptq else None
     if hessians is not None:
         run.results["gptq_calib_seconds"] = calib_s = round(time.perf_counter() - t0, 3)
-        run.results["train_seconds"] = train_s = round(run.results.get("train_seconds", 0.0) + calib_s, 3)
-        run.log(f"gptq: Hessians of {len(hessians)} layers from {hp.gptq_tokens:,} train tokens in {calib_s:.1f}s "
-                f"(reserve {hp.gptq_reserve_seconds:.0f}s); train time with calibration {train_s:.1f}s")
+        run.log(f"gptq: Hessians of {len(hessians)} layers from {run.results['gptq_tokens_used']:,} train tokens "
+                f"in {calib_s:.1f}s")
     qhp, state, tried, cache = hp, run.model.state_dict(), [], {}
     while True:  # QUANT_FIT: every rank sees the same byte count, so all take the same narrower spec
         report = export_artifact(run.model, qhp, path, hessians, cache) if run.master else dict(bytes=0)
         if run.distributed:
             dist.barrier()
-        model_bytes = int(run.all_sum(report["bytes"])[0])
+        model_bytes = int(run.all_reduce(report["bytes"])[0])
         tried.append([qhp.quant_spec, model_bytes])
         excess = CODE_BYTES + model_bytes - ARTIFACT_CAP_BYTES
         if excess <= 0 or not hp.quant_fit or not (spec := narrower_spec(qhp, state, excess)):
@@ -1600,10 +1787,13 @@ def export(run: Run):
                     f"{m['codec']}/{m['pack']}")
         run.log("quant rel. MSE: " + ", ".join(f"{k} {r['rel_mse']:.2e}" for k, r in report["roles"].items())
                 + f"; quantized and compressed in {report['seconds']:.1f}s")
+        for name, how in report["gptq_fallbacks"].items():
+            run.log(f"WARNING: gptq {name}: {how}")
     run.results.update(artifact_path=str(path), code_bytes=CODE_BYTES, model_bytes=model_bytes,
                        artifact_bytes=CODE_BYTES + model_bytes)
     run.log(f"export: {path} model {model_bytes:,} + code {CODE_BYTES:,} = {CODE_BYTES + model_bytes:,} bytes "
             f"(cap {ARTIFACT_CAP_BYTES:,})")
+    account_time(run, time.perf_counter() - t0)
     if excess > 0:
         run.results["status"] = "over_cap"
         run.log(f"ERROR: artifact is {excess:,} bytes over the cap{' at the QUANT_FIT floor (int4)' * hp.quant_fit}; "
@@ -1611,19 +1801,37 @@ def export(run: Run):
     fresh = GPT(hp).to(run.device)
     fresh.load_state_dict(load_artifact(path))
     run.model = fresh
+    run.eval_model = FixedBatch(torch.compile(fresh, dynamic=False), eval_rows(hp)) if hp.compile else fresh
+
+
+def account_time(run: Run, export_s: float):
+    """train_seconds = loop + checkpoint + export: everything that reads training data or makes the artifact, which
+    must fit MAX_WALLCLOCK_SECONDS (the loop stops EXPORT_RESERVE_SECONDS early for the rest)."""
+    r, cap = run.results, run.hp.max_wallclock_seconds
+    after = r.get("checkpoint_seconds", 0.0) + export_s
+    r.update(export_seconds=round(export_s, 3), train_seconds=round(r.setdefault("train_loop_seconds", 0.0) + after, 3))
+    run.log(f"time: train loop {r['train_loop_seconds']:.1f}s + checkpoint {r.get('checkpoint_seconds', 0.0):.1f}s + "
+            f"export {export_s:.1f}s = {r['train_seconds']:.1f}s" + f" of MAX_WALLCLOCK_SECONDS={cap:.0f}" * bool(cap))
+    if cap:
+        r["within_wallclock"] = r["train_seconds"] <= cap
+        if not r["within_wallclock"]:
+            run.log(f"WARNING: train time {r['train_seconds']:.1f}s is over MAX_WALLCLOCK_SECONDS={cap:.0f}: "
+                    f"set EXPORT_RESERVE_SECONDS to at least {math.ceil(after * 1.2)}")
 
 
 def evaluate(run: Run):
     """Evaluation stages in order: roundtrip (plain windows), sliding, ttt, ngram (over the last neural stage's
-    statistics). A stage runs only if its estimated time fits what is left of EVAL_BUDGET_SECONDS; the last stage
-    that ran gives the reported, legal score. EVAL_AUDIT=1 then audits the stages into results["audit"]."""
+    statistics). A stage runs only if its estimated time fits what is left of EVAL_BUDGET_SECONDS on every rank
+    (the ranks decide together: a rank alone in a stage would meet the others' collectives); the last stage that
+    ran gives the reported, legal score. EVAL_AUDIT=1 then audits the stages into results["audit"]."""
     hp, t0, stages = run.hp, time.perf_counter(), run.results["stages"]
+    model = run.eval_model or run.model
     toks = torch.from_numpy(run.val_tokens.astype(np.int64)).to(run.device)
     M, n_bytes = toks.numel() - 1, count_bytes(run.val_tokens[:-1], run.val_tokens[1:], run.luts)
     left = lambda: hp.eval_budget_seconds - (time.perf_counter() - t0)  # noqa: E731
 
     def stage(name: str, est: float, fn):
-        if stages and est > left():  # the first stage always runs, so there is a score
+        if stages and run.all_reduce(float(est > left()), op=dist.ReduceOp.MAX)[0]:  # the first stage always runs
             run.log(f"WARNING: eval {name} skipped: needs ~{est:.0f}s, {left():.0f}s of EVAL_BUDGET_SECONDS left")
             return None
         s, out = time.perf_counter(), fn()
@@ -1633,11 +1841,15 @@ def evaluate(run: Run):
             loss = float((out[0] if out.dim() == 2 else out).double().sum()) / M
             bpb = loss / math.log(2) * M / n_bytes
         stages[name] = dict(val_loss=loss, val_bpb=bpb, seconds=round(time.perf_counter() - s, 3))
+        if run.distributed:  # every rank must hold the same score
+            stages[name]["rank_spread"] = spread = sum(run.all_reduce(loss, -loss, op=dist.ReduceOp.MAX))
+            if spread:
+                run.log(f"WARNING: eval {name}: val_loss differs across ranks by {spread:.3g}")
         run.results.update(val_loss=loss, val_bpb=bpb, eval_seconds=round(time.perf_counter() - t0, 3))
         run.log(f"eval {name}: val_loss {loss:.4f} val_bpb {bpb:.4f} ({stages[name]['seconds']:.1f}s)")
         return out
 
-    stage("roundtrip", 0.0, lambda: eval_plain(run, run.model))
+    stage("roundtrip", 0.0, lambda: eval_plain(run, model))
     slide_s = stages["roundtrip"]["seconds"] * len(sliding_plan(M, hp.eval_seq_len, hp.eval_stride)[2]) / max(
         1, M // hp.eval_seq_len)
     ngram_s, pre, hint = 0.0, None, None
@@ -1648,12 +1860,12 @@ def evaluate(run: Run):
         if hp.ngram_mode == "tilt":  # the hint is needed by the neural stages; the counts themselves are not kept
             pre = (None, *ngram_counts(toks, hp.ngram_order)[1:])
             hint = pre[1][1:]
-    stats = stage("sliding", 1.1 * slide_s, lambda: eval_sliding(run, run.model, toks, hint))
+    stats = stage("sliding", 1.1 * slide_s, lambda: eval_sliding(run, model, toks, hint))
     slide_s = stages.get("sliding", {}).get("seconds", slide_s)
     if hp.ttt_enabled:  # scoring cost (lora: one window per chunk) plus an adaptation box that fits what is left
         score_s = slide_s if hp.ttt_mode == "full" else stages["roundtrip"]["seconds"] * hp.eval_seq_len / min(
             hp.ttt_chunk_tokens, hp.eval_seq_len)
-        box = min(hp.ttt_seconds, left() - 1.1 * score_s - ngram_s)
+        box = run.all_reduce(min(hp.ttt_seconds, left() - 1.1 * score_s - ngram_s), op=dist.ReduceOp.MIN)[0]
         out = stage("ttt", score_s + box if box > 0 else math.inf, lambda: eval_ttt(run, run.model, toks, hint, box))
         stats = stats if out is None else out
     if hp.ngram_order:
@@ -1681,7 +1893,11 @@ def main() -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        train(run)
+        if hp.resume_from:
+            resume(run)
+        else:
+            train(run)
+            save_checkpoint(run)
         export(run)
         evaluate(run)
         if run.results["status"] == "running":

@@ -49,7 +49,7 @@ def test_same_seed_is_deterministic_on_cpu(tmp_path, brown_data):
 
 
 def test_wallclock_cap_stops_training(tmp_path, brown_data):
-    proc, res = run_script(tmp_path, brown_data, ITERATIONS=100000, MAX_WALLCLOCK_SECONDS=2, GPTQ_RESERVE_SECONDS=0)
+    proc, res = run_script(tmp_path, brown_data, ITERATIONS=100000, MAX_WALLCLOCK_SECONDS=2, EXPORT_RESERVE_SECONDS=0)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert 0 < res["steps"] < 100000 and res["train_seconds"] < 10
     assert "wall-clock cap 2s reached" in (tmp_path / "r.txt").read_text()
