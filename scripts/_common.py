@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import resource
 import shlex
 import signal
 import subprocess
@@ -64,6 +65,12 @@ def write_atomic(path: str | Path, data: bytes | str) -> None:
 def command_echo(script: str, argv: Sequence[str] | None) -> str:
     """The command line a benchmark was run with, for its Markdown section."""
     return " ".join([f"python scripts/{script}", *(argv if argv is not None else sys.argv[1:])])
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory in bytes (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
 def append_md(path: str | Path, lines: Sequence[str]) -> None:

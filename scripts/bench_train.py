@@ -22,14 +22,14 @@ import argparse
 import json
 import math
 import os
-import resource
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import UserError, append_md, cli, command_echo, import_trainer, parse_env_pairs, write_atomic  # noqa: E402
+from _common import (UserError, append_md, cli, command_echo, import_trainer, parse_env_pairs,  # noqa: E402
+                     peak_rss_bytes, write_atomic)
 
 
 class SyntheticLoader:
@@ -45,11 +45,6 @@ class SyntheticLoader:
         span = self.torch.randint(0, self.vocab, (local + 1,), generator=self.gen, dtype=self.torch.int64)
         x, y = span[:-1].reshape(-1, seq_len), span[1:].reshape(-1, seq_len)
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-
-
-def peak_rss_bytes() -> int:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
 def build_parser() -> argparse.ArgumentParser:
