@@ -1849,6 +1849,9 @@ def evaluate(run: Run):
         run.log(f"eval {name}: val_loss {loss:.4f} val_bpb {bpb:.4f} ({stages[name]['seconds']:.1f}s)")
         return out
 
+    if model is not run.model:  # compile now, not inside the roundtrip's timing that sizes the later stages
+        with torch.no_grad(), run.autocast():
+            model(toks[None, :hp.eval_seq_len])
     stage("roundtrip", 0.0, lambda: eval_plain(run, model))
     slide_s = stages["roundtrip"]["seconds"] * len(sliding_plan(M, hp.eval_seq_len, hp.eval_stride)[2]) / max(
         1, M // hp.eval_seq_len)
