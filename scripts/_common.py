@@ -1,6 +1,6 @@
 """Shared helpers of the run scripts (run_seeds, sweep, compare_runs, package_submission, plot_runs,
-bench_train): one-line user errors, atomic writes, result-JSON loading, tables, statistics, and
-the sequential torchrun launcher that run_seeds.py and sweep.py share.
+bench_train, preflight): one-line user errors, atomic writes, result-JSON loading, tables, statistics,
+peak RSS, and the sequential torchrun launcher that run_seeds.py and sweep.py share.
 
 Not a CLI. Every user-facing failure raises UserError; `cli(main)` turns it into
 `error: <message>` on stderr and exit code 2 (no traceback).

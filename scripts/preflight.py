@@ -1,0 +1,385 @@
+#!/usr/bin/env python3
+"""Preflight: run the configured recipe briefly on ONE device and say whether it fits an 8-GPU run.
+
+  python scripts/preflight.py                                  # the default recipe, on one rented GPU
+  NUM_LAYERS=12 python scripts/preflight.py --steps 30         # any train_gpt.py variables, as for the real run
+  PRESET=tiny python scripts/preflight.py --steps 3 --val-tokens 8192   # the CPU proxy (what CI runs)
+
+Reads the same environment variables as train_gpt.py and runs its stages in one process at the
+full shape: setup, --steps training steps (after the configured WARMUP_STEPS, which prime
+torch.compile; QAT switched on for the last third so its graph is exercised), checkpoint, GPTQ
+export and the evaluation stages on a --val-tokens slice of validation. Then it prints, one line
+each: ms/step and tokens/s on this device, MFU (CUDA), peak memory, the attention kernel that
+ran, graphs compiled inside the timed loop, the projected steps of an --nproc-GPU run in
+MAX_WALLCLOCK_SECONDS, the export time against EXPORT_RESERVE_SECONDS, the artifact bytes, and
+every evaluation stage projected to the whole split against EVAL_BUDGET_SECONDS.
+
+Projections divide this device's time by --nproc (default 8): with GRAD_ACCUM_STEPS=0 one step
+here computes the same micro-batches that each of the 8 ranks computes in one step, so they are
+compute-only (no all-reduce, no NCCL start-up). Exit 0: all green. Exit 1: a red flag, one
+'RED FLAG:' line each saying what to change. Exit 2: bad input (one 'error:' line). The logs and
+the artifact go to a temporary directory unless --log-dir is given.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import io
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from unittest import mock
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import UserError, cli, import_trainer, peak_rss_bytes  # noqa: E402
+
+H100_BF16_DENSE_TFLOPS = 989.0  # H100 SXM (and H200), bf16 dense tensor-core peak
+CPU_SLICE_TOKENS = 1 << 15  # default --val-tokens without compile: no batch padding, any slice times fairly
+NGRAM_PROBE_TOKENS = 1 << 18  # train_gpt.evaluate times n-gram counting on this long a prefix to estimate the stage
+TTT_FIX = "lower TTT_SECONDS or set TTT_ENABLED=0"
+STAGE_FIX = {"roundtrip": "use a smaller model or a shorter EVAL_SEQ_LEN (the roundtrip stage cannot be skipped)",
+             "sliding": "raise EVAL_STRIDE (fewer, longer-stride windows)", "ttt": TTT_FIX,
+             "ngram": "lower NGRAM_ORDER, or NGRAM_ORDER=0 to drop the n-gram stage",
+             "other": "lower NGRAM_ORDER, or NGRAM_ORDER=0", "compile": "set COMPILE=0 for evaluation-heavy recipes"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=20, help="timed training steps, >= 2 (default 20)")
+    p.add_argument("--val-tokens", type=int, default=0, metavar="N",
+                   help="validation tokens to evaluate and project from (default: 4 evaluation batches with "
+                        f"COMPILE=1, else {CPU_SLICE_TOKENS:,}; at most the whole split)")
+    p.add_argument("--nproc", type=int, default=8, help="GPUs of the real run to project to (default 8)")
+    p.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS,
+                   help=f"device peak for MFU (default {H100_BF16_DENSE_TFLOPS:g}: H100 SXM bf16 dense)")
+    p.add_argument("--log-dir", type=Path, default=None,
+                   help="keep train_gpt.py's log, checkpoint and artifact here (default: a temporary directory)")
+    p.add_argument("--verbose", action="store_true", help="show train_gpt.py's own log lines as they come")
+    p.add_argument("--script", type=Path, default=Path(__file__).resolve().parent.parent / "train_gpt.py",
+                   help="training script (default: the repo's train_gpt.py)")
+    return p
+
+
+class StepTimer:
+    """Times each step of train()'s loop, from train_step's call to the end of on_train_step (so the QAT refresh
+    is in), by standing in for the two module functions train() calls by name. Warm-up steps call train_step
+    without on_train_step, so they are never recorded."""
+
+    def __init__(self, T, sync):
+        self.T, self.sync, self.start, self.steps = T, sync, 0.0, []  # steps: (seconds, QAT on in its forward)
+        self.train_step, self.on_train_step = T.train_step, T.on_train_step
+
+    def step(self, *args, **kwargs):
+        self.sync()
+        self.start = time.perf_counter()
+        return self.train_step(*args, **kwargs)
+
+    def hook(self, run, step: int, lr_mult: float):
+        qat = any(getattr(m, "qat_fmt", None) is not None for m in run.model.modules())
+        self.on_train_step(run, step, lr_mult)
+        self.sync()
+        self.steps.append((time.perf_counter() - self.start, qat))
+
+    def patched(self) -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        stack.enter_context(mock.patch.object(self.T, "train_step", self.step))
+        stack.enter_context(mock.patch.object(self.T, "on_train_step", self.hook))
+        return stack
+
+
+def attention_calls(T, run, torch) -> dict[str, int]:
+    """Calls of flash-attn and of SDPA during one eager forward of the bare model under the run's autocast."""
+    calls = {"flash-attn": 0, "sdpa": 0}
+
+    def counting(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(T.F, "scaled_dot_product_attention",
+                                              counting("sdpa", T.F.scaled_dot_product_attention)))
+        if T.flash_attn_func is not None:
+            stack.enter_context(mock.patch.object(T, "flash_attn_func", counting("flash-attn", T.flash_attn_func)))
+        idx = torch.zeros((1, run.hp.train_seq_len), dtype=torch.long, device=run.device)
+        with torch.no_grad(), run.autocast():
+            run.model(idx)
+    return calls
+
+
+def flops_per_token(T, model, hp) -> float:
+    """Model FLOPs per training token: 6 x (weights used in matrix multiplies: every CastedLinear, plus the tied
+    embedding as the output head) for forward + backward, plus causal attention 6 x L x T x d (QK^T and AV are
+    2 x T x d multiply-adds per token per layer over the full context, halved by the causal mask, x3 for forward +
+    backward), T = TRAIN_SEQ_LEN, d = NUM_HEADS x head_dim. Embedding lookups, norms and the optimizer are not
+    counted (the usual MFU convention)."""
+    matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, T.CastedLinear))
+    if model.lm_head is None:
+        matmul += model.tok_emb.weight.numel()
+    return 6.0 * matmul + 6.0 * hp.num_layers * hp.train_seq_len * hp.num_heads * hp.head_dim
+
+
+def warm_eval_model(run, torch, sync) -> float:
+    """COMPILE=1: the call evaluate() makes before its stages to compile the evaluation model's one (padded) shape,
+    made and timed here first, so the compilation is reported once per rank (as in the real run) instead of inside
+    the slice's time that is scaled to the whole split; evaluate's own call then finds the graph compiled."""
+    x = torch.as_tensor(run.val_tokens[:run.hp.eval_seq_len].astype("int64"), device=run.device)[None]
+    t0 = time.perf_counter()
+    with torch.no_grad(), run.autocast():
+        run.eval_model(x)
+    sync()
+    return time.perf_counter() - t0
+
+
+def short_run_hp(hp, steps: int, log_dir: Path):
+    """The configured recipe for `steps` uncapped steps, with the LR warmdown placed so QAT (if on) switches on for
+    the last third of them: its graph is then compiled, or not, inside the timed loop as in the real run."""
+    warmdown = 0
+    if hp.qat_threshold:  # on_train_step(step t) turns QAT on from step t+1 once lr_mult = (steps - t) / warmdown
+        qat_from = steps - max(1, steps // 3)  # falls below QAT_THRESHOLD; t = qat_from - 1
+        warmdown = math.floor((steps - qat_from + 1) / hp.qat_threshold) + 1
+    return dataclasses.replace(
+        hp, run_id="preflight", log_dir=str(log_dir), artifact_path="", iterations=steps, max_wallclock_seconds=0.0,
+        lr_warmup_steps=0, warmdown_iters=warmdown, val_loss_every=0, train_log_every=steps,
+        eval_budget_seconds=1e9)  # every stage runs on the slice; the real budget is checked on the projection
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.steps < 2 or args.val_tokens < 0 or args.nproc < 1 or args.peak_tflops <= 0:
+        raise UserError("--steps must be >= 2, --val-tokens >= 0, --nproc >= 1, --peak-tflops > 0")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("preflight measures one device: run it as `python scripts/preflight.py`, not under torchrun")
+    T = import_trainer(args.script)
+    try:
+        hp = T.load_hparams()
+        ga = T.grad_accum_steps(hp, 1), T.grad_accum_steps(hp, args.nproc)
+    except T.ConfigError as e:
+        raise UserError(f"bad configuration: {e}") from None
+    if hp.resume_from:
+        raise UserError(f"RESUME_FROM={hp.resume_from}: preflight trains; unset RESUME_FROM")
+    with tempfile.TemporaryDirectory(prefix="preflight_") as tmp:
+        log_dir = args.log_dir or Path(tmp)
+        return preflight(T, hp, ga, args, log_dir)
+
+
+def preflight(T, hp, ga: tuple[int, int], args, log_dir: Path) -> int:
+    import torch
+    short = short_run_hp(hp, args.steps, log_dir)
+    captured = io.StringIO()
+    flags: list[str] = []
+    sink = contextlib.nullcontext() if args.verbose else contextlib.redirect_stdout(captured)
+    cuda = [False]
+
+    def echo_log():  # train_gpt.py's own warnings, which the captured log would otherwise hide
+        for line in captured.getvalue().splitlines():
+            if line.startswith(("WARNING", "ERROR")):
+                print(f"train_gpt: {line}")
+
+    def sync():
+        if cuda[0]:
+            torch.cuda.synchronize()
+
+    try:
+        with sink:
+            run = T.setup(short)
+            cuda[0] = run.device.type == "cuda"
+            calls = attention_calls(T, run, torch)
+            timer = StepTimer(T, sync)
+            if cuda[0]:
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            with timer.patched():
+                T.train(run)
+            train_call_s = time.perf_counter() - t0
+            if cuda[0]:
+                train_peak = torch.cuda.max_memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+            T.save_checkpoint(run)
+            T.export(run)
+            n_full = run.val_tokens.size - 1  # targets the configured evaluation scores
+            rows_tokens = T.eval_rows(short) * short.eval_seq_len
+            want = args.val_tokens or (4 * rows_tokens if short.compile else CPU_SLICE_TOKENS)
+            n = min(max(want, short.eval_seq_len), n_full)
+            run.val_tokens = run.val_tokens[:n + 1]
+            eval_compile_s = warm_eval_model(run, torch, sync) if short.compile else 0.0
+            graphs = T.compiled_graphs()
+            T.evaluate(run)
+            eval_recompiles = T.compiled_graphs() - graphs
+            after_peak = torch.cuda.max_memory_allocated() if cuda[0] else None
+    except BaseException as e:
+        echo_log()
+        if isinstance(e, T.ConfigError):
+            raise UserError(f"bad configuration: {e}") from None
+        if isinstance(e, T.TrainingDiverged):
+            print(f"RED FLAG: training diverged: {e}")
+            return 1
+        if isinstance(e, torch.OutOfMemoryError):
+            print(f"RED FLAG: out of device memory ({str(e).splitlines()[0]}); lower TRAIN_BATCH_TOKENS or raise "
+                  "GRAD_ACCUM_STEPS (training), VAL_BATCH_TOKENS / EVAL_BATCH_SEQS (evaluation), or the model size")
+            return 1
+        raise
+
+    r, N = run.results, args.nproc
+    where = torch.cuda.get_device_name(run.device) if cuda[0] else f"CPU ({torch.get_num_threads()} threads)"
+    target = f"{N} x {torch.cuda.get_device_name(run.device) if cuda[0] else 'this device'}"
+    print(f"preflight: {args.script.name} PRESET={hp.preset}, {r['params']:,} parameters, {where}, "
+          f"torch {torch.__version__}, compile {'on' if hp.compile else 'off'}; logs in "
+          f"{log_dir if args.log_dir else 'a temporary directory (--log-dir keeps them)'}")
+    echo_log()
+
+    # --- training pace -------------------------------------------------------------------------------------------
+    plain = [s for s, q in timer.steps if not q] or [s for s, _ in timer.steps]
+    qat = [s for s, q in timer.steps if q]
+    t_plain, t_qat = statistics.median(plain), statistics.median(qat) if qat else None
+    warm_s = train_call_s - r["train_loop_seconds"]
+    tok_s = hp.train_batch_tokens / t_plain
+    micro = hp.train_batch_tokens // ga[0]
+    print(f"train: {r['steps']} steps of {hp.train_batch_tokens:,} tokens ({ga[0]} micro-batch(es) of "
+          f"{micro // hp.train_seq_len}x{hp.train_seq_len}) after {hp.warmup_steps} warm-up step(s) "
+          f"({warm_s:.1f}s incl. compile and optimizer set-up)"
+          + (f"; QAT on for the last {len(qat)} step(s)" if qat else "; QAT off (QAT_THRESHOLD=0)" * (not hp.qat_threshold)))
+    print(f"ms/step: {1000 * t_plain:.1f} on this device (median of {len(plain)} step(s)"
+          + (f"); {1000 * t_qat:.1f} with QAT (median of {len(qat)})" if qat else ")"))
+    print(f"tokens/s: {tok_s:,.0f} on this device")
+    fpt = flops_per_token(T, run.model, hp)
+    if cuda[0]:
+        print(f"MFU: {fpt * tok_s / (args.peak_tflops * 1e12):.1%} ({fpt / 1e9:.4g} GFLOP/token x {tok_s:,.0f} "
+              f"tokens/s / {args.peak_tflops:g} TFLOP/s peak)")
+    else:
+        print(f"MFU: n/a on CPU (model FLOPs {fpt / 1e9:.4g} GFLOP/token)")
+    rss = f"process peak RSS {peak_rss_bytes() / 2**20:,.0f} MiB"
+    if cuda[0]:
+        total = torch.cuda.get_device_properties(run.device).total_memory
+        print(f"peak memory: {train_peak / 2**30:.2f} GiB CUDA allocated in training, {after_peak / 2**30:.2f} GiB "
+              f"in export and evaluation (device {total / 2**30:.0f} GiB); {rss}")
+    else:
+        print(f"peak memory: {rss} (CPU)")
+
+    # --- attention kernel and recompiles --------------------------------------------------------------------------
+    ran = [k for k, v in calls.items() if v]
+    print(f"attention kernel: {' + '.join(ran) or 'none seen'} (flash-attn {calls['flash-attn']} call(s), SDPA "
+          f"{calls['sdpa']} in one eager forward; ATTN_KERNEL={hp.attn_kernel}, flash-attn "
+          f"{'importable' if T.flash_attn_func is not None else 'not installed'})")
+    if hp.attn_kernel != "sdpa" and cuda[0] and T.flash_attn_func is not None and calls["sdpa"]:
+        flags.append(f"SDPA ran although flash-attn is importable and ATTN_KERNEL={hp.attn_kernel}: the attention "
+                     "inputs are not bf16/fp16 under autocast; check the model's dtypes, or set ATTN_KERNEL=flash to "
+                     "make it an error")
+    if hp.compile:
+        rec = r.get("recompiles_in_loop", 0)
+        print(f"recompiles in the timed loop: {rec}; in the evaluation stages: {eval_recompiles}")
+        if rec:
+            fix = ("set WARMUP_STEPS to at least 2 so warm-up primes the QAT graph too" if hp.warmup_steps < 2 else
+                   "rerun with TORCH_LOGS=recompiles to see what changed shape or guard")
+            flags.append(f"{rec} graph(s) compiled inside the timed loop (each costs training seconds): {fix}")
+        if eval_recompiles:
+            flags.append(f"{eval_recompiles} graph(s) compiled inside the evaluation stages (their seconds size the "
+                         "later stages, which may then be skipped): rerun with TORCH_LOGS=recompiles to see why")
+    else:
+        print("recompiles in the timed loop: n/a (COMPILE=0)")
+
+    # --- projected training on N GPUs -----------------------------------------------------------------------------
+    p_plain, p_qat = t_plain / N, (t_qat or t_plain) / N
+    budget = T.train_budget(hp)
+    print(f"projected ms/step on {target}: {1000 * p_plain:.1f} (this device's / {N}, compute only: all-reduce not "
+          f"included; GRAD_ACCUM {ga[0]} here, {ga[1]} per rank there)"
+          + (f", {1000 * p_qat:.1f} with QAT" if t_qat else ""))
+    if hp.grad_accum_steps:
+        print(f"note: GRAD_ACCUM_STEPS={hp.grad_accum_steps} is fixed, so {N} ranks run smaller micro-batches than "
+              "measured here; the projection is rougher")
+    q = hp.qat_threshold * hp.warmdown_iters if t_qat else 0.0  # steps a full run spends in QAT
+    if budget > 0:
+        steps = q + (budget - q * p_qat) / p_plain if budget >= q * p_qat else budget / p_qat
+        verdict = (f"< ITERATIONS={hp.iterations:,}: the wall-clock warmdown governs" if steps < hp.iterations else
+                   f">= ITERATIONS={hp.iterations:,}: training ends at ITERATIONS")
+        print(f"projected steps in {budget:.0f}s (MAX_WALLCLOCK_SECONDS={hp.max_wallclock_seconds:g} - "
+              f"EXPORT_RESERVE_SECONDS={hp.export_reserve_seconds:g}) on {target}: {steps:,.0f} ({verdict})")
+    else:
+        need = (hp.iterations - min(q, hp.iterations)) * p_plain + min(q, hp.iterations) * p_qat
+        print(f"projected steps: ITERATIONS={hp.iterations:,} (MAX_WALLCLOCK_SECONDS=0: no cap) take ~{need:.0f}s "
+              f"on {target}")
+
+    # --- export ---------------------------------------------------------------------------------------------------
+    calib = r.get("gptq_calib_seconds", 0.0)
+    after = r.get("checkpoint_seconds", 0.0) + calib / N + r["export_seconds"] - calib
+    quant_s = r["quant"]["seconds"] if "quant" in r else float("nan")
+    print(f"export: checkpoint {r.get('checkpoint_seconds', 0.0):.1f}s + GPTQ calibration {calib:.1f}s + the rest "
+          f"{r['export_seconds'] - calib:.1f}s (quantize + compress {quant_s:.1f}s) here; projected {after:.1f}s on "
+          f"{N} ranks (calibration shared out, quantization on rank 0) of EXPORT_RESERVE_SECONDS="
+          f"{hp.export_reserve_seconds:g}")
+    if hp.max_wallclock_seconds and after > hp.export_reserve_seconds:
+        flags.append(f"checkpoint + export take ~{after:.1f}s > EXPORT_RESERVE_SECONDS={hp.export_reserve_seconds:g}:"
+                     f" set EXPORT_RESERVE_SECONDS to at least {math.ceil(after * 1.2)}")
+    cap = T.ARTIFACT_CAP_BYTES
+    print(f"artifact: {r['artifact_bytes']:,} bytes (model {r['model_bytes']:,} + code {r['code_bytes']:,}) of the "
+          f"{cap:,} cap, after {r['steps']} steps (trained weights compress differently; see predict_size.py)")
+    if r["artifact_bytes"] > cap:
+        flags.append(f"artifact {r['artifact_bytes']:,} bytes is {r['artifact_bytes'] - cap:,} over the cap even "
+                     "after QUANT_FIT: use lower-bit QUANT_SPEC formats or a smaller model")
+
+    # --- evaluation, projected to the whole split -----------------------------------------------------------------
+    scale = n_full / n
+    stages = r["stages"]
+    print(f"eval: {n:,} of {n_full:,} validation targets timed (x{scale:.2f} to the whole split); projected on "
+          f"{N} ranks against EVAL_BUDGET_SECONDS={hp.eval_budget_seconds:g}:")
+    proj: dict[str, float] = {}
+    for name in ("roundtrip", "sliding", "ttt", "ngram"):
+        if name not in stages:
+            print(f"  {name:<9} off")
+            continue
+        s = stages[name]["seconds"]
+        if name == "ngram":  # every rank counts the whole split
+            proj[name] = s * scale
+            how = "every rank counts the whole split: not divided"
+        else:
+            proj[name] = s * scale / N
+            how = f"shared over {N} ranks"
+        if name == "ttt":
+            L = hp.eval_seq_len
+            score = proj.get("sliding", 0.0) if hp.ttt_mode == "full" else proj["roundtrip"] * L / min(
+                hp.ttt_chunk_tokens, L)  # train_gpt.evaluate's estimate of TTT's scoring cost
+            boxed = s > hp.ttt_seconds
+            how += (f"; adaptation is time-boxed (TTT_SECONDS={hp.ttt_seconds:g}): "
+                    + ("it hit the box on the slice already" if boxed else "the slice adapted on every chunk"))
+            if score + hp.ttt_seconds < proj[name]:
+                proj[name] = score + hp.ttt_seconds
+                how += f"; on the whole split only ~{score:.0f}s of scoring + the {hp.ttt_seconds:g}s box"
+        print(f"  {name:<9} {s:8.2f}s on the slice -> {proj[name]:8.1f}s projected ({how})")
+    other = max(r.get("eval_seconds", 0.0) - sum(v["seconds"] for v in stages.values()), 0.0)
+    if hp.ngram_order and hp.ngram_mode == "tilt":  # the whole split's counts, for the hint, outside the stages
+        proj["other"] = other * scale
+    elif hp.ngram_order:  # the n-gram stage's time estimate counts a fixed-length prefix
+        proj["other"] = other * min(n_full, NGRAM_PROBE_TOKENS) / min(n, NGRAM_PROBE_TOKENS)
+    else:
+        proj["other"] = other
+    print(f"  {'other':<9} {other:8.2f}s on the slice -> {proj['other']:8.1f}s projected (outside the stages: "
+          "n-gram estimate / tilt hint, byte counts)")
+    if hp.compile:
+        proj["compile"] = eval_compile_s
+        print(f"  {'compile':<9} {eval_compile_s:8.2f}s once per rank (the evaluation model's one shape)")
+    total = sum(proj.values())
+    print(f"eval total: {total:.1f}s projected of EVAL_BUDGET_SECONDS={hp.eval_budget_seconds:g}")
+    if total > hp.eval_budget_seconds:
+        worst = max(proj, key=proj.get)
+        over = total - hp.eval_budget_seconds
+        fix = STAGE_FIX[worst]
+        if worst == "ttt" and hp.ttt_seconds > over:
+            fix = f"set TTT_SECONDS to at most {math.floor(hp.ttt_seconds - over)} (or TTT_ENABLED=0)"
+        flags.append(f"evaluation needs ~{total:.0f}s > EVAL_BUDGET_SECONDS={hp.eval_budget_seconds:g} (the "
+                     f"{worst} stage ~{proj[worst]:.0f}s is the largest; later stages would be cut): {fix}")
+
+    for f in flags:
+        print(f"RED FLAG: {f}")
+    print(f"preflight: {len(flags)} red flag(s)" if flags else "preflight: all green")
+    return 1 if flags else 0
+
+
+if __name__ == "__main__":
+    cli(main)
