@@ -120,7 +120,7 @@ class Hyperparameters:
     gptq_damp: float = 0.01  # fraction of the mean Hessian diagonal added to it
     gptq_block: int = 128
     gptq_act_order: bool = True
-    export_reserve_seconds: float = 45.0  # cut from MAX_WALLCLOCK_SECONDS for export (Hessians, GPTQ, compression)
+    export_reserve_seconds: float = 60.0  # cut from MAX_WALLCLOCK_SECONDS for export (Hessians, GPTQ, compression)
     qat_threshold: float = 0.15  # QAT once the warmdown LR multiplier is below this; 0 = off
     qat_steps: int = 1  # QAT stages: start QAT_STEPS-1 bits above QUANT_SPEC, one bit less per stage
     codec: str = "auto"  # auto (smallest per group) | zstd | lzma | brotli

@@ -562,7 +562,26 @@ def test_bench_train_tiny(tmp_path, capsys, monkeypatch):
         bench_train.main(["--env", "TRAIN_BATCH_TOKENS=100", "--steps", "1"])
 
 
-@pytest.mark.parametrize("name", ["run_seeds", "sweep", "compare_runs", "package_submission", "plot_runs", "bench_train"])
+def test_bench_export_times_every_codec_job(tmp_path, capsys, monkeypatch):
+    bench_export = importlib.import_module("bench_export")
+    for k, v in dict(PRESET="tiny", NUM_LAYERS="2", MODEL_DIM="64", BIGRAM_DIM="16", VE_DIM="16").items():
+        monkeypatch.setenv(k, v)
+    code, out, _ = output_of(bench_export.main, ["--append-md", str(tmp_path / "B.md")], capsys)
+    assert code == 0 and "quantize every matrix" in out
+    lines = out.splitlines()
+    codecs = {line.split(", ")[1] for line in lines if " group (" in line}
+    assert codecs == {"zstd", "lzma", "brotli"}  # every installed codec, once per group
+    assert sorted(line.split()[0] for line in lines if " group (" in line) == sorted(["int5", "int6", "int8"] * 3)
+    assert [line.split()[2] for line in lines if "whole export" in line] == [
+        "CODEC=zstd", "CODEC=lzma", "CODEC=brotli", "CODEC=auto"]
+    assert "whole export, CODEC=auto" in (tmp_path / "B.md").read_text()
+    monkeypatch.setenv("NUM_HEADS", "x")
+    with pytest.raises(UserError, match="NUM_HEADS"):
+        bench_export.main([])
+
+
+@pytest.mark.parametrize("name", ["run_seeds", "sweep", "compare_runs", "package_submission", "plot_runs", "bench_train",
+                                  "bench_export"])
 def test_every_script_has_help(name, capsys):
     module = importlib.import_module(name)
     with pytest.raises(SystemExit) as e:
