@@ -2,7 +2,8 @@
 
 Fixtures: `small` builds a tiny dataset from a few --text/--jsonl documents (seconds);
 `brown` is the full Brown dataset at data/datasets/brown_sp1024 (built if missing; CI builds it
-first with `python scripts/prepare_data.py local`).
+first with `python scripts/prepare_data.py local`); `brown_at(vocab)` is the Brown dataset at any
+vocabulary (1024: `brown`; others built once per session into a temp dir, ~2 s each).
 """
 from __future__ import annotations
 
@@ -104,6 +105,22 @@ def brown() -> Path:
         r = run_cli("local")
         assert r.returncode == 0, r.stderr
     return BROWN
+
+
+@pytest.fixture(scope="session")
+def brown_at(brown, tmp_path_factory):
+    built = {1024: brown}
+
+    def get(vocab: int) -> Path:
+        if vocab not in built:
+            out = tmp_path_factory.mktemp(f"brown_sp{vocab}")
+            r = run_cli("local", "--vocab", str(vocab), "--out", str(out))
+            assert r.returncode == 0, r.stderr
+            assert r.stdout.strip().splitlines()[-1] == str(out / f"brown_sp{vocab}")
+            built[vocab] = out / f"brown_sp{vocab}"
+        return built[vocab]
+
+    return get
 
 
 def load_sp(folder: Path):
@@ -291,9 +308,12 @@ def assert_accounting_matches(folder: Path, split: str = "val") -> int:
     return total
 
 
-def test_byte_accounting_brown_val(brown):
+@pytest.mark.parametrize("vocab", [1024, 4096, 8192])
+def test_byte_accounting_brown_val(brown_at, vocab):
+    brown = brown_at(vocab)
     total = assert_accounting_matches(brown)
     sp, m = load_sp(brown)
+    assert m["vocab_size"] == sp.vocab_size() == vocab
     raw = dict(pd.read_brown(ROOT / "data" / "cache" / pd.BROWN_TARBALL))
     docs = split_at_bos(read_split(brown, "val"))
     for name, doc in zip(m["val_doc_ids"], docs):
@@ -316,10 +336,11 @@ def test_byte_accounting_non_ascii(small):
     assert train_gpt.count_bytes(doc[:-1], doc[1:], luts) == len(sp.decode(ids).encode())
 
 
-def test_competition_tokenizer_has_no_multi_marker_pieces(brown):
+@pytest.mark.parametrize("vocab", [1024, 4096, 8192])
+def test_competition_tokenizer_has_no_multi_marker_pieces(brown_at, vocab):
     # split_by_whitespace (default) keeps "▁" only at the start of a piece, and nmt_nfkc collapses
     # whitespace runs, so for the competition settings the LUT equals upstream's (strip one marker).
-    sp, _ = load_sp(brown)
+    sp, _ = load_sp(brown_at(vocab))
     pieces = [sp.id_to_piece(i) for i in range(sp.vocab_size())]
     assert not [p for p in pieces if "\u2581" in p[1:]]
 
@@ -430,11 +451,12 @@ def test_fineweb_file_list_from_hub_manifest():
         pd.fineweb_files("sp4096", 1, manifest)
 
 
-def fake_hub(monkeypatch, hub: Path, cache: Path) -> list[str]:
+def fake_hub(monkeypatch, hub: Path, cache: Path, repo_id: str = pd.HF_REPO_ID) -> list[str]:
     calls: list[str] = []
+    expected_repo = repo_id
 
     def hf_hub_download(repo_id, filename, subfolder=None, repo_type=None):
-        assert repo_id == pd.HF_REPO_ID and repo_type == "dataset"
+        assert repo_id == expected_repo and repo_type == "dataset"
         rel = f"{subfolder}/{filename}" if subfolder else filename
         calls.append(rel)
         src = hub / rel
@@ -500,3 +522,259 @@ def test_fineweb_download_failure_is_one_line(monkeypatch, tmp_path, capsys):
     assert pd.main(["fineweb", "--train-shards", "1", "--data-dir", str(tmp_path / "data")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: datasets/datasets/fineweb10B_sp1024/fineweb_val_000000.bin: download")
+
+
+# -----------------------------------------------------------------------------
+# Larger vocabularies: local --vocab, fineweb --variant sp4096/sp8192, retokenize
+# -----------------------------------------------------------------------------
+
+def read_raw_shard(path: Path) -> np.ndarray:
+    """Header checked byte by byte here, independently of both readers."""
+    raw = path.read_bytes()
+    magic, version, count = np.frombuffer(raw[:12], dtype="<i4").tolist()
+    assert (magic, version) == (20240520, 1), path
+    assert len(raw) == 256 * 4 + 2 * count and not any(raw[12:1024]), path
+    return np.frombuffer(raw, dtype="<u2", offset=1024)
+
+
+def assert_valid_dataset(folder: Path, vocab: int) -> dict:
+    """Shards valid, every token < vocab, manifest = what the shards hold, tokenizer of that size."""
+    sp, m = load_sp(folder)
+    assert m["vocab_size"] == sp.vocab_size() == vocab and m["bos_id"] == pd.BOS_ID == sp.bos_id()
+    names = sorted(p.name for p in folder.glob("fineweb_*.bin"))
+    assert sorted(s["name"] for s in m["shards"]) == names
+    for split in ("train", "val"):
+        tokens = docs = 0
+        for s in (s for s in m["shards"] if s["split"] == split):
+            arr = read_raw_shard(folder / s["name"])
+            assert arr.size == s["tokens"] and int((arr == pd.BOS_ID).sum()) == s["docs"]
+            assert s["sha256"] == hashlib.sha256((folder / s["name"]).read_bytes()).hexdigest()
+            assert int(arr.max()) < vocab
+            assert train_gpt.load_data_shard(folder / s["name"]).tolist() == arr.tolist()
+            tokens, docs = tokens + arr.size, docs + s["docs"]
+        assert (m[f"{split}_tokens"], m[f"{split}_docs"]) == (tokens, docs) and docs > 0
+        assert read_split(folder, split)[0] == pd.BOS_ID
+    return m
+
+
+@pytest.mark.parametrize("vocab", [4096, 8192])
+def test_brown_dataset_at_larger_vocab(brown_at, vocab):
+    folder = brown_at(vocab)
+    assert folder.name == f"brown_sp{vocab}"
+    m = assert_valid_dataset(folder, vocab)
+    base = json.loads((brown_at(1024) / "manifest.json").read_text())
+    assert (m["train_docs"], m["val_docs"], m["seed"]) == (450, 50, 1337)
+    assert m["val_doc_ids"] == base["val_doc_ids"]  # the split does not depend on the vocabulary
+    assert m["requested_vocab_size"] == m["tokenizer_settings"]["vocab_size"] == vocab
+    assert m["tokenizer_train_docs"] == 450 and m["tokenizer_includes_val"] is False
+    assert m["val_tokens"] < base["val_tokens"] and m["train_tokens"] < base["train_tokens"]
+    hp = train_gpt.load_hparams({"DATA_PATH": str(folder), "VOCAB_SIZE": str(vocab)})
+    assert train_gpt.resolve_tokenizer(hp) == str(folder / "tokenizer.model")
+
+
+def test_val_tokens_shrink_with_vocab(brown_at):
+    val = [json.loads((brown_at(v) / "manifest.json").read_text())["val_tokens"] for v in (1024, 4096, 8192)]
+    assert val[0] > val[1] > val[2]
+
+
+def test_local_vocab_is_an_alias_of_vocab_size(brown_at, tmp_path):
+    r = run_cli("local", "--vocab-size", "4096", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    for name in ("tokenizer.model", "fineweb_train_000000.bin", "fineweb_val_000000.bin"):
+        assert (tmp_path / "brown_sp4096" / name).read_bytes() == (brown_at(4096) / name).read_bytes(), name
+
+
+def test_retokenize_brown_is_the_local_build(brown_at, tmp_path):
+    r = run_cli("retokenize", "--brown", "--vocab", "4096", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    dest = tmp_path / "brown_sp4096"
+    assert r.stdout.strip().splitlines()[-1] == str(dest)
+    for name in ("tokenizer.model", "tokenizer.vocab", "fineweb_train_000000.bin", "fineweb_val_000000.bin"):
+        assert (dest / name).read_bytes() == (brown_at(4096) / name).read_bytes(), name
+
+
+@pytest.fixture(scope="session")
+def brown_jsonl(brown, tmp_path_factory) -> tuple[Path, list[str]]:
+    """The Brown documents in file order as a docs jsonl, plus an empty document (3rd) and a blank line."""
+    texts = [t for _, t in pd.read_brown(ROOT / "data" / "cache" / pd.BROWN_TARBALL)]
+    texts.insert(2, "")
+    lines = [json.dumps({"text": t}) for t in texts]
+    lines.insert(10, "")
+    path = tmp_path_factory.mktemp("docs") / "docs_selected.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path, texts
+
+
+@pytest.fixture(scope="session")
+def retok8192(brown_jsonl, tmp_path_factory) -> Path:
+    path, _ = brown_jsonl
+    out = tmp_path_factory.mktemp("retok")
+    r = run_cli("retokenize", "--docs", str(path), "--vocab", "8192", "--val-docs", "51", "--shard-tokens", "400000",
+                "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == str(out / "docs_selected_sp8192")
+    return out / "docs_selected_sp8192"
+
+
+def test_retokenize_jsonl_first_docs_are_val(retok8192, brown_jsonl):
+    path, texts = brown_jsonl
+    m = assert_valid_dataset(retok8192, 8192)
+    sp, _ = load_sp(retok8192)
+    assert (m["val_docs"], m["train_docs"]) == (51, 450)  # the empty document counts (BOS only)
+    assert m["tokenizer_train_docs"] == 450 and m["tokenizer_includes_val"] is False
+    assert m["source_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest() and m["seed"] is None
+    assert sum(s["split"] == "train" for s in m["shards"]) == 4  # 400,000-token shards
+    expect = lambda docs: [t for d in docs for t in [pd.BOS_ID, *sp.encode(d)]]  # noqa: E731
+    assert read_split(retok8192, "val").tolist() == expect(texts[:51])
+    assert read_split(retok8192, "train").tolist() == expect(texts[51:])
+
+
+def test_byte_accounting_retokenized(retok8192):
+    assert_accounting_matches(retok8192, "val")
+
+
+@pytest.mark.parametrize("include_val, expect", [(False, slice(3, 7)), (True, slice(0, 4))])
+def test_retokenize_tokenizer_documents(tmp_path, monkeypatch, capfd, include_val, expect):
+    # The tokenizer sees the first --tokenizer-train-docs train documents (or, like the public tool,
+    # the first ones of the file), cleaned as upstream: NUL -> space, stripped, empty ones dropped.
+    texts = [*SMALL_TEXTS[:2], "  x\x00y  ", "   ", *SMALL_TEXTS[2:], *SMALL_JSONL]
+    jl = tmp_path / "d.jsonl"
+    jl.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    seen: list[list[str]] = []
+    real = pd.train_tokenizer
+
+    def spy(make, *a, **k):
+        seen.append(list(make()))
+        return real(make, *a, **k)
+
+    monkeypatch.setattr(pd, "train_tokenizer", spy)
+    args = ["retokenize", "--docs", str(jl), "--vocab", "400", "--val-docs", "3", "--tokenizer-train-docs", "4",
+            "--out", str(tmp_path), "--name", "d"]
+    assert pd.main(args + ["--tokenizer-include-val"] * include_val) == 0, capfd.readouterr().err
+    cleaned = [t.replace("\x00", " ").strip() for t in texts[expect]]
+    assert seen == [[t for t in cleaned if t]]
+    m = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    assert (m["val_docs"], m["train_docs"]) == (3, len(texts) - 3)
+    assert m["tokenizer_train_docs"] == len(seen[0]) and m["tokenizer_includes_val"] is include_val
+
+
+def test_retokenize_from_hub_docs(small_inputs, tmp_path, monkeypatch, capfd):
+    texts = [*SMALL_TEXTS, *SMALL_JSONL]
+    hub = tmp_path / "hub"
+    (hub / "datasets").mkdir(parents=True)
+    docs = hub / "datasets" / "docs_selected.jsonl"
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    sidecar = {"num_docs": len(texts), "docs_val": 4, "docs_sha256": hashlib.sha256(docs.read_bytes()).hexdigest()}
+    (hub / "datasets" / "docs_selected.source_manifest.json").write_text(json.dumps(sidecar))
+    monkeypatch.setenv("MATCHED_FINEWEB_REPO_ID", "someone/pg-docs")
+    calls = fake_hub(monkeypatch, hub, tmp_path / "hfcache", repo_id="someone/pg-docs")
+    data, out = tmp_path / "data", tmp_path / "out"
+    args = ["retokenize", "--vocab", "400", "--data-dir", str(data), "--out", str(out), "--shard-tokens", "300"]
+    assert pd.main(args) == 0, capfd.readouterr().err
+    dest = out / "fineweb_retok_sp400"
+    assert capfd.readouterr().out.strip().splitlines()[-1] == str(dest)
+    assert calls == ["datasets/docs_selected.jsonl", "datasets/docs_selected.source_manifest.json"]
+    assert (data / "docs_selected.jsonl").read_bytes() == docs.read_bytes()  # the public layout
+    m = assert_valid_dataset(dest, json.loads((dest / "manifest.json").read_text())["vocab_size"])
+    assert (m["val_docs"], m["train_docs"]) == (4, len(texts) - 4)  # docs_val from the sidecar
+    assert m["docs_sidecar"] == sidecar and m["source"] == "hf:someone/pg-docs/datasets/docs_selected.jsonl"
+    assert_accounting_matches(dest, "val")
+    assert_accounting_matches(dest, "train")
+    # a docs file that is not the published one is refused before any training
+    (data / "docs_selected.jsonl").write_text(docs.read_text() + json.dumps({"text": "extra"}) + "\n")
+    assert pd.main(args + ["--name", "bad"]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "sidecar" in err[-1] and not (out / "bad").exists()
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--vocab", "100"], ["--vocab 100", "too small"]),
+    (["--vocab", "70000"], ["--vocab 70000", "uint16"]),
+    (["--vocab", "4096", "--docs", "MISSING"], ["--docs", "nope.jsonl", "not found"]),
+    (["--vocab", "400", "--docs", "DOCS", "--val-docs", "12"], ["--val-docs 12", "train split would be empty"]),
+    (["--vocab", "400", "--docs", "DOCS", "--tokenizer-train-docs", "0"], ["--tokenizer-train-docs 0"]),
+    (["--vocab", "400", "--docs", "BAD", "--val-docs", "1"], ["bad.jsonl:2", '"text"']),
+])
+def test_cli_retokenize_errors(tmp_path, args, needles):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in SMALL_TEXTS + SMALL_JSONL))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"txt": "no text field"}\n')
+    paths = {"MISSING": str(tmp_path / "nope.jsonl"), "DOCS": str(docs), "BAD": str(bad)}
+    out = tmp_path / "out"
+    r = run_cli("retokenize", *[paths.get(a, a) for a in args], "--out", str(out))
+    # errors found in a scanned file follow its progress lines ("scanning ..."): the error is the last line
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    errors = [line for line in r.stderr.strip().splitlines() if not line.startswith("[prepare_data] ")]
+    assert len(errors) == 1 and errors[0] == r.stderr.strip().splitlines()[-1], r.stderr
+    assert_one_line_error(types.SimpleNamespace(returncode=2, stderr=errors[0]), *needles)
+    assert not out.exists() or not list(out.iterdir()), "nothing may be left behind"
+
+
+def test_fineweb_variant_names_and_default_layout():
+    files, tok = pd.fineweb_files("sp8192", 2)
+    assert files == ["datasets/datasets/fineweb10B_sp8192/fineweb_val_000000.bin",
+                     "datasets/datasets/fineweb10B_sp8192/fineweb_train_000000.bin",
+                     "datasets/datasets/fineweb10B_sp8192/fineweb_train_000001.bin",
+                     "datasets/tokenizers/fineweb_8192_bpe.model", "datasets/tokenizers/fineweb_8192_bpe.vocab"]
+    assert tok == "datasets/tokenizers/fineweb_8192_bpe.model"
+    assert pd.fineweb_files("sp4096", 0)[1] == "datasets/tokenizers/fineweb_4096_bpe.model"
+    for bad in ("byte260", "sp", "sp70000", "4096"):
+        with pytest.raises(pd.PrepError, match=f"--variant {bad}"):
+            pd.fineweb_files(bad, 1)
+
+
+def test_fineweb_repo_id_option_and_environment(monkeypatch):
+    monkeypatch.delenv("MATCHED_FINEWEB_REPO_ID", raising=False)
+    assert pd.build_parser().parse_args(["fineweb"]).repo_id == "willdepueoai/parameter-golf"
+    monkeypatch.setenv("MATCHED_FINEWEB_REPO_ID", "kevclark/parameter-golf")
+    for cmd in (["fineweb"], ["retokenize", "--vocab", "4096"]):
+        assert pd.build_parser().parse_args(cmd).repo_id == "kevclark/parameter-golf"
+        assert pd.build_parser().parse_args([*cmd, "--repo-id", "me/mine"]).repo_id == "me/mine"
+
+
+def test_fineweb_sp8192_download(brown_at, tmp_path, monkeypatch, capsys):
+    src = brown_at(8192)
+    hub = tmp_path / "hub" / "datasets"
+    ds = hub / "datasets" / "fineweb10B_sp8192"
+    ds.mkdir(parents=True)
+    (hub / "tokenizers").mkdir()
+    train = read_split(src, "train").astype(np.uint16)
+    assert len(pd.write_shards(ds, "train", train, train.size // 3 + 1)) == 3
+    (ds / "fineweb_val_000000.bin").write_bytes((src / "fineweb_val_000000.bin").read_bytes())
+    (hub / "tokenizers" / "fineweb_8192_bpe.model").write_bytes((src / "tokenizer.model").read_bytes())
+    (hub / "tokenizers" / "fineweb_8192_bpe.vocab").write_bytes((src / "tokenizer.vocab").read_bytes())
+    manifest = {"datasets": [{"name": "fineweb10B_sp8192", "tokenizer_name": "sp_bpe_8192",
+                              "stats": {"files_train": 3, "files_val": 1}}],
+                "tokenizers": [{"name": "sp_bpe_8192", "model_path": "tokenizers/fineweb_8192_bpe.model",
+                                "vocab_path": "tokenizers/fineweb_8192_bpe.vocab"}]}
+    (hub / "manifest.json").write_text(json.dumps(manifest))
+    data = tmp_path / "data"
+    data.mkdir()  # a hub manifest left by the default repo, without sp8192: must not be trusted
+    (data / "manifest.json").write_text(json.dumps({"datasets": [{"name": "fineweb10B_sp1024"}], "tokenizers": []}))
+    monkeypatch.setenv("MATCHED_FINEWEB_REPO_ID", "kevclark/parameter-golf")
+    calls = fake_hub(monkeypatch, hub.parent, tmp_path / "hfcache", repo_id="kevclark/parameter-golf")
+    assert pd.main(["fineweb", "--variant", "sp8192", "--train-shards", "2", "--data-dir", str(data)]) == 0
+    dest = data / "datasets" / "fineweb10B_sp8192"
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(dest)
+    assert calls == ["datasets/manifest.json", "datasets/datasets/fineweb10B_sp8192/fineweb_val_000000.bin",
+                     "datasets/datasets/fineweb10B_sp8192/fineweb_train_000000.bin",
+                     "datasets/datasets/fineweb10B_sp8192/fineweb_train_000001.bin",
+                     "datasets/tokenizers/fineweb_8192_bpe.model", "datasets/tokenizers/fineweb_8192_bpe.vocab"]
+    for name in ("fineweb_val_000000.bin", "fineweb_train_000000.bin", "fineweb_train_000001.bin"):
+        assert (dest / name).read_bytes() == (ds / name).read_bytes(), name
+    m = assert_valid_dataset(dest, 8192)
+    assert m["tokenizer_path"] == "../../tokenizers/fineweb_8192_bpe.model"
+    assert m["source"] == "hf:kevclark/parameter-golf/datasets (sp8192)"
+    assert (m["val_docs"], m["train_tokens"]) == (50, sum(train_gpt.load_data_shard(dest / n).size for n in
+                                                            ("fineweb_train_000000.bin", "fineweb_train_000001.bin")))
+    assert_accounting_matches(dest, "val")
+    tok = str(data / "tokenizers" / "fineweb_8192_bpe.model")
+    hp = train_gpt.load_hparams({"DATA_PATH": str(dest), "VOCAB_SIZE": "8192"})
+    assert Path(train_gpt.resolve_tokenizer(hp)).resolve() == Path(tok).resolve()
+    (dest / "manifest.json").unlink()  # the public layout alone gives the same tokenizer
+    assert Path(train_gpt.resolve_tokenizer(hp)).resolve() == Path(tok).resolve()
+    # the variant missing from the hub manifest: one line naming what the repo has
+    assert pd.main(["fineweb", "--variant", "sp4096", "--data-dir", str(data)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: --variant sp4096") and "fineweb10B_sp8192" in err[-1]
