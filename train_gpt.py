@@ -87,6 +87,7 @@ class Hyperparameters:
     ve_layers: str = "-2,-1"  # python-style layer indices; empty = off
     ve_dim: int = 128
     xsa_last_n: int = 4
+    doc_mask: bool = False  # document-masked attention: no token attends across a BOS (flash-attn varlen on CUDA)
     ln_scale: bool = True
     ortho_init: bool = True
     # optimizer
@@ -1214,12 +1215,13 @@ class DistributedTokenLoader:
 # and test-time training.
 
 try:  # flash-attn is optional; SDPA is the reference path
-    from flash_attn_interface import flash_attn_func  # FlashAttention-3 (Hopper)
+    from flash_attn_interface import flash_attn_func, flash_attn_varlen_func  # FlashAttention-3 (Hopper)
 except ImportError:
     try:
-        from flash_attn import flash_attn_func
+        from flash_attn import flash_attn_func, flash_attn_varlen_func
     except ImportError:
-        flash_attn_func = None
+        flash_attn_func = flash_attn_varlen_func = None
+BOS_ID = 1  # every document starts with it (the public tokenizer: pad 0, bos 1, eos 2, unk 3)
 
 
 def rms_norm(x: Tensor) -> Tensor:
@@ -1259,14 +1261,23 @@ def use_flash(kernel: str, dtype: torch.dtype) -> bool:
     return kernel != "sdpa" and flash_attn_func is not None and dtype in (torch.bfloat16, torch.float16)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, kernel: str = "auto") -> Tensor:
-    """Causal GQA attention on (B, T, H, D) tensors of one dtype: flash-attn when use_flash, else SDPA."""
-    if use_flash(kernel, q.dtype):
+def attention(q: Tensor, k: Tensor, v: Tensor, kernel: str = "auto", docs: Tensor | None = None) -> Tensor:
+    """Causal GQA attention on (B, T, H, D) tensors of one dtype: flash-attn when use_flash, else SDPA. docs (B, T):
+    document ids; a query then sees only keys of its own document (flash-attn: each row cut into documents)."""
+    B, T, H, D = q.shape
+    if use_flash(kernel, q.dtype) and docs is None:
         out = flash_attn_func(q, k, v, causal=True)
-        return out[0] if isinstance(out, tuple) else out
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                                       enable_gqa=k.size(2) != q.size(2))
-    return y.transpose(1, 2)
+    elif use_flash(kernel, q.dtype) and flash_attn_varlen_func is not None:
+        starts = F.pad(docs[:, 1:] != docs[:, :-1], (1, 0), value=True).flatten()
+        cu = F.pad(torch.nonzero(starts)[:, 0], (0, 1), value=B * T).int()
+        out = flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, T, T, causal=True)
+    else:
+        mask = None if docs is None else (docs[:, None, :, None] == docs[:, None, None, :]) & torch.ones(
+            T, T, dtype=torch.bool, device=q.device).tril()
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                           is_causal=docs is None, enable_gqa=k.size(2) != q.size(2))
+        return y.transpose(1, 2)
+    return (out[0] if isinstance(out, tuple) else out).view(B, T, H, D)
 
 
 class Attention(nn.Module):
@@ -1282,7 +1293,7 @@ class Attention(nn.Module):
         self.rotary = Rotary(hp.rope_dims or self.d, hp.rope_base)
         self.xsa, self.kernel = xsa, hp.attn_kernel
 
-    def forward(self, x: Tensor, ve: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, ve: Tensor | None, docs: Tensor | None = None) -> Tensor:
         B, T, _ = x.shape
         q = self.q(x).view(B, T, self.h, self.d)
         k = self.k(x).view(B, T, self.kv, self.d)
@@ -1291,7 +1302,7 @@ class Attention(nn.Module):
         # under autocast rms_norm returns fp32 and v is bf16: one dtype (v's), or flash-attn is never taken
         q = (self.rotary(rms_norm(q)) * self.q_gain[:, None]).to(v.dtype)
         k = self.rotary(rms_norm(k)).to(v.dtype)
-        y = attention(q, k, v, self.kernel)
+        y = attention(q, k, v, self.kernel, docs)
         if self.xsa:  # exclusive self-attention: drop each head's component along its own value vector
             vn = F.normalize(v, dim=-1).repeat_interleave(self.h // self.kv, dim=2)
             y = y - (y * vn).sum(-1, keepdim=True) * vn
@@ -1321,10 +1332,10 @@ class Block(nn.Module):
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(hp.model_dim), torch.zeros(hp.model_dim))))
         self.norm_scale = 1.0 / math.sqrt(layer + 1) if hp.ln_scale else 1.0
 
-    def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None, docs: Tensor | None = None) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.norm_scale, ve)
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.norm_scale, ve, docs)
         return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale)
 
 
@@ -1340,7 +1351,7 @@ class BigramHash(nn.Module):
         self.scale = nn.Parameter(torch.tensor(0.05))
 
     def forward(self, idx: Tensor) -> Tensor:
-        prev = F.pad(idx[:, :-1], (1, 0), value=-1)
+        prev = F.pad(idx[:, :-1], (1, 0), value=-1).masked_fill(idx == BOS_ID, -1)  # a document's BOS has no previous
         h = torch.where(prev < 0, self.buckets - 1, torch.bitwise_xor(36313 * idx, 27191 * prev) % (self.buckets - 1))
         return self.proj(self.embed(h)) * self.scale.to(self.proj.weight.dtype)
 
@@ -1379,16 +1390,17 @@ class GPT(nn.Module):
         if self.bigram is not None:
             x = x + self.bigram(idx)
         x = rms_norm(x)
-        if self.smear is not None:  # SmearGate: blend each position with the previous one
-            g = torch.sigmoid(self.smear.to(x.dtype))
+        if self.smear is not None:  # SmearGate: blend each position with the previous one, never into a BOS
+            g = torch.sigmoid(self.smear.to(x.dtype)) * (idx != BOS_ID)[..., None]
             x = (1 - g) * x + g * F.pad(x[:, :-1], (0, 0, 1, 0))
         x0, skips = x, []
+        docs = torch.cumsum(idx == BOS_ID, 1) if self.hp.doc_mask else None
         ve = self.ve_proj(self.ve_embed(idx)) if self.ve_layers else None
         for i, block in enumerate(self.blocks):
             if self.n_enc and i >= self.n_enc and skips:  # U-Net decoder half pops encoder outputs
                 x = x + self.skip_weights[i - self.n_enc].to(x.dtype) * skips.pop()
             layer_ve = ve * self.ve_scales[self.ve_layers.index(i)].to(x.dtype) if i in self.ve_layers else None
-            x = block(x, x0, layer_ve)
+            x = block(x, x0, layer_ve, docs)
             if i < self.n_enc:
                 skips.append(x)
         x = rms_norm(x)
