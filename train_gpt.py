@@ -60,6 +60,8 @@ class Hyperparameters:
     warmup_steps: int = 20  # compile-priming steps, then weights and optimizer are restored
     lr_warmup_steps: int = 0
     warmdown_iters: int = 3500
+    warmdown_frac: float = 0.0  # > 0: warmdown is this fraction of training (of the wall-clock cap, else of ITERATIONS)
+    min_lr: float = 0.0  # floor of the warmdown LR multiplier
     max_wallclock_seconds: float = 600.0
     train_batch_tokens: int = 786432
     train_seq_len: int = 2048
@@ -87,6 +89,12 @@ class Hyperparameters:
     ve_layers: str = "-2,-1"  # python-style layer indices; empty = off
     ve_dim: int = 128
     xsa_last_n: int = 4
+    loop_layers: str = ""  # depth recurrence: layers "first-last" (e.g. 3-5) run LOOP_COUNT times, same weights
+    loop_count: int = 1
+    loop_start: float = 0.0  # looping switches on at this fraction of training (of the wall-clock cap, else ITERATIONS)
+    parallel_start: int = 0  # > 0: from this layer on, attention and MLP read and write two residual lanes
+    attn_gate_window: int = 0  # > 0: per-head sigmoid gate on the attention output, from the input's first N channels
+    attn_gate_scale: float = 0.5
     doc_mask: bool = False  # document-masked attention: no token attends across a BOS (flash-attn varlen on CUDA)
     ln_scale: bool = True
     ortho_init: bool = True
@@ -100,6 +108,8 @@ class Hyperparameters:
     muon_momentum_warmup_start: float = 0.92
     muon_momentum_warmup_steps: int = 1500
     muon_backend_steps: int = 5
+    muon_polar: bool = False  # Polar-Express per-iteration Newton-Schulz coefficients instead of one fixed quintic
+    muon_row_norm: bool = False  # MuonEq-R: each row of the update scaled to unit norm before Newton-Schulz
     muon_wd: float = 0.04
     adam_wd: float = 0.04
     beta1: float = 0.9
@@ -166,6 +176,17 @@ PRESETS: dict[str, dict[str, object]] = {
         compile=False, muon_momentum_warmup_steps=100, swa_every=10,
         gptq_tokens=32768,  # ~100 tokens per Hessian column, as the default's 524288 at width 512-1536
     ),
+    # The accepted 1.0611 record (2026-04-27, SP8192 + LQER + sparse gate) as its README and code state it; README
+    # lists where this differs (no LQER/embedding GPTQ/phased TTT yet, our codecs and sliding evaluation).
+    "frontier": dict(
+        data_path="./data/datasets/fineweb10B_sp8192", vocab_size=8192, mlp_mult=4.0, xsa_last_n=11,
+        qk_gain_init=5.0, bigram_buckets=0, ve_layers="", loop_layers="3-5", loop_count=3, loop_start=0.35,
+        parallel_start=8, attn_gate_window=12, doc_mask=True, ema_decay=0.9965, matrix_lr=0.026, scalar_lr=0.02,
+        tied_embed_lr=0.03, beta2=0.99, muon_momentum=0.97, muon_wd=0.095, adam_wd=0.02, muon_polar=True,
+        muon_row_norm=True, lr_warmup_steps=0, warmdown_frac=0.85, min_lr=0.1, qat_threshold=0.0, swa_every=0,
+        quant_spec="attn_qk:int6@13,attn_vo:int6@13,mlp_up:int6@11.5,mlp_down:int6@11.5,embed:int7@14,aux:int6@12.85,"
+                   "gate:int8", ngram_order=0, ttt_lora_rank=80, ttt_chunk_tokens=48, ttt_lr=1e-4,
+    ),
 }
 
 RULES = {  # field -> (predicate, what is expected); checked at start-up
@@ -177,6 +198,8 @@ RULES = {  # field -> (predicate, what is expected); checked at start-up
     "mlp_act": (lambda v: v in ("relu2", "leaky_relu2"), "relu2 or leaky_relu2"),
     "vocab_size": (lambda v: 2 <= v <= 65536, "an int in [2, 65536] (tokens are uint16)"),
     "iterations": (lambda v: v >= 0, "an int >= 0"),
+    "warmdown_frac": (lambda v: 0 <= v <= 1, "a number in [0, 1] (0: WARMDOWN_ITERS)"),
+    "min_lr": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "train_batch_tokens": (lambda v: v >= 1, "an int >= 1"),
     "train_seq_len": (lambda v: v >= 2, "an int >= 2"),
     "eval_seq_len": (lambda v: v >= 2, "an int >= 2"),
@@ -198,6 +221,10 @@ RULES = {  # field -> (predicate, what is expected); checked at start-up
     "eval_stride": (lambda v: v >= 1, "an int >= 1"),
     "eval_batch_seqs": (lambda v: v >= 0, "an int >= 0 (0 = from VAL_BATCH_TOKENS)"),
     "ngram_order": (lambda v: v >= 0, "an int >= 0 (0 = off)"),
+    "loop_count": (lambda v: v >= 1, "an int >= 1 (1 = off)"),
+    "loop_start": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "parallel_start": (lambda v: v >= 0, "an int >= 0 (0 = off)"),
+    "attn_gate_window": (lambda v: v >= 0, "an int >= 0 (0 = off)"),
     "ngram_mode": (lambda v: v in ("mix", "tilt"), "mix or tilt"),
     "ngram_discount": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
     "ttt_mode": (lambda v: v in ("full", "lora"), "full or lora"),
@@ -249,7 +276,19 @@ def load_hparams(env: dict[str, str] | None = None) -> Hyperparameters:
     if not 0 <= hp.rope_dims <= hp.head_dim or hp.rope_dims % 2:
         raise ConfigError(f"ROPE_DIMS={hp.rope_dims}: expected an even number in [0, head_dim={hp.head_dim}]")
     parse_layers(hp.ve_layers, hp.num_layers)
+    parse_loop(hp.loop_layers, hp.num_layers)
+    if hp.parallel_start >= hp.num_layers or hp.attn_gate_window > hp.model_dim:
+        raise ConfigError(f"PARALLEL_START={hp.parallel_start}, ATTN_GATE_WINDOW={hp.attn_gate_window}: expected a layer "
+                          f"below NUM_LAYERS={hp.num_layers} and a window of at most MODEL_DIM={hp.model_dim}")
     return hp
+
+
+def parse_loop(spec: str, num_layers: int) -> tuple[int, int] | None:
+    """LOOP_LAYERS 'a-b' -> (a, b), 0 <= a <= b < num_layers; empty -> None."""
+    m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", spec)
+    if spec.strip() and not (m and int(m[1]) <= int(m[2]) < num_layers):
+        raise ConfigError(f"LOOP_LAYERS={spec!r}: expected 'first-last' layers, 0 <= first <= last < {num_layers}")
+    return (int(m[1]), int(m[2])) if m else None
 
 
 def parse_layers(spec: str, num_layers: int) -> list[int]:
@@ -268,15 +307,23 @@ def parse_layers(spec: str, num_layers: int) -> list[int]:
 # -----------------------------------------------------------------------------
 
 
-def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
-    """Approximately orthogonalize G (push its singular values towards 1) by a quintic Newton-Schulz iteration."""
-    a, b, c = (3.4445, -4.7750, 2.0315)
+POLAR_EXPRESS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),  # per-iteration (a, b, c)
+                 (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                 (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                 (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                 (2.3465413258596377, -1.7097828382687081, 0.42323551169305323))
+
+
+def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, eps: float = 1e-7, polar: bool = False) -> Tensor:
+    """Approximately orthogonalize G (push its singular values towards 1) by a quintic Newton-Schulz iteration:
+    fixed coefficients, or Polar Express's, tuned per iteration (the last repeats past five)."""
     X = G.bfloat16() if G.is_cuda else G.float()
     X = X / (X.norm() + eps)
     transposed = G.size(0) > G.size(1)
     if transposed:
         X = X.T
-    for _ in range(steps):
+    for i in range(steps):
+        a, b, c = POLAR_EXPRESS[min(i, 4)] if polar else (3.4445, -4.7750, 2.0315)
         A = X @ X.T
         X = a * X + (b * A + c * A @ A) @ X
     return (X.T if transposed else X).to(G.dtype)
@@ -288,8 +335,9 @@ class Muon(torch.optim.Optimizer):
     already bf16) while the next bucket is computed."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float = 0.0,
-                 comm_dtype: torch.dtype = torch.float32):
-        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay))
+                 comm_dtype: torch.dtype = torch.float32, polar: bool = False, row_norm: bool = False):
+        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay,
+                                      polar=polar, row_norm=row_norm))
         self.comm_dtype = comm_dtype
 
     @torch.no_grad()
@@ -305,7 +353,9 @@ class Muon(torch.optim.Optimizer):
                     buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
                     buf.mul_(group["momentum"]).add_(p.grad)
                     g = p.grad.add(buf, alpha=group["momentum"])  # nesterov
-                    g = zeropower_via_newtonschulz5(g, steps=group["backend_steps"])
+                    if group["row_norm"]:  # MuonEq-R
+                        g = g / g.norm(dim=1, keepdim=True).clamp_min(1e-7)
+                    g = zeropower_via_newtonschulz5(g, steps=group["backend_steps"], polar=group["polar"])
                     offset = sum(q.numel() for q in bucket[:rank])
                     flat[offset:offset + p.numel()] = g.reshape(-1) * max(1.0, g.size(0) / g.size(1)) ** 0.5
                 pending.append((bucket, flat, dist.all_reduce(flat, async_op=True) if distributed else None))
@@ -727,7 +777,7 @@ def audit(run: Run, model: nn.Module, n_pos: int = 2) -> dict:
 
 ARTIFACT_MAGIC = b"PGQ1"
 ROLE_OF = {"q": "attn_qk", "k": "attn_qk", "v": "attn_vo", "o": "attn_vo", "up": "mlp_up", "down": "mlp_down",
-           "tok_emb": "embed", "lm_head": "head", "bigram": "aux", "ve_embed": "aux", "ve_proj": "aux"}
+           "tok_emb": "embed", "lm_head": "head", "bigram": "aux", "ve_embed": "aux", "ve_proj": "aux", "gate": "gate"}
 LLOYD_MAX = {2: (0.4528, 1.5104), 3: (0.2451, 0.7560, 1.3440, 2.1520),
              4: (0.1284, 0.3881, 0.6568, 0.9424, 1.2562, 1.6180, 2.0690, 2.7326)}
 FP16_GROUPS = ("fp16", "scales")
@@ -1292,6 +1342,10 @@ class Attention(nn.Module):
         self.q_gain = nn.Parameter(torch.full((self.h,), hp.qk_gain_init))
         self.rotary = Rotary(hp.rope_dims or self.d, hp.rope_base)
         self.xsa, self.kernel = xsa, hp.attn_kernel
+        self.gate = nn.Linear(hp.attn_gate_window, self.h, bias=False) if hp.attn_gate_window else None
+        if self.gate is not None:  # zero: every head starts at sigmoid(0) = 1/2
+            nn.init.zeros_(self.gate.weight)
+            self.gate_scale = hp.attn_gate_scale
 
     def forward(self, x: Tensor, ve: Tensor | None, docs: Tensor | None = None) -> Tensor:
         B, T, _ = x.shape
@@ -1306,6 +1360,8 @@ class Attention(nn.Module):
         if self.xsa:  # exclusive self-attention: drop each head's component along its own value vector
             vn = F.normalize(v, dim=-1).repeat_interleave(self.h // self.kv, dim=2)
             y = y - (y * vn).sum(-1, keepdim=True) * vn
+        if self.gate is not None:  # sparse head-output gate: a narrow window of the input decides each head's share
+            y = y * torch.sigmoid(self.gate_scale * self.gate(x[..., :self.gate.in_features]))[..., None].to(y.dtype)
         return self.o(y.reshape(B, T, self.h * self.d))
 
 
@@ -1331,12 +1387,22 @@ class Block(nn.Module):
         self.mlp_scale = nn.Parameter(torch.ones(hp.model_dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(hp.model_dim), torch.zeros(hp.model_dim))))
         self.norm_scale = 1.0 / math.sqrt(layer + 1) if hp.ln_scale else 1.0
+        parallel = 0 < hp.parallel_start <= layer  # lane mix: row 0 keeps each lane, rows 1-2 add attention and MLP
+        self.lanes = nn.Parameter(torch.tensor([[1.1, 1.1], [1.0, 1.0], [1.0, 1.0]])) if parallel else None
 
     def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None, docs: Tensor | None = None) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.norm_scale, ve, docs)
         return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale)
+
+    def parallel(self, lanes: list[Tensor], x0: Tensor, ve: Tensor | None, docs: Tensor | None) -> list[Tensor]:
+        """Parallel residual lanes: attention reads lane 0 (mixed with x0), the MLP lane 1, both at once; each lane
+        keeps itself and takes both outputs through the learned 3x2 lane mix."""
+        mix, w = self.resid_mix.to(x0.dtype), self.lanes.to(x0.dtype)
+        a = self.attn_scale.to(x0.dtype) * self.attn(rms_norm(mix[0] * lanes[0] + mix[1] * x0) * self.norm_scale, ve, docs)
+        m = self.mlp_scale.to(x0.dtype) * self.mlp(rms_norm(lanes[1]) * self.norm_scale)
+        return [w[0, k] * lanes[k] + w[1, k] * a + w[2, k] * m for k in (0, 1)]
 
 
 class BigramHash(nn.Module):
@@ -1369,8 +1435,10 @@ class GPT(nn.Module):
             self.ve_embed = nn.Embedding(hp.vocab_size, hp.ve_dim)
             self.ve_proj = CastedLinear(hp.ve_dim, hp.num_kv_heads * hp.head_dim, bias=False)
             self.ve_scales = nn.Parameter(torch.full((len(self.ve_layers),), 0.1))
-        self.n_enc = hp.num_layers // 2 if hp.unet_skips else 0
-        self.skip_weights = nn.Parameter(torch.ones(min(self.n_enc, hp.num_layers - self.n_enc), hp.model_dim)) if self.n_enc else None
+        self.loop = parse_loop(hp.loop_layers, hp.num_layers) if hp.loop_count > 1 else None
+        self.looping = self.loop is not None and hp.loop_start <= 0  # switched on by train() at LOOP_START
+        n = len(self.layer_order(True))  # the U-Net halves of the longest (looped) order size the skip weights
+        self.skip_weights = nn.Parameter(torch.ones(min(n // 2, n - n // 2), hp.model_dim)) if hp.unet_skips and n > 1 else None
         self.lm_head = None if hp.tie_embeddings else CastedLinear(hp.model_dim, hp.vocab_size, bias=False)
         self._init_weights()
 
@@ -1382,6 +1450,14 @@ class GPT(nn.Module):
                     nn.init.zeros_(m.weight)
                 elif self.hp.ortho_init:
                     nn.init.orthogonal_(m.weight)
+
+    def layer_order(self, looping: bool) -> list[int]:
+        """Physical layer of each block application: with looping, layers a..b run LOOP_COUNT times in a row."""
+        L = self.hp.num_layers
+        if not (looping and self.loop):
+            return list(range(L))
+        a, b = self.loop
+        return [*range(b + 1), *list(range(a, b + 1)) * (self.hp.loop_count - 1), *range(b + 1, L)]
 
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> Tensor:
         """Token ids (B, T) -> soft-capped logits (B, T, vocab) in float32, or with targets their per-token NLL
@@ -1396,14 +1472,25 @@ class GPT(nn.Module):
         x0, skips = x, []
         docs = torch.cumsum(idx == BOS_ID, 1) if self.hp.doc_mask else None
         ve = self.ve_proj(self.ve_embed(idx)) if self.ve_layers else None
-        for i, block in enumerate(self.blocks):
-            if self.n_enc and i >= self.n_enc and skips:  # U-Net decoder half pops encoder outputs
-                x = x + self.skip_weights[i - self.n_enc].to(x.dtype) * skips.pop()
+        order, lanes = self.layer_order(self.looping), None
+        n_enc = len(order) // 2 if self.skip_weights is not None else 0
+        for j, i in enumerate(order):
+            block = self.blocks[i]
+            if block.lanes is None and lanes:  # lanes merge by their mean
+                x, lanes = 0.5 * (lanes[0] + lanes[1]), None
+            elif block.lanes is not None and lanes is None:
+                lanes = [x, x]
+            if n_enc and j >= n_enc and skips:  # U-Net decoder half pops encoder outputs (into lane 0)
+                skip = self.skip_weights[j - n_enc].to(x.dtype) * skips.pop()
+                x, lanes = (x, [lanes[0] + skip, lanes[1]]) if lanes else (x + skip, None)
             layer_ve = ve * self.ve_scales[self.ve_layers.index(i)].to(x.dtype) if i in self.ve_layers else None
-            x = block(x, x0, layer_ve, docs)
-            if i < self.n_enc:
-                skips.append(x)
-        x = rms_norm(x)
+            if lanes:
+                lanes = block.parallel(lanes, x0, layer_ve, docs)
+            else:
+                x = block(x, x0, layer_ve, docs)
+            if j < n_enc:
+                skips.append(lanes[0] if lanes else x)
+        x = rms_norm(0.5 * (lanes[0] + lanes[1]) if lanes else x)
         logits = F.linear(x, self.tok_emb.weight.to(x.dtype)) if self.lm_head is None else self.lm_head(x)
         logits, c = logits.float(), self.hp.logit_softcap
         logits = c * torch.tanh(logits / c) if c > 0 else logits
@@ -1442,14 +1529,20 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class Schedule:
-    """LR multiplier: linear warm-up, flat, then linear warmdown to 0 by iterations or by the wall-clock cap."""
+    """LR multiplier: linear warm-up, flat, then linear warmdown towards 0 (floored at min_lr) over the last
+    warmdown_frac of training (wall-clock or iterations), else over the last warmdown_iters steps."""
     iterations: int
     warmdown_iters: int
     lr_warmup_steps: int
     wallclock_s: float  # 0 = no cap
+    warmdown_frac: float = 0.0
+    min_lr: float = 0.0
 
     def lr_mult(self, step: int, elapsed_s: float) -> float:
         warm = min(1.0, (step + 1) / self.lr_warmup_steps) if self.lr_warmup_steps else 1.0
+        if self.warmdown_frac > 0:
+            done = elapsed_s / self.wallclock_s if self.wallclock_s > 0 else step / max(self.iterations, 1)
+            return min(warm, max(min(1.0, (1 - done) / self.warmdown_frac), self.min_lr))
         if self.warmdown_iters <= 0:
             return warm
         if self.wallclock_s > 0 and step > 0:  # warmdown spans the last warmdown_iters steps at the current pace
@@ -1459,7 +1552,7 @@ class Schedule:
         else:
             start = self.iterations - self.warmdown_iters
             down = max(self.iterations - step, 0) / self.warmdown_iters if step >= start else 1.0
-        return min(warm, down)
+        return min(warm, max(down, self.min_lr))
 
 
 def write_atomic(path: str | Path, data: bytes | str):
@@ -1587,7 +1680,8 @@ def build_optimizers(run: Run) -> list[torch.optim.Optimizer]:
     adam = torch.optim.AdamW([dict(g, base_lr=g["lr"]) for g in groups], betas=(hp.beta1, hp.beta2), eps=hp.adam_eps,
                              weight_decay=hp.adam_wd, fused=run.device.type == "cuda")
     muon = Muon(matrices, lr=hp.matrix_lr, momentum=hp.muon_momentum, backend_steps=hp.muon_backend_steps,
-                weight_decay=hp.muon_wd, comm_dtype=torch.bfloat16 if run.device.type == "cuda" else torch.float32)
+                weight_decay=hp.muon_wd, comm_dtype=torch.bfloat16 if run.device.type == "cuda" else torch.float32,
+                polar=hp.muon_polar, row_norm=hp.muon_row_norm)
     for g in muon.param_groups:
         g["base_lr"] = hp.matrix_lr
     return [adam, muon]
@@ -1673,12 +1767,17 @@ def train(run: Run):
     set_qat(run, None)  # the state the loop starts in, so the graph primed for it is the one the loop uses
     if hp.warmup_steps:  # prime compilation / kernels, then restore the initial state so priming is free
         saved = ([t.clone() for t in run.model.state_dict().values()], [o.state_dict() for o in optimizers])
-        loader = DistributedTokenLoader(pattern, run.rank, run.world_size, run.device)
-        for i in range(hp.warmup_steps):
-            if hp.qat_threshold and hp.warmup_steps > 1 and i == hp.warmup_steps // 2:
-                set_qat(run, 0)  # QAT's graph too: otherwise it compiles inside the timed window when QAT starts
+        loader, looping, qat_on = DistributedTokenLoader(pattern, run.rank, run.world_size, run.device), run.model.looping, False
+        phases = [(looping, False)] + [(True, False)] * (run.model.loop is not None and not looping)
+        phases += [(phases[-1][0], True)] * bool(hp.qat_threshold)  # each graph the loop will run, in its order:
+        for i in range(hp.warmup_steps):  # otherwise it compiles inside the timed window when looping or QAT starts
+            run.model.looping, qat = phases[i * len(phases) // hp.warmup_steps]
+            if qat and not qat_on:
+                set_qat(run, 0)
+                qat_on = True
             train_step(run, loader, optimizers, ga, 1.0, i)
             refresh_qat(run.model)
+        run.model.looping = looping
         set_qat(run, None)
         for t, s in zip(run.model.state_dict().values(), saved[0]):
             t.copy_(s)
@@ -1686,7 +1785,7 @@ def train(run: Run):
             o.load_state_dict(s)
     loader = DistributedTokenLoader(pattern, run.rank, run.world_size, run.device)
     cap = train_budget(hp)
-    sched = Schedule(hp.iterations, hp.warmdown_iters, hp.lr_warmup_steps, cap)
+    sched = Schedule(hp.iterations, hp.warmdown_iters, hp.lr_warmup_steps, cap, hp.warmdown_frac, hp.min_lr)
     averager = WeightAverager(run.model, hp)
     run.log(f"train: grad_accum {ga}, {hp.train_batch_tokens} tokens/step, {hp.iterations} iterations, "
             f"wall-clock cap {cap:.0f}s")
@@ -1699,8 +1798,13 @@ def train(run: Run):
         on_train_step(run, step, lr_mult)
         step += 1
         train_s = time.perf_counter() - t0
-        capped = cap > 0 and train_s >= cap
-        stop = run.all_reduce(float(capped))[0] > 0  # every rank stops on the same step
+        loop_due = bool(run.model.loop) and not run.model.looping and (
+            train_s / cap if cap else step / hp.iterations) >= hp.loop_start
+        capped = cap > 0 and train_s >= cap  # every rank stops (and starts looping) on the same step
+        stop, loop_now = (v > 0 for v in run.all_reduce(float(capped), float(loop_due), op=dist.ReduceOp.MAX))
+        if loop_now:
+            run.model.looping, run.results["looping_from_step"] = True, step + 1
+            run.log(f"loop: from step {step + 1}, layers {hp.loop_layers} run {hp.loop_count} times")
         if step % hp.train_log_every == 0 or step == hp.iterations or stop:
             loss_v = run.all_reduce(loss.item())[0] / run.world_size
             if not math.isfinite(loss_v):
@@ -1763,6 +1867,7 @@ def resume(run: Run):
         raise ConfigError(f"RESUME_FROM={run.hp.resume_from}: weights do not fit the configured model "
                           f"({str(e).splitlines()[0]}); do not override shape variables when resuming") from None
     run.results.update({k: v for k, v in header["results"].items() if k not in ("status", "config", "stages")})
+    run.model.looping = run.model.looping or "looping_from_step" in run.results
     run.log(f"resume: {run.hp.resume_from}, {run.results.get('steps')} steps trained; training skipped")
 
 
@@ -1812,6 +1917,7 @@ def export(run: Run):
                 "use lower-bit formats or a smaller model")
     fresh = GPT(hp).to(run.device)
     fresh.load_state_dict(load_artifact(path))
+    fresh.looping = run.model.looping  # evaluated as it was trained last
     run.model = fresh
     run.eval_model = FixedBatch(torch.compile(fresh, dynamic=False), eval_rows(hp)) if hp.compile else fresh
 

@@ -349,3 +349,12 @@ def test_too_little_disk_is_a_startup_error(brown_data, tmp_path, monkeypatch):
     monkeypatch.setattr(T.shutil, "disk_usage", lambda p: type("Usage", (), dict(free=10**6))())
     with pytest.raises(T.ConfigError, match="bytes free, the checkpoint and artifact need"):
         small_run(brown_data, tmp_path)
+
+
+def test_looping_switches_on_in_the_loop_with_its_graph_primed(brown_data, tmp_path, monkeypatch):
+    counter = CountingCompile(monkeypatch)
+    run = small_run(brown_data, tmp_path, COMPILE=1, WARMUP_STEPS=6, ITERATIONS=6, WARMDOWN_ITERS=4,
+                    QAT_THRESHOLD=0.6, LR_WARMUP_STEPS=0, LOOP_LAYERS="1-1", LOOP_COUNT=2, LOOP_START=0.5)
+    T.train(run)
+    assert run.results["looping_from_step"] == 4 and run.model.looping
+    assert run.results["recompiles_in_loop"] == 0 and len(counter.graphs) == 3  # plain, looped, looped + QAT
