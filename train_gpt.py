@@ -1520,7 +1520,8 @@ class FixedBatch(nn.Module):
 # main() runs named stages over one shared Run: setup, train, export, evaluate, report.
 
 ARTIFACT_CAP_BYTES = 16_000_000
-CODE_BYTES = len(Path(__file__).read_bytes())  # read at start: the code that actually ran
+CODE = Path(__file__).read_bytes()  # read at start: the code that ran (launched from the packed file: that file)
+CODE_BYTES, CODE_FORM = len(CODE), "packed" if CODE.startswith(b"# packed train_gpt.py") else "readable"
 
 
 class TrainingDiverged(RuntimeError):
@@ -1625,7 +1626,10 @@ def setup(hp: Hyperparameters) -> Run:
     run.log(f"config: {json.dumps(dataclasses.asdict(hp), sort_keys=True)}")
     run.log(f"runtime: torch {torch.__version__} device {device} world_size {world} "
             f"attention {'flash-attn' if cuda and use_flash(hp.attn_kernel, torch.bfloat16) else 'sdpa'}")
-    run.results.update(run_id=hp.run_id, seed=hp.seed, status="running", config=dataclasses.asdict(hp), stages={})
+    run.results.update(run_id=hp.run_id, seed=hp.seed, status="running", config=dataclasses.asdict(hp), stages={},
+                       code_form=CODE_FORM, device=torch.cuda.get_device_name(device) if cuda else "cpu",
+                       world_size=world, torch=torch.__version__)
+    run.log(f"code: {Path(__file__).name} {CODE_BYTES:,} bytes ({CODE_FORM}), counted in the artifact")
     check_inputs(run)
     torch.manual_seed(hp.seed)
     np.random.seed(hp.seed)

@@ -4,34 +4,52 @@
   python scripts/package_submission.py --runs logs/myrecord_seed*.json --name "11L int6 QAT" \
       --github-id octocat [--blurb TEXT] [--out records/2026-05-01_11L_int6_QAT]
 
-The folder gets: train_gpt.py (the current file, which must be the one the runs measured: its
-byte count must equal every run's code_bytes), requirements.txt, each run's train log
-(<RUN_ID>.txt) and result JSON (<RUN_ID>.json), submission.json (author, github_id, name, blurb,
-date, val_bpb and val_loss means over the seeds and their std, val_bpb per seed, seed_results,
-bytes_total = the largest artifact, bytes_code, metadata with the config and its changes from
-the defaults), and README.md (results table, config differences from train_gpt.py's defaults,
-the reproduction command).
+The folder gets: train_gpt.py = the packed script (scripts/pack_code.py; --packed, else packed
+from --script now), train_gpt_readable.py (the readable source it unpacks to, not counted),
+requirements.txt, each run's train log (<RUN_ID>.txt) and result JSON (<RUN_ID>.json),
+submission.json in the public records' layout (author, github_id, name, blurb, date, track,
+val_bpb and val_loss means over the seeds and their std, seeds, seed_results, bytes_total = the
+packed code + the largest model file, bytes_code = the packed file, hardware, versions, metadata
+with the config and its changes from the defaults), and README.md (results, configuration, the
+command that reproduces each seed from inside the folder, the expected val_bpb).
+
+Before writing, it proves the packed file: it runs it from inside the new folder and the readable
+script, each for 5 steps of PRESET=tiny on the --verify-data dataset (CPU is fine), and requires
+the same loss at every step and byte-identical model files (--no-verify skips this, and the
+README then says so). When the runs are 8x H100 runs, the top-level submission.json
+(--top-level) is rewritten from them; a CPU or other run never fills it.
 
 Refused (exit 2, nothing written): runs that failed or are over the 16,000,000-byte cap, runs
 whose configs differ in anything but seed/run_id/log_dir, repeated seeds, a missing train log,
-a train_gpt.py whose size differs from the runs' code_bytes, an existing --out. The folder is
-assembled beside --out and renamed into place. The last line of stdout is the folder.
+runs whose code_bytes match neither the readable script nor its packed form, a --packed file
+packed from another source (its sha256 line), a packed run that does not match, an existing
+--out. The folder is assembled beside --out and renamed into place. The last line of stdout is
+the folder.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
+import os
 import re
 import shlex
 import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ARTIFACT_CAP_BYTES, UserError, cli, import_trainer, load_results, mean_std, refuse_bad  # noqa: E402
+from _common import ARTIFACT_CAP_BYTES, UserError, cli, import_trainer, load_results, mean_std, refuse_bad, write_atomic  # noqa: E402
+from pack_code import pack, packed_hash  # noqa: E402
+
+VERIFY_STEPS = 5
+VERIFY_ENV = dict(PRESET="tiny", ITERATIONS=str(VERIFY_STEPS), TRAIN_LOG_EVERY="1", VAL_MAX_TOKENS="4097",
+                  TTT_ENABLED="0", NGRAM_ORDER="0", SEED="1337", RUN_ID="verify")
 
 PER_RUN_KEYS = ("seed", "run_id", "log_dir")  # config fields allowed to differ between the seeds
 
@@ -68,7 +86,8 @@ def check_same_config(runs: list[dict]) -> dict:
     return ref
 
 
-def check_code_bytes(runs: list[dict], script: Path) -> int:
+def check_code_bytes(runs: list[dict], script: Path, packed: bytes) -> None:
+    """The runs ran this script, readable or packed: their code_bytes is one of the two sizes."""
     size = len(script.read_bytes())
     recorded = {r.get("code_bytes") for r in runs}
     if len(recorded) > 1:
@@ -76,11 +95,55 @@ def check_code_bytes(runs: list[dict], script: Path) -> int:
         raise UserError(f"the runs were made with different train_gpt.py versions (code_bytes {listing}); "
                         "package runs of one version")
     (code,) = recorded
-    if code != size:
-        raise UserError(f"{script} is {size:,} bytes but the runs recorded code_bytes {code}: the script changed since "
-                        "they ran; restore the exact version they ran (e.g. git checkout <commit> -- train_gpt.py) "
-                        "or re-run the seeds")
-    return size
+    if code not in (size, len(packed)):
+        raise UserError(f"{script} is {size:,} bytes ({len(packed):,} packed) but the runs recorded code_bytes {code}: "
+                        "the script changed since they ran; restore the exact version they ran (e.g. git checkout "
+                        "<commit> -- train_gpt.py) or re-run the seeds")
+
+
+def packed_form(script: Path, packed_path: Path | None) -> bytes:
+    """The packed script: --packed (refused unless packed from exactly this source), else packed now."""
+    source = script.read_bytes()
+    if packed_path is None:
+        return pack(source)[0]
+    packed = packed_path.read_bytes() if packed_path.is_file() else b""
+    named, actual = packed_hash(packed), hashlib.sha256(source).hexdigest()
+    if named != actual:
+        raise UserError(f"{packed_path}: {'not a packed train_gpt.py' if named is None else f'packed from a source with sha256 {named[:12]}...'}, "
+                        f"not from {script} (sha256 {actual[:12]}...); pack it again: python scripts/pack_code.py --source {script}")
+    return packed
+
+
+def verify_packed(folder: Path, readable: Path, data: Path) -> str:
+    """Run the packed train_gpt.py from inside folder and the readable script for VERIFY_STEPS steps of PRESET=tiny;
+    the per-step losses and the model files must be identical. Returns a one-line account."""
+    if not (data / "manifest.json").is_file():
+        raise UserError(f"--verify-data {data}: no dataset there; build it with scripts/prepare_data.py local "
+                        "or pass --no-verify")
+    outs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, script, cwd in (("packed", "train_gpt.py", folder), ("readable", str(readable.resolve()), tmp)):
+            env = {**os.environ, **VERIFY_ENV, "DATA_PATH": str(data.resolve()), "LOG_DIR": str(Path(tmp) / name)}
+            proc = subprocess.run([sys.executable, script], cwd=cwd, env=env, capture_output=True, text=True)
+            log = Path(tmp) / name / "verify.txt"
+            if proc.returncode != 0 or not log.is_file():
+                raise UserError(f"the {name} script failed its {VERIFY_STEPS}-step check (exit {proc.returncode}): "
+                                f"{(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
+            losses = re.findall(r"^step (\d+)/\d+ loss (\S+)", log.read_text(), re.M)
+            outs[name] = (losses, (Path(tmp) / name / "verify.artifact").read_bytes())
+    (lp, ap), (lr, ar) = outs["packed"], outs["readable"]
+    if len(lp) != VERIFY_STEPS or lp != lr or ap != ar:
+        raise UserError(f"the packed script does not reproduce the readable one: losses {lp} vs {lr}, model files "
+                        f"{'identical' if ap == ar else 'differ'}; pack it again with scripts/pack_code.py")
+    return (f"the packed train_gpt.py, run from this folder, reproduced the readable script's loss at each of "
+            f"{VERIFY_STEPS} steps of PRESET=tiny ({', '.join(x for _, x in lp)}) and its model file byte for byte")
+
+
+def hardware(runs: list[dict]) -> str | None:
+    """'8xNVIDIA H100 80GB HBM3' when every run recorded the same world size and device, else None."""
+    kinds = {(r.get("world_size"), r.get("device")) for r in runs}
+    kind = kinds.pop() if len(kinds) == 1 else (None, None)
+    return None if None in kind else f"{kind[0]}x{kind[1]}"
 
 
 def config_changes(config: dict, script: Path) -> tuple[list[tuple[str, object, object, str]], dict[str, str], str | None]:
@@ -116,7 +179,7 @@ def world_size_from_log(text: str) -> int | None:
 
 
 def build_readme(sub: dict, runs: list[dict], rows: list, env: dict[str, str], nproc: int, folder: str,
-                 warning: str | None) -> str:
+                 warning: str | None, verified: str) -> str:
     seeds = [r["seed"] for r in runs]
     lines = [f"# {sub['name']}", ""]
     if sub.get("blurb"):
@@ -153,9 +216,14 @@ def build_readme(sub: dict, runs: list[dict], rows: list, env: dict[str, str], n
               f"  {env_str + ' ' if env_str else ''}SEED=$SEED RUN_ID={sub['metadata']['run_prefix']}_seed$SEED \\",
               f"    torchrun --standalone --nproc_per_node={nproc} train_gpt.py", "done", "```", "",
               f"`DATA_PATH`{data_note} and `TOKENIZER_PATH` are read relative to where you run it: point them at "
-              "the dataset if it is not there. Each run writes `logs/<RUN_ID>.txt` and `logs/<RUN_ID>.json`.", "",
+              "the dataset if it is not there. Each run writes `logs/<RUN_ID>.txt` and `logs/<RUN_ID>.json`. "
+              "Expected val_bpb per seed: " + ", ".join(f"{r['seed']}: {r['val_bpb']:.4f}" for r in runs) +
+              f" (mean {sub['val_bpb']:.4f}).", "",
+              f"Packed code: {verified}." if verified else "Packed code: not verified (packaged with --no-verify).", "",
               "## Files", "",
-              "- `train_gpt.py`: the training script the runs used (its size is the `code_bytes` they recorded)",
+              f"- `train_gpt.py`: the packed training script ({sub['bytes_code']:,} bytes, counted in the artifact): it "
+              "decompresses `train_gpt_readable.py` and runs it",
+              "- `train_gpt_readable.py`: the readable source (not counted; its sha256 is on the packed file's first line)",
               "- `requirements.txt`: its Python dependencies",
               *[f"- `{r['run_id']}.txt` / `{r['run_id']}.json`: train log and results of seed {r['seed']}" for r in runs],
               "- `submission.json`: the numbers above, machine-readable", ""]
@@ -180,6 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--script", type=Path, default=Path("train_gpt.py"), help="the training script (default ./train_gpt.py)")
     p.add_argument("--requirements", type=Path, default=Path("requirements.txt"),
                    help="requirements file to include (default ./requirements.txt)")
+    p.add_argument("--packed", type=Path, default=None,
+                   help="packed script made by scripts/pack_code.py from --script (default: pack --script now)")
+    p.add_argument("--verify-data", type=Path, default=Path("data/datasets/brown_sp1024"),
+                   help="dataset for the packed-vs-readable check (default data/datasets/brown_sp1024)")
+    p.add_argument("--no-verify", action="store_true", help="skip the packed-vs-readable check")
+    p.add_argument("--top-level", type=Path, default=Path("submission.json"),
+                   help="the repo's submission.json, rewritten when the runs are 8x H100 runs (default ./submission.json)")
     return p
 
 
@@ -204,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     if dup:
         raise UserError(f"--runs: seed(s) {', '.join(dup)} appear more than once; give one run per seed")
     config = check_same_config(runs)
-    code_bytes = check_code_bytes(runs, args.script)
+    packed = packed_form(args.script, args.packed)
+    check_code_bytes(runs, args.script, packed)
     logs = {}
     for r in runs:
         txt = Path(r["_path"]).with_suffix(".txt")
@@ -231,13 +307,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = dict(
         author=args.author or args.github_id, github_id=args.github_id, name=args.name, blurb=args.blurb,
         date=date, val_loss=r8(loss_m), val_bpb=r8(bpb_m), val_loss_std=r8(loss_s), val_bpb_std=r8(bpb_s),
-        bytes_total=max(int(r["artifact_bytes"]) for r in runs), bytes_code=code_bytes,
-        seeds=[r["seed"] for r in runs],
+        track="10min_16mb", bytes_total=len(packed) + max(int(r["model_bytes"]) for r in runs),
+        bytes_code=len(packed), seeds=[r["seed"] for r in runs],
         val_bpb_per_seed={str(r["seed"]): r8(r["val_bpb"]) for r in runs},
         seed_results={str(r["seed"]): dict(run_id=r["run_id"], val_bpb=r8(r["val_bpb"]), val_loss=r8(r["val_loss"]),
                                            artifact_bytes=r["artifact_bytes"], model_bytes=r.get("model_bytes"),
                                            steps=r.get("steps"), train_seconds=r.get("train_seconds"),
                                            eval_seconds=r.get("eval_seconds")) for r in runs},
+        hardware=hardware(runs), pytorch_version=runs[0].get("torch"),
         metadata=dict(preset=config.get("preset", "default"), run_prefix=common_prefix([r["run_id"] for r in runs]),
                       world_size=nproc, params=runs[0].get("params"), eval_stages=eval_stages,
                       config_changes={k: v for k, v, _, _ in rows}, reproduce_env=env, config=config),
@@ -247,14 +324,17 @@ def main(argv: list[str] | None = None) -> int:
     tmp = out.parent / f".{out.name}.tmp-{int(time.time() * 1000)}"
     try:
         tmp.mkdir()
-        shutil.copyfile(args.script, tmp / "train_gpt.py")
+        (tmp / "train_gpt.py").write_bytes(packed)
+        shutil.copyfile(args.script, tmp / "train_gpt_readable.py")
         shutil.copyfile(args.requirements, tmp / "requirements.txt")
         for r in runs:
             shutil.copyfile(logs[r["run_id"]], tmp / f"{r['run_id']}.txt")
             shutil.copyfile(r["_path"], tmp / f"{r['run_id']}.json")
+        verified = "" if args.no_verify else verify_packed(tmp, tmp / "train_gpt_readable.py", args.verify_data)
+        sub["metadata"]["packed_verified"] = bool(verified)
         (tmp / "submission.json").write_text(json.dumps(sub, indent=2) + "\n")
-        (tmp / "README.md").write_text(build_readme(sub, runs, rows, env, nproc, str(out), warning))
-        if len((tmp / "train_gpt.py").read_bytes()) != code_bytes:  # the file changed while we copied it
+        (tmp / "README.md").write_text(build_readme(sub, runs, rows, env, nproc, str(out), warning, verified))
+        if hashlib.sha256((tmp / "train_gpt_readable.py").read_bytes()).hexdigest() != packed_hash(packed):
             raise UserError(f"{args.script} changed while packaging; try again")
         if out.exists():
             raise UserError(f"{out}: appeared while packaging; nothing was written")
@@ -262,8 +342,15 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+    if (sub["hardware"] or "").startswith("8x") and "H100" in sub["hardware"]:
+        write_atomic(args.top_level, json.dumps(dict(sub, metadata=dict(sub["metadata"], records_folder=str(out))),
+                                                indent=2) + "\n")
+        print(f"{args.top_level}: now this submission")
+    else:
+        print(f"{args.top_level}: left as it is (the runs are {sub['hardware'] or 'of unrecorded hardware'}, "
+              "not 8x H100; a CPU figure never fills it)")
     print(f"val_bpb {bpb_m:.4f} over seeds {', '.join(str(r['seed']) for r in runs)}; "
-          f"largest artifact {sub['bytes_total']:,} bytes")
+          f"artifact {sub['bytes_total']:,} bytes with the packed code ({len(packed):,} bytes)")
     print(out)
     return 0
 

@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 import train_gpt as T  # noqa: E402
 from _common import UserError, cli  # noqa: E402
+from pack_code import pack  # noqa: E402
 
 ALTERNATIVES = [
     "attn_qk:int8,attn_vo:int8,mlp_up:int8,mlp_down:int8,embed:int8,aux:int8,head:int8",
@@ -62,7 +63,7 @@ class Meter:
         return self.cache[key]
 
 
-def predict(hp: T.Hyperparameters, state: dict, meter: Meter) -> dict:
+def predict(hp: T.Hyperparameters, state: dict, meter: Meter, code_bytes: int = T.CODE_BYTES) -> dict:
     fmts = T.quant_formats(hp, state)
     roles, control, tensors = {}, 0, []
     for name, t in state.items():
@@ -85,14 +86,17 @@ def predict(hp: T.Hyperparameters, state: dict, meter: Meter) -> dict:
         r["bits"] += bits
     header = len(json.dumps(dict(seed=hp.quant_seed, tensors=tensors, groups={g: dict(codec="brotli", pack="shuffle", bits=16, n=10 ** 8, raw=10 ** 8, len=10 ** 8) for g in {f.name for _, f in fmts.values()} | {"scales", "fp16"}}), separators=(",", ":")))
     model = sum(r["bits"] for r in roles.values()) / 8 + 2 * control + header + 44
-    return dict(roles=roles, control=control, header=header, model=model, code=T.CODE_BYTES, total=model + T.CODE_BYTES)
+    return dict(roles=roles, control=control, header=header, model=model, code=code_bytes, total=model + code_bytes)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--spec", action="append", help="QUANT_SPEC to predict (repeatable); default: the config's + alternatives")
     ap.add_argument("--codec", help="override CODEC (auto tries zstd, lzma and brotli: slowest, smallest)")
+    ap.add_argument("--packed", action="store_true",
+                    help="count the code as packed by scripts/pack_code.py (what a run launched from it counts)")
     args = ap.parse_args(argv)
+    code_bytes = len(pack(T.CODE)[0]) if args.packed else T.CODE_BYTES
     try:
         hp = T.load_hparams({**os.environ, **({"CODEC": args.codec} if args.codec else {})})
         specs = args.spec or [hp.quant_spec] + [s for s in ALTERNATIVES if s != hp.quant_spec]
@@ -113,14 +117,14 @@ def main(argv=None) -> int:
         print(f"| {s} | {code:.3f} | {ent:.3f} | {scale:.2f} |")
     fits_first = None
     for s in specs:
-        p = predict(dataclasses.replace(hp, quant_spec=s), state, meter)
+        p = predict(dataclasses.replace(hp, quant_spec=s), state, meter, code_bytes)
         fits = p["total"] <= T.ARTIFACT_CAP_BYTES
         fits_first = fits if fits_first is None else fits_first
         print(f"\nQUANT_SPEC={s}\n\n| role:format | params | bits/weight | bytes |\n|---|---|---|---|")
         for k, r in p["roles"].items():
             print(f"| {k} | {r['params']:,} | {r['bits'] / r['params']:.3f} | {r['bits'] / 8:,.0f} |")
         print(f"| control tensors (fp16) | {p['control']:,} | 16 | {2 * p['control']:,} |")
-        print(f"| header + prefix | | | {p['header'] + 44:,} |\n| code (train_gpt.py) | | | {p['code']:,} |")
+        print(f"| header + prefix | | | {p['header'] + 44:,} |\n| code (train_gpt.py{', packed' * args.packed}) | | | {p['code']:,} |")
         print(f"| **total** | | | **{p['total']:,.0f}** |")
         verdict = "fits" if fits else "DOES NOT FIT"
         print(f"\npredicted artifact {p['total']:,.0f} bytes: {verdict} "
@@ -128,7 +132,7 @@ def main(argv=None) -> int:
         fit, q = s, p
         while hp.quant_fit and q["total"] > T.ARTIFACT_CAP_BYTES and (
                 nxt := T.narrower_spec(dataclasses.replace(hp, quant_spec=fit), state, q["total"] - T.ARTIFACT_CAP_BYTES)):
-            fit, q = nxt, predict(dataclasses.replace(hp, quant_spec=nxt), state, meter)
+            fit, q = nxt, predict(dataclasses.replace(hp, quant_spec=nxt), state, meter, code_bytes)
         if fit != s:
             print(f"QUANT_FIT=1 would re-export it as QUANT_SPEC={fit}: predicted {q['total']:,.0f} bytes "
                   f"({'fits' if q['total'] <= T.ARTIFACT_CAP_BYTES else 'still over the cap at the int4 floor'})")

@@ -8,6 +8,7 @@ plot_runs --csv, and one tiny bench_train measurement.
 from __future__ import annotations
 
 import csv
+import hashlib
 import importlib
 import io
 import json
@@ -25,6 +26,7 @@ sys.path.insert(0, str(SCRIPTS))
 common = importlib.import_module("_common")
 compare_runs = importlib.import_module("compare_runs")
 package_submission = importlib.import_module("package_submission")
+pack_code = importlib.import_module("pack_code")
 run_seeds = importlib.import_module("run_seeds")
 sweep = importlib.import_module("sweep")
 plot_runs = importlib.import_module("plot_runs")
@@ -79,7 +81,7 @@ sys.exit(0 if status == "ok" else 1)
 
 def make_result(folder: Path, run_id: str, seed: int, val_loss: float, status: str = "ok",
                 artifact_bytes: int = 15_000_000, code_bytes: int = 50_000, config: dict | None = None,
-                log: bool = True) -> Path:
+                log: bool = True, **extra) -> Path:
     cfg = dict(preset="tiny", num_layers=4, model_dim=256, matrix_lr=0.025, compile=False, log_dir=str(folder))
     cfg.update(config or {})
     cfg.update(seed=seed, run_id=run_id)
@@ -87,7 +89,7 @@ def make_result(folder: Path, run_id: str, seed: int, val_loss: float, status: s
                eval_seconds=4.25, code_bytes=code_bytes, model_bytes=artifact_bytes - code_bytes,
                artifact_bytes=artifact_bytes, artifact_path=str(folder / f"{run_id}.artifact"), params=2_400_000,
                stages={"roundtrip": dict(val_loss=val_loss, val_bpb=val_loss * 0.6, seconds=4.0)},
-               val_loss=val_loss, val_bpb=val_loss * 0.6)
+               val_loss=val_loss, val_bpb=val_loss * 0.6, **extra)
     if status != "ok":
         res["error"] = "train loss is nan at step 20"
     folder.mkdir(parents=True, exist_ok=True)
@@ -270,18 +272,23 @@ def test_package_builds_the_folder(pkg_env, capsys):
     out = root / "records" / "2026-05-01_Test"
     code, stdout, _ = output_of(package_submission.main, [
         "--runs", str(root / "logs" / "rec_seed*.json"), "--name", "Test run", "--github-id", "octocat",
-        "--out", str(out), "--blurb", "A tiny test.", "--date", "2026-05-01"], capsys)
+        "--out", str(out), "--blurb", "A tiny test.", "--date", "2026-05-01", "--no-verify"], capsys)
     assert code == 0 and stdout.strip().splitlines()[-1] == str(out)
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted(["README.md", "submission.json", "train_gpt.py", "requirements.txt",
+    assert names == sorted(["README.md", "submission.json", "train_gpt.py", "train_gpt_readable.py", "requirements.txt",
                             "rec_seed1337.txt", "rec_seed42.txt", "rec_seed2024.txt",
                             "rec_seed1337.json", "rec_seed42.json", "rec_seed2024.json"])
-    assert (out / "train_gpt.py").read_bytes() == (root / "train_gpt.py").read_bytes()
+    readable, packed = (root / "train_gpt.py").read_bytes(), (out / "train_gpt.py").read_bytes()
+    assert (out / "train_gpt_readable.py").read_bytes() == readable
+    assert pack_code.packed_hash(packed) == hashlib.sha256(readable).hexdigest()
     sub = json.loads((out / "submission.json").read_text())
     assert sub["name"] == "Test run" and sub["github_id"] == "octocat" and sub["date"] == "2026-05-01"
     assert sub["val_bpb"] == pytest.approx((2.05 + 2.06 + 2.07) / 3 * 0.6)
     assert sub["val_loss"] == pytest.approx(2.06)
-    assert sub["bytes_total"] == 15_200_000
+    assert sub["bytes_code"] == len(packed)  # the packed file is the counted code
+    assert sub["bytes_total"] == len(packed) + 15_200_000 - len(readable)  # + the largest model file
+    assert sub["metadata"]["packed_verified"] is False and "not verified" in (out / "README.md").read_text()
+    assert "left as it is" in stdout and not (root / "submission.json").exists()  # no 8x H100 run: untouched
     assert sub["seeds"] == [1337, 2024, 42]  # the order given (the glob sorts by name)
     assert sub["val_bpb_per_seed"]["42"] == pytest.approx(2.06 * 0.6)
     assert sub["metadata"]["config_changes"] == {"NUM_LAYERS": 4, "MODEL_DIM": 256, "COMPILE": False}
@@ -298,6 +305,32 @@ def test_package_builds_the_folder(pkg_env, capsys):
         package_submission.main(["--runs", str(paths[0]), "--name", "x", "--github-id", "o", "--out", str(out)])
 
 
+def test_package_writes_the_top_level_submission_only_from_8x_h100_runs(pkg_env, capsys):
+    root, _ = pkg_env
+    size = len((root / "train_gpt.py").read_bytes())
+    h100 = [make_result(root / "gpu", f"g_seed{s}", s, 2.0, code_bytes=size, device="NVIDIA H100 80GB HBM3",
+                        world_size=8, torch="2.9.1+cu128") for s in (1, 2)]
+    code, stdout, _ = output_of(package_submission.main, [
+        "--runs", *map(str, h100), "--name", "g", "--github-id", "o", "--out", str(root / "records" / "g"),
+        "--no-verify", "--top-level", str(root / "top.json")], capsys)
+    top = json.loads((root / "top.json").read_text())
+    assert code == 0 and top["hardware"] == "8xNVIDIA H100 80GB HBM3" and top["val_bpb"] == pytest.approx(1.2)
+    assert top["metadata"]["records_folder"] == str(root / "records" / "g") and top["pytorch_version"] == "2.9.1+cu128"
+
+
+def test_package_refuses_a_packed_file_of_another_source(pkg_env, tmp_path):
+    root, paths = pkg_env
+    other = tmp_path / "other_packed.py"
+    other.write_bytes(pack_code.pack(b"print('another source')\n")[0])
+    args = ["--runs", *map(str, paths), "--name", "x", "--github-id", "o", "--out", str(root / "records" / "x"),
+            "--no-verify", "--packed"]
+    with pytest.raises(UserError, match="packed from a source with sha256"):
+        package_submission.main(args + [str(other)])
+    with pytest.raises(UserError, match="not a packed train_gpt.py"):
+        package_submission.main(args + [str(root / "train_gpt.py")])
+    assert not (root / "records").exists()
+
+
 def test_package_refuses_code_bytes_mismatch(pkg_env):
     root, paths = pkg_env
     with open(root / "train_gpt.py", "a") as f:
@@ -311,7 +344,7 @@ def test_package_refuses_code_bytes_mismatch(pkg_env):
 def test_package_refuses_bad_runs(pkg_env):
     root, paths = pkg_env
     size = len((root / "train_gpt.py").read_bytes())
-    args = ["--name", "x", "--github-id", "o", "--out", str(root / "records" / "x"), "--runs"]
+    args = ["--name", "x", "--github-id", "o", "--out", str(root / "records" / "x"), "--no-verify", "--runs"]
     failed = make_result(root / "logs", "bad_seed7", 7, 2.0, status="failed", code_bytes=size)
     with pytest.raises(UserError, match="cannot count"):
         package_submission.main(args + [str(paths[0]), str(failed)])
@@ -598,6 +631,10 @@ def test_predict_size_fits_and_quant_fit_fallback(monkeypatch, capsys):
     assert predict_size.main(["--codec", "zstd", "--spec", "mlp_up:int5,embed:int8"]) == 0
     out = capsys.readouterr().out
     assert "2,413,331 parameters" in out and ": fits" in out and "QUANT_FIT" not in out
+    readable = int(out.split("| code (train_gpt.py) | | | ")[1].split(" ")[0].replace(",", ""))
+    assert predict_size.main(["--codec", "zstd", "--spec", "mlp_up:int5,embed:int8", "--packed"]) == 0
+    packed = int(capsys.readouterr().out.split("| code (train_gpt.py, packed) | | | ")[1].split(" ")[0].replace(",", ""))
+    assert packed == len(pack_code.pack((ROOT / "train_gpt.py").read_bytes())[0]) < readable // 2
     monkeypatch.setenv("NUM_LAYERS", "16")
     monkeypatch.setenv("MODEL_DIM", "512")
     assert predict_size.main(["--codec", "zstd", "--spec", "attn_qk:int8,attn_vo:int8,mlp_up:int8,mlp_down:int8"]) == 1
