@@ -1,9 +1,14 @@
 """Issue 10's switches: each changes the computation when on, is the old computation when off, and keeps shapes."""
-import numpy as np
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import train_gpt as T
+from conftest import ROOT
 
 TINY = dict(PRESET="tiny", MODEL_DIM="64", NUM_LAYERS="3", NUM_HEADS="4", NUM_KV_HEADS="2", BIGRAM_DIM="16",
             VE_DIM="16", VOCAB_SIZE="64")
@@ -132,3 +137,20 @@ def test_frontier_preset_is_the_record_shape():
     assert abs(sum(p.numel() for p in m.parameters()) - 35_945_671) < 10_000  # the record's count, within its extras
     with pytest.raises(T.ConfigError, match="LOOP_LAYERS"):
         T.load_hparams({"PRESET": "frontier", "LOOP_LAYERS": "5-3"})
+
+
+def test_frontier_preset_end_to_end_at_reduced_width(brown_data, tmp_path):
+    """Every switch of the preset at once (loops, lanes, gate, doc mask, Polar-Express + MuonEq-R, warmdown
+    fraction with a floor, int6/int7 at set clips): train, loop switch-on, export, every stage, the audit."""
+    env = {**os.environ, "PRESET": "frontier", "DATA_PATH": str(brown_data), "VOCAB_SIZE": "1024", "MODEL_DIM": "64",
+           "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "TRAIN_SEQ_LEN": "128", "EVAL_SEQ_LEN": "128",
+           "TRAIN_BATCH_TOKENS": "2048", "ITERATIONS": "6", "WARMUP_STEPS": "0", "COMPILE": "0",
+           "MAX_WALLCLOCK_SECONDS": "0", "VAL_MAX_TOKENS": "4097", "TTT_CHUNK_TOKENS": "48", "GPTQ_TOKENS": "4096",
+           "EVAL_AUDIT": "1", "LOG_DIR": str(tmp_path), "RUN_ID": "f"}
+    proc = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads((tmp_path / "f.json").read_text())
+    assert res["status"] == "ok" and res["looping_from_step"] == 4 and res["audit"]["passed"]
+    assert list(res["stages"]) == ["roundtrip", "sliding", "ttt"]  # NGRAM_ORDER=0, as the record
+    assert {"embed:int7@14", "gate:int8", "mlp_up:int6@11.5"} <= set(res["quant"]["roles"])
