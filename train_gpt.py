@@ -131,6 +131,9 @@ class Hyperparameters:
     gptq_damp: float = 0.01  # fraction of the mean Hessian diagonal added to it
     gptq_block: int = 128
     gptq_act_order: bool = True
+    gptq_embed: bool = True  # GPTQ for the tied embedding, its Hessian from the hidden states that feed the output head
+    lqer_rank: int = 4  # LQER correction rank (int4 factors on -8..7)
+    lqer_top: int = 0  # LQER for the k matrices with the largest output error; 0 = off
     export_reserve_seconds: float = 60.0  # cut from MAX_WALLCLOCK_SECONDS for export (Hessians, GPTQ, compression)
     qat_threshold: float = 0.15  # QAT once the warmdown LR multiplier is below this; 0 = off
     qat_steps: int = 1  # QAT stages: start QAT_STEPS-1 bits above QUANT_SPEC, one bit less per stage
@@ -149,11 +152,18 @@ class Hyperparameters:
     ngram_discount: float = 0.6  # absolute discount D, in (0, 1]
     ttt_enabled: bool = True  # score-first test-time training
     ttt_mode: str = "lora"  # lora: per-document adapters, reset per document batch | full: all weights, carried on
+    # | phased: lora, plus global SGD passes over the scored documents at TTT_PHASES boundaries in TTT_PREFIX_DOCS
     ttt_chunk_tokens: int = 256  # lora: targets per document chunk (at most EVAL_SEQ_LEN) | full: per stream chunk
-    ttt_lr: float = 0.01  # lora: Adam | full: SGD (e.g. 0.002 with TTT_CHUNK_TOKENS=32768, TTT_EPOCHS=3)
-    ttt_momentum: float = 0.9  # full: SGD momentum
+    ttt_lr: float = 0.01  # lora/phased: AdamW | full: SGD (e.g. 0.002 with TTT_CHUNK_TOKENS=32768, TTT_EPOCHS=3)
+    ttt_momentum: float = 0.9  # full, and phased's global passes: SGD momentum
     ttt_epochs: int = 1
     ttt_lora_rank: int = 8
+    ttt_beta2: float = 0.999  # lora/phased: AdamW beta2
+    ttt_wd: float = 0.0  # lora/phased: AdamW (decoupled) weight decay
+    ttt_phases: int = 3  # phased: global passes, after documents P/k, 2P/k, .., P (P = TTT_PREFIX_DOCS)
+    ttt_prefix_docs: int = 2500
+    ttt_global_lr: float = 0.001  # phased: SGD lr of the global passes (momentum TTT_MOMENTUM)
+    ttt_global_chunk_tokens: int = 32768  # phased: tokens per global SGD step
     ttt_seconds: float = 300.0  # adaptation time box; later chunks are only scored
     eval_audit: bool = False  # check the four legality conditions on a slice (results["audit"])
 
@@ -177,7 +187,7 @@ PRESETS: dict[str, dict[str, object]] = {
         gptq_tokens=32768,  # ~100 tokens per Hessian column, as the default's 524288 at width 512-1536
     ),
     # The accepted 1.0611 record (2026-04-27, SP8192 + LQER + sparse gate) as its README and code state it; README
-    # lists where this differs (no LQER/embedding GPTQ/phased TTT yet, our codecs and sliding evaluation).
+    # lists where this differs (our codecs and sliding evaluation, among others).
     "frontier": dict(
         data_path="./data/datasets/fineweb10B_sp8192", vocab_size=8192, mlp_mult=4.0, xsa_last_n=11,
         qk_gain_init=5.0, bigram_buckets=0, ve_layers="", loop_layers="3-5", loop_count=3, loop_start=0.35,
@@ -185,7 +195,8 @@ PRESETS: dict[str, dict[str, object]] = {
         tied_embed_lr=0.03, beta2=0.99, muon_momentum=0.97, muon_wd=0.095, adam_wd=0.02, muon_polar=True,
         muon_row_norm=True, lr_warmup_steps=0, warmdown_frac=0.85, min_lr=0.1, qat_threshold=0.0, swa_every=0,
         quant_spec="attn_qk:int6@13,attn_vo:int6@13,mlp_up:int6@11.5,mlp_down:int6@11.5,embed:int7@14,aux:int6@12.85,"
-                   "gate:int8", ngram_order=0, ttt_lora_rank=80, ttt_chunk_tokens=48, ttt_lr=1e-4,
+                   "gate:int8", lqer_top=3, lqer_rank=4, ngram_order=0, ttt_mode="phased", ttt_lora_rank=80,
+        ttt_chunk_tokens=48, ttt_lr=1e-4, ttt_beta2=0.99, ttt_wd=0.5,
     ),
 }
 
@@ -213,6 +224,8 @@ RULES = {  # field -> (predicate, what is expected); checked at start-up
     "gptq_tokens": (lambda v: v >= 1, "an int >= 1"),
     "gptq_damp": (lambda v: v > 0, "a number > 0"),
     "gptq_block": (lambda v: v >= 1, "an int >= 1"),
+    "lqer_rank": (lambda v: v >= 1, "an int >= 1"),
+    "lqer_top": (lambda v: v >= 0, "an int >= 0 (0 = off)"),
     "export_reserve_seconds": (lambda v: v >= 0, "a number >= 0"),
     "attn_kernel": (lambda v: v in ("auto", "flash", "sdpa"), "auto, flash or sdpa"),
     "qat_threshold": (lambda v: 0 <= v <= 1, "a number in [0, 1] (0 = off)"),
@@ -227,7 +240,12 @@ RULES = {  # field -> (predicate, what is expected); checked at start-up
     "attn_gate_window": (lambda v: v >= 0, "an int >= 0 (0 = off)"),
     "ngram_mode": (lambda v: v in ("mix", "tilt"), "mix or tilt"),
     "ngram_discount": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
-    "ttt_mode": (lambda v: v in ("full", "lora"), "full or lora"),
+    "ttt_mode": (lambda v: v in ("full", "lora", "phased"), "full, lora or phased"),
+    "ttt_phases": (lambda v: v >= 1, "an int >= 1"),
+    "ttt_prefix_docs": (lambda v: v >= 0, "an int >= 0 (0: no global pass)"),
+    "ttt_global_chunk_tokens": (lambda v: v >= 2, "an int >= 2"),
+    "ttt_beta2": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "ttt_wd": (lambda v: v >= 0, "a number >= 0"),
     "ttt_chunk_tokens": (lambda v: v >= 1, "an int >= 1"),
     "ttt_lr": (lambda v: v >= 0, "a number >= 0"),
     "ttt_momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
@@ -597,7 +615,7 @@ def eval_ttt(run: Run, model: nn.Module, toks: Tensor, hint: Tensor | None = Non
     have passed; later chunks are only scored. ledger gets (kind, (batch, chunk), weights checksum) entries."""
     hp = run.hp
     model = copy.deepcopy(model)
-    if hp.ttt_mode == "lora":
+    if hp.ttt_mode != "full":
         return eval_ttt_lora(run, model.requires_grad_(False), toks, hint, box, ledger)
     W, first, ends = plan = sliding_plan(toks.numel() - 1, hp.eval_seq_len, hp.eval_stride)
     per, params = max(1, hp.ttt_chunk_tokens // hp.eval_stride), list(model.parameters())
@@ -644,57 +662,103 @@ def adapt_full(run: Run, model: nn.Module, opt: torch.optim.Optimizer, span: Ten
 def eval_ttt_lora(run: Run, model: nn.Module, toks: Tensor, hint: Tensor | None, box: float,
                   ledger: list | None) -> Tensor:
     """TTT_MODE=lora: documents (cut before each boundary token; each also scores the next one's first token) in
-    batches of EVAL_BATCH_SEQS rows, each row with fresh rank-TTT_LORA_RANK adapters on every attention and MLP
-    projection (reset per document batch; base weights frozen). Chunk i (TTT_CHUNK_TOKENS targets of every document,
-    with up to EVAL_SEQ_LEN tokens of the document as context) is scored, then trained on with Adam. Documents are
-    shared out over ranks; adapters are per document, so ranks never communicate until the final all-reduce."""
+    batches of EVAL_BATCH_SEQS rows, longest first, shared out over ranks; each batch gets fresh adapters (lora_batch),
+    so ranks never communicate until the final all-reduce. TTT_MODE=phased: documents in their order, each round a
+    batch per rank; once the documents scored reach a phase boundary (TTT_PREFIX_DOCS split in TTT_PHASES), one
+    global SGD pass on every weight over all documents before it (all scored), then per-document LoRA goes on."""
     hp, dev, M = run.hp, toks.device, toks.numel() - 1
-    L, c = hp.eval_seq_len, min(hp.ttt_chunk_tokens, hp.eval_seq_len)
     starts = torch.unique(F.pad(torch.nonzero(torch.as_tensor(run.luts[2], device=dev)[toks[:-1]])[:, 0], (1, 0)))
     lengths = torch.diff(starts, append=starts.new_full((1,), M))
-    share = slice(len(starts) * run.rank // run.world_size, len(starts) * (run.rank + 1) // run.world_size)
-    order = torch.argsort(lengths[share], descending=True, stable=True)
-    starts, lengths = starts[share][order], lengths[share][order]
-    linears = [m for m in model.blocks.modules() if isinstance(m, CastedLinear)]
-    per_batch = eval_rows(hp, 8)  # rows train here: 1/8 of the scoring batch
-    stats, t0 = torch.zeros(3, M, device=dev), time.perf_counter()
+    per_batch, D, t0 = eval_rows(hp, 8), len(starts), time.perf_counter()  # rows train here: 1/8 of the scoring batch
+    stats, scored = torch.zeros(3, M, device=dev), torch.zeros(M, dtype=torch.bool, device=dev)
     gen = torch.Generator(device=dev).manual_seed(hp.seed)  # every document starts from the same adapters
+    linears = [m for m in model.blocks.modules() if isinstance(m, CastedLinear)]
     init = [torch.randn(hp.ttt_lora_rank, m.in_features, device=dev, generator=gen) / m.in_features ** 0.5
             for m in linears]
-    for bi, b in enumerate(range(0, len(starts), per_batch)):
-        s, n = starts[b:b + per_batch], lengths[b:b + per_batch]
-        T = -(-int(n.max()) // c) * c  # whole chunks, so a document's windows do not depend on its batch
-        X = toks[(s[:, None] + torch.arange(T + 1, device=dev)).clamp_max(M)]  # past a document: causal, unscored
-        ab = [(a.expand(len(s), -1, -1).clone(), torch.zeros(len(s), m.out_features, hp.ttt_lora_rank, device=dev))
-              for m, a in zip(linears, init)]
-        adapters = [t.requires_grad_() for pair in ab for t in pair]
-        hooks = [m.register_forward_hook(lambda m, inp, out, A=A, B=B: out + torch.einsum(
-            "btr,bor->bto", torch.einsum("bti,bri->btr", inp[0], A.to(out.dtype)), B.to(out.dtype)))
-            for m, (A, B) in zip(linears, ab)]
-        opt = torch.optim.Adam(adapters, lr=hp.ttt_lr)
-        note(ledger, "adapt", (bi, -1), adapters)
-        for i in range(T // c):
-            e = (i + 1) * c
-            col = torch.arange(max(0, e - L), e, device=dev)
-            scored = (col >= i * c) & (col < n[:, None])
-            pos, tgt = (s[:, None] + col)[scored], X[:, col + 1][scored]
-            note(ledger, "score", (bi, i), adapters)
-            adapt = e < T and time.perf_counter() - t0 < box
-            for epoch in range(hp.ttt_epochs if adapt else 1):
-                with run.autocast(), torch.set_grad_enabled(adapt):
-                    lp = model(X[:, col])[scored].float().log_softmax(-1)
-                if epoch == 0:
-                    stats[:, pos] = target_stats(lp.detach(), tgt, None if hint is None else hint[pos])
-                if adapt:
-                    opt.zero_grad()
-                    (-lp.gather(1, tgt[:, None])).sum().backward()  # a sum: each row's gradient is its own
-                    opt.step()
-            note(ledger, "adapt", (bi, i), adapters)
-        for h in hooks:
-            h.remove()
+    batch = lambda bi, s, n: lora_batch(run, model, toks, s, n, linears, init, hint, stats, scored,  # noqa: E731
+                                        lambda: time.perf_counter() - t0 < box, ledger, bi)
+    if hp.ttt_mode == "lora":
+        share = slice(D * run.rank // run.world_size, D * (run.rank + 1) // run.world_size)
+        order = torch.argsort(lengths[share], descending=True, stable=True)
+        starts, lengths = starts[share][order], lengths[share][order]
+        for bi, b in enumerate(range(0, len(starts), per_batch)):
+            batch(bi, starts[b:b + per_batch], lengths[b:b + per_batch])
+    else:  # rounds of a batch per rank never straddle a boundary: the same result at any world size
+        bounds = sorted({min(D, hp.ttt_prefix_docs) * (i + 1) // hp.ttt_phases for i in range(hp.ttt_phases)} - {0, D})
+        lo, bi, R = 0, 0, per_batch * run.world_size
+        for b in bounds + [D]:
+            for r0 in range(lo, b, R):
+                mine = slice(min(b, r0 + run.rank * per_batch), min(b, r0 + (run.rank + 1) * per_batch))
+                batch(bi, starts[mine], lengths[mine])
+                bi += 1
+            if b < D and not run.all_reduce(float(time.perf_counter() - t0 > box))[0]:  # all ranks pass, or none
+                global_pass(run, model, toks[:int(starts[b]) + 1], scored, ledger, b)
+            lo = b
     if run.distributed:
         dist.all_reduce(stats)
     return stats
+
+
+def lora_batch(run: Run, model: nn.Module, toks: Tensor, s: Tensor, n: Tensor, linears: list, init: list,
+               hint: Tensor | None, stats: Tensor, scored: Tensor, adapting, ledger: list | None, bi: int):
+    """Documents at starts s, lengths n, one per row, each with fresh rank-TTT_LORA_RANK adapters on every attention
+    and MLP projection (base weights frozen). Chunk i (TTT_CHUNK_TOKENS targets of every document, with up to
+    EVAL_SEQ_LEN tokens of the document as context) is scored into stats (and `scored`), then trained on with AdamW
+    (TTT_LR, TTT_BETA2, TTT_WD) while adapting() holds."""
+    hp, dev, M = run.hp, toks.device, toks.numel() - 1
+    if not len(s):
+        return
+    L, c = hp.eval_seq_len, min(hp.ttt_chunk_tokens, hp.eval_seq_len)
+    T = -(-int(n.max()) // c) * c  # whole chunks, so a document's windows do not depend on its batch
+    X = toks[(s[:, None] + torch.arange(T + 1, device=dev)).clamp_max(M)]  # past a document: causal, unscored
+    ab = [(a.expand(len(s), -1, -1).clone(), torch.zeros(len(s), m.out_features, hp.ttt_lora_rank, device=dev))
+          for m, a in zip(linears, init)]
+    adapters = [t.requires_grad_() for pair in ab for t in pair]
+    hooks = [m.register_forward_hook(lambda m, inp, out, A=A, B=B: out + torch.einsum(
+        "btr,bor->bto", torch.einsum("bti,bri->btr", inp[0], A.to(out.dtype)), B.to(out.dtype)))
+        for m, (A, B) in zip(linears, ab)]
+    opt = torch.optim.AdamW(adapters, lr=hp.ttt_lr, betas=(0.9, hp.ttt_beta2), weight_decay=hp.ttt_wd)
+    note(ledger, "adapt", (bi, -1), adapters)
+    for i in range(T // c):
+        e = (i + 1) * c
+        col = torch.arange(max(0, e - L), e, device=dev)
+        live = (col >= i * c) & (col < n[:, None])
+        pos, tgt = (s[:, None] + col)[live], X[:, col + 1][live]
+        note(ledger, "score", (bi, i), adapters)
+        adapt = e < T and adapting()
+        for epoch in range(hp.ttt_epochs if adapt else 1):
+            with run.autocast(), torch.set_grad_enabled(adapt):
+                lp = model(X[:, col])[live].float().log_softmax(-1)
+            if epoch == 0:
+                stats[:, pos] = target_stats(lp.detach(), tgt, None if hint is None else hint[pos])
+                scored[pos] = True
+            if adapt:
+                opt.zero_grad()
+                (-lp.gather(1, tgt[:, None])).sum().backward()  # a sum: each row's gradient is its own
+                opt.step()
+        note(ledger, "adapt", (bi, i), adapters)
+    for h in hooks:
+        h.remove()
+
+
+def global_pass(run: Run, model: nn.Module, span: Tensor, scored: Tensor, ledger: list | None, docs: int):
+    """Phased TTT: one SGD pass (TTT_GLOBAL_LR, TTT_MOMENTUM, cosine over its chunks) on every weight over span, the
+    documents scored so far, in chunks of TTT_GLOBAL_CHUNK_TOKENS. The ledger gets the span's targets that no rank
+    had scored yet (the audit's ttt_weights: must be 0)."""
+    hp, n = run.hp, span.numel() - 1
+    if ledger is not None:
+        seen = scored[:n].float()
+        if run.distributed:
+            dist.all_reduce(seen, op=dist.ReduceOp.MAX)
+        ledger.append(("global", (docs, n), float(n - seen.sum())))
+    params = list(model.parameters())
+    opt, chunks = torch.optim.SGD(params, lr=hp.ttt_global_lr, momentum=hp.ttt_momentum), -(-n // hp.ttt_global_chunk_tokens)
+    model.requires_grad_(True)
+    for c in range(chunks):
+        lr = hp.ttt_global_lr * 0.5 * (1 + math.cos(math.pi * c / max(1, chunks - 1)))
+        adapt_full(run, model, opt, span[c * hp.ttt_global_chunk_tokens:(c + 1) * hp.ttt_global_chunk_tokens + 1], lr)
+    model.requires_grad_(False)
+    run.log(f"ttt phased: global pass over {docs} documents ({n:,} targets, {chunks} steps)")
 
 
 def audit(run: Run, model: nn.Module, n_pos: int = 2) -> dict:
@@ -759,7 +823,8 @@ def audit(run: Run, model: nn.Module, n_pos: int = 2) -> dict:
             put(f"norm_{hp.ngram_mode}", abs(torch.exp(-q).sum() - 1))
     if hp.ttt_enabled:
         adapted = {key: cs for kind, key, cs in ledger if kind == "adapt"}
-        put("ttt_weights", sum(cs != adapted.get((b, i - 1)) for kind, (b, i), cs in ledger if kind == "score"))
+        put("ttt_weights", sum(cs != adapted.get((b, i - 1)) for kind, (b, i), cs in ledger if kind == "score")
+            + sum(unscored for kind, _, unscored in ledger if kind == "global"))
     return dict(passed=all(v <= 1e-5 for v in checks.values()), checks=checks)
 
 # -----------------------------------------------------------------------------
@@ -767,7 +832,9 @@ def audit(run: Run, model: nn.Module, n_pos: int = 2) -> dict:
 # -----------------------------------------------------------------------------
 # QUANT_SPEC maps weight roles to formats: intN (N=2..8: per-row symmetric grid -Q..Q, Q=2^(N-1)-1),
 # tqN (N=2..4, TurboQuant: a seeded random rotation, then the Lloyd-Max codebook of a unit Gaussian)
-# or fp16; "+lrR" adds a rank-R int8 correction of the quantization error. Row scales take the
+# or fp16; "+lrR" adds a rank-R int8 correction of the quantization error, "+lqR" (LQER) a rank-R
+# correction with int4 factors on the asymmetric grid -8..7; LQER_TOP=k gives +lqLQER_RANK to the k
+# matrices with the largest output error (error x input scale). Row scales take the
 # least-MSE clip among CLIP_RATIOS of the row's max |w|, or with "@K" (else QUANT_CLIP_SIGMAS) clip
 # at K row RMS. Codes are entropy-coded, so unused levels cost nothing: a wide grid with a set step
 # (int7@12) has ~10% less MSE than a clipped narrow one (int5) at equal bytes on Gaussian weights.
@@ -789,6 +856,7 @@ class Fmt(NamedTuple):
     rank: int = 0  # rank of the int8 low-rank error correction
     clip: float = 0.0  # 0: least-MSE clip search; else this many row RMS
     seed: int = 0  # TurboQuant rotation seed
+    lq: int = 0  # rank of the LQER correction (int4 factors, asymmetric grid)
 
     @property
     def name(self) -> str:  # its codes' group
@@ -796,15 +864,25 @@ class Fmt(NamedTuple):
 
     @property
     def tag(self) -> str:
-        return self.name + (f"@{self.clip:g}" if self.clip else "") + (f"+lr{self.rank}" if self.rank else "")
+        return self.name + (f"@{self.clip:g}" if self.clip else "") + (f"+lr{self.rank}" if self.rank else "") + (
+            f"+lq{self.lq}" if self.lq else "")
+
+    @property
+    def factors(self) -> "Fmt":  # the low-rank factors' format: int8, or LQER's asymmetric int4 ("a4")
+        return Fmt("int", 8) if self.rank else Fmt("a", 4)
+
+    @property
+    def base(self) -> "Fmt":  # without the low-rank correction
+        return self._replace(rank=0, lq=0)
 
 
 def parse_fmt(s: str, clip: float = 0.0, seed: int = 0) -> Fmt:
-    m = re.fullmatch(r"(?:(int)([2-8])|(tq)([2-4]))(?:@(\d+\.?\d*))?(?:\+lr(\d+))?|fp16", s.strip())
+    m = re.fullmatch(r"(?:(int)([2-8])|(tq)([2-4]))(?:@(\d+\.?\d*))?(?:\+lr(\d+)|\+lq(\d+))?|fp16", s.strip())
     if not m:
-        raise ConfigError(f"QUANT_SPEC format {s!r}: expected int2..int8 or tq2..tq4 [@clip in row RMS] [+lrRANK] "
-                          "(e.g. int5, int7@12, tq4+lr8) or fp16")
-    return Fmt("fp16") if m[0] == "fp16" else Fmt(m[1] or m[3], int(m[2] or m[4]), int(m[6] or 0), float(m[5] or clip), seed)
+        raise ConfigError(f"QUANT_SPEC format {s!r}: expected int2..int8 or tq2..tq4 [@clip in row RMS] [+lrRANK|+lqRANK] "
+                          "(e.g. int5, int7@12, tq4+lr8, int6+lq4) or fp16")
+    return Fmt("fp16") if m[0] == "fp16" else Fmt(m[1] or m[3], int(m[2] or m[4]), int(m[6] or 0), float(m[5] or clip), seed,
+                                                 int(m[7] or 0))
 
 
 def parse_spec(spec: str) -> dict[str, str]:
@@ -842,7 +920,7 @@ def grid(f: Fmt, device=None) -> Tensor:
         half = torch.tensor(LLOYD_MAX[f.bits], device=device)
         return torch.cat((-half.flip(0), half))
     q = 2 ** (f.bits - 1) - 1
-    return torch.arange(-q, q + 1.0, device=device)
+    return torch.arange(-q - (f.kind == "a"), q + 1.0, device=device)  # "a": asymmetric, all 2^bits codes
 
 
 @functools.lru_cache(maxsize=None)
@@ -907,7 +985,7 @@ def gptq_codes(w: Tensor, H: Tensor, levels: Tensor, s: Tensor, hp: Hyperparamet
 
 def quantize(w: Tensor, f: Fmt, H: Tensor | None = None, hp: Hyperparameters | None = None,
              notes: list | None = None) -> list[Tensor]:
-    """A matrix in format f as its stored parts: codes, row scales (+ int8 low-rank factors and their scales).
+    """A matrix in format f as its stored parts: codes, row scales (+ low-rank factors and their scales).
     notes gets a line when GPTQ needed more damping than GPTQ_DAMP or fell back to plain rounding."""
     w = w.float()
     rot = rotation(w.size(1), f.seed, str(w.device)) if f.kind == "tq" else None
@@ -919,11 +997,23 @@ def quantize(w: Tensor, f: Fmt, H: Tensor | None = None, hp: Hyperparameters | N
         parts[0] = parts[0] if codes is None else codes
         if notes is not None and (codes is None or damp != hp.gptq_damp):
             notes.append("plain rounding (Hessian not positive definite)" if codes is None else f"damping {damp:g}")
-    if f.rank:  # SVD of the error, weighted by input scale (diag H) when known
-        d = torch.ones_like(w[0]) if H is None else H.diagonal().float().clamp_min(1e-8).sqrt()
-        u, sv, vh = torch.linalg.svd((w - dequantize(parts, f._replace(rank=0))) * d, full_matrices=False)
-        for m in (u[:, :f.rank] * sv[:f.rank], vh[:f.rank] / d):
-            parts += quantize_rows(m, grid(Fmt("int", 8), w.device))
+    return add_lowrank(w, parts, f, H)
+
+
+def input_scale(w: Tensor, H: Tensor | None) -> Tensor:
+    """Per input column, the RMS of its activation (sqrt diag H) when GPTQ Hessians are known, else 1."""
+    return torch.ones_like(w[0]) if H is None else H.diagonal().float().clamp_min(1e-8).sqrt()
+
+
+def add_lowrank(w: Tensor, parts: list[Tensor], f: Fmt, H: Tensor | None = None) -> list[Tensor]:
+    """Base parts plus f's rank-r correction: the SVD of the error weighted by input scale; factors per row at
+    int8 (+lr), or for LQER (+lq) int4 on -8..7 with A stored transposed, so each rank component has one scale."""
+    r, parts = f.rank or f.lq, parts[:2]
+    if r:
+        d = input_scale(w, H)
+        u, sv, vh = torch.linalg.svd((w - dequantize(parts, f.base)) * d, full_matrices=False)
+        a, b, levels = u[:, :r] * sv[:r], vh[:r] / d, grid(f.factors, w.device)
+        parts += [*quantize_rows(a if f.rank else a.T.contiguous(), levels), *quantize_rows(b, levels)]
     return parts
 
 
@@ -932,9 +1022,10 @@ def dequantize(parts: list[Tensor], f: Fmt) -> Tensor:
     w = levels[parts[0].long()] * parts[1].float()[:, None]
     if f.kind == "tq":
         w = (w.double() @ rotation(w.size(1), f.seed, str(w.device)).T).float()
-    if f.rank:
-        i8 = grid(Fmt("int", 8), w.device)
-        w = w + (i8[parts[2].long()] * parts[3].float()[:, None]) @ (i8[parts[4].long()] * parts[5].float()[:, None])
+    if f.rank or f.lq:
+        lv = grid(f.factors, w.device)
+        a, b = (lv[parts[i].long()] * parts[i + 1].float()[:, None] for i in (2, 4))
+        w = w + (a if f.rank else a.T) @ b
     return w
 
 
@@ -950,7 +1041,7 @@ def set_qat(run, extra: int | None):
     for name, (_, f) in quant_formats(run.hp, run.model.state_dict()).items():
         if isinstance(m := modules[name[:-7]], CastedLinear):
             m.qat_fmt = None if extra is None or f.kind == "fp16" else f._replace(
-                bits=min(f.bits + extra, 8 if f.kind == "int" else 4), rank=0)
+                bits=min(f.bits + extra, 8 if f.kind == "int" else 4), rank=0, lq=0)
             m.qat = None if m.qat_fmt is None else m.qat
     refresh_qat(run.model)
 
@@ -990,11 +1081,14 @@ def train_budget(hp: Hyperparameters) -> float:
 
 @torch.no_grad()
 def collect_hessians(run) -> dict[str, Tensor]:
-    """X^T X of the inputs of every quantized CastedLinear over GPTQ_TOKENS training tokens (rounded up to whole
-    sequences per rank), summed over ranks. Accumulated in float64 outside autocast: a bf16 (or TF32) product of
+    """X^T X of the inputs of every quantized CastedLinear (GPTQ_EMBED: of the output head's, for the tied embedding)
+    over GPTQ_TOKENS training tokens (rounded up to whole sequences per rank), summed over ranks. Accumulated in float64 outside autocast: a bf16 (or TF32) product of
     decaying-spectrum activations is not positive definite, and GPTQ's Cholesky needs it to be."""
     hp, model = run.hp, run.model
     names = {n[:-7] for n, (_, f) in quant_formats(hp, model.state_dict()).items() if f.kind != "fp16"}
+    taps = {n: n for n in names}  # module whose input is seen -> the matrix it calibrates
+    if hp.gptq_embed and hp.tie_embeddings and "tok_emb" in names:  # the embedding, as the output head
+        taps["head_in"] = "tok_emb"
     hs, last = {}, [None, None]  # last (input, X^T X): q, k and v share their input
 
     def hook(name, x):
@@ -1004,8 +1098,8 @@ def collect_hessians(run) -> dict[str, Tensor]:
                 last[:] = x, xd.T @ xd
         hs[name] = hs.get(name, 0) + last[1]
 
-    hooks = [m.register_forward_hook(lambda m, i, o, n=n: hook(n, i[0]))
-             for n, m in model.named_modules() if n in names and isinstance(m, CastedLinear)]
+    hooks = [m.register_forward_hook(lambda m, i, o, n=taps[n]: hook(n, i[0]))
+             for n, m in model.named_modules() if n in taps and isinstance(m, CastedLinear | nn.Identity)]
     ga = grad_accum_steps(hp, run.world_size)
     loader = DistributedTokenLoader(os.path.join(hp.data_path, "fineweb_train_*.bin"), run.rank, run.world_size, run.device)
     rows, per_call = -(-hp.gptq_tokens // (run.world_size * hp.train_seq_len)), hp.train_batch_tokens // (
@@ -1028,8 +1122,9 @@ def layout(shape: list[int], f: Fmt) -> list[tuple[str, list[int]]]:
     """(group, shape) of each stored part of a tensor, in order; the loader walks the same list."""
     if f.kind == "fp16":
         return [("fp16", shape)]
-    lr = [("int8", [shape[0], f.rank]), ("scales", [shape[0]]), ("int8", [f.rank, shape[1]]), ("scales", [f.rank])]
-    return [(f.name, shape), ("scales", [shape[0]])] + lr * bool(f.rank)
+    r, g = f.rank or f.lq, f.factors.name
+    a = [(g, [shape[0], r]), ("scales", [shape[0]])] if f.rank else [(g, [r, shape[0]]), ("scales", [r])]
+    return [(f.name, shape), ("scales", [shape[0]])] + (a + [(g, [r, shape[1]]), ("scales", [r])]) * bool(r)
 
 
 def pack(a: np.ndarray, packing: str, bits: int) -> bytes:
@@ -1069,7 +1164,7 @@ def codecs() -> dict:
 def encode_groups(groups: dict[str, np.ndarray], codec: str) -> tuple[dict, list[bytes]]:
     """Each group's smallest (packing, codec) among the installed codecs (auto) or of CODEC; dense bit packing is
     only tried at <= 4 bits, where it can help."""
-    cs, jobs, bits = codecs(), {}, {g: 16 if g in FP16_GROUPS else parse_fmt(g).bits for g in groups}
+    cs, jobs, bits = codecs(), {}, {g: 16 if g in FP16_GROUPS else int(g.lstrip("intqa")) for g in groups}
     with ThreadPoolExecutor(os.cpu_count()) as pool:
         for g, a in groups.items():
             for p in ["shuffle"] if bits[g] == 16 else ["u8", "bits"][:1 + (bits[g] <= 4)]:
@@ -1101,6 +1196,27 @@ def narrower_spec(hp: Hyperparameters, state: dict, excess: int) -> str | None:
     return ",".join(f"{r}:{t}" for r, t in spec.items()) if saved else None
 
 
+def lqer_topk(state: dict, fmts: dict, parts: dict, hessians: dict, hp: Hyperparameters, cache: dict) -> dict:
+    """LQER: the LQER_TOP matrices with the largest output error (squared error x input scale^2) get a rank-LQER_RANK
+    int4 correction; fmts and parts are updated in place. Returns {name: rank, output error before and after}."""
+    err = {}
+    for name, (role, f) in fmts.items():
+        if role and f.kind != "fp16" and not (f.rank or f.lq):
+            d = input_scale(state[name], hessians.get(name[:-7]))
+            err[name] = float(((state[name].float() - dequantize(parts[name], f)) * d).square().sum())
+    out = {}
+    for name in sorted(err, key=err.get, reverse=True)[:hp.lqer_top]:
+        role, f = fmts[name]
+        fmts[name] = role, (f := f._replace(lq=hp.lqer_rank))
+        H, w = hessians.get(name[:-7]), state[name].float()
+        if (name, f) not in cache:
+            cache[name, f] = add_lowrank(w, parts[name], f, H)
+        parts[name] = cache[name, f]
+        after = float(((w - dequantize(parts[name], f)) * input_scale(w, H)).square().sum())
+        out[name] = dict(rank=f.lq, output_err=err[name], output_err_after=after, values=f.lq * sum(w.shape))
+    return out
+
+
 @torch.no_grad()
 def export_artifact(model: nn.Module, hp: Hyperparameters, path: str | Path, hessians: dict | None = None,
                     cache: dict | None = None) -> dict:
@@ -1108,20 +1224,23 @@ def export_artifact(model: nn.Module, hp: Hyperparameters, path: str | Path, hes
     cache: {(name, format): parts} kept across QUANT_FIT's re-exports, so unchanged tensors are quantized once."""
     state, t0, cache = model.state_dict(), time.perf_counter(), {} if cache is None else cache
     fmts, groups, tensors, roles, notes = quant_formats(hp, state), {}, [], {}, cache.setdefault("notes", {})
+    hessians, parts = hessians or {}, {}
     for name, t in state.items():
-        role, f = fmts.get(name, (None, Fmt("fp16")))
-        t = t.detach().float()
+        f = fmts.setdefault(name, (None, Fmt("fp16")))[1]
         if (name, f) not in cache:
-            cache[name, f] = [t] if f.kind == "fp16" else quantize(
-                t, f, (hessians or {}).get(name[:-7]), hp, notes.setdefault(name, []))
-        parts = cache[name, f]
+            cache[name, f] = [t.half()] if f.kind == "fp16" else quantize(
+                t, f, hessians.get(name[:-7]), hp, notes.setdefault(name, []))
+        parts[name] = cache[name, f]
+    lqer = lqer_topk(state, fmts, parts, hessians, hp, cache) if hp.lqer_top and hp.lqer_rank else {}
+    for name, t in state.items():
+        (role, f), t = fmts[name], t.detach().float()
         if role:
             r = roles.setdefault(f"{role}:{f.tag}", dict(params=0, err=0.0, norm=0.0))
-            deq = t.half().float() if f.kind == "fp16" else dequantize(parts, f)
+            deq = t.half().float() if f.kind == "fp16" else dequantize(parts[name], f)
             r["params"] += t.numel()
             r["err"] += float((deq - t).square().sum())
             r["norm"] += float(t.square().sum())
-        for (g, _), p in zip(layout(list(t.shape), f), parts):
+        for (g, _), p in zip(layout(list(t.shape), f), parts[name]):
             groups.setdefault(g, []).append((p.half() if g in FP16_GROUPS else p).cpu().numpy().ravel())
         tensors.append([name, list(t.shape), f.tag])
     groups = {g: np.concatenate(a) for g, a in groups.items()}
@@ -1135,8 +1254,8 @@ def export_artifact(model: nn.Module, hp: Hyperparameters, path: str | Path, hes
             m["entropy_bits"] = round(float(-(p[p > 0] * np.log2(p[p > 0])).sum()), 4)
     for r in roles.values():
         r["rel_mse"] = r.pop("err") / max(r.pop("norm"), 1e-30)
-    return dict(bytes=len(data), header_bytes=len(header), spec=hp.quant_spec, codec=hp.codec, gptq=hessians is not None,
-                groups=meta, roles=roles, gptq_fallbacks={n: v[0] for n, v in notes.items() if v},
+    return dict(bytes=len(data), header_bytes=len(header), spec=hp.quant_spec, codec=hp.codec, gptq=bool(hessians),
+                groups=meta, roles=roles, lqer=lqer, gptq_fallbacks={n: v[0] for n, v in notes.items() if v},
                 seconds=round(time.perf_counter() - t0, 3))
 
 
@@ -1440,6 +1559,7 @@ class GPT(nn.Module):
         n = len(self.layer_order(True))  # the U-Net halves of the longest (looped) order size the skip weights
         self.skip_weights = nn.Parameter(torch.ones(min(n // 2, n - n // 2), hp.model_dim)) if hp.unet_skips and n > 1 else None
         self.lm_head = None if hp.tie_embeddings else CastedLinear(hp.model_dim, hp.vocab_size, bias=False)
+        self.head_in = nn.Identity()  # the output head's input, where GPTQ takes the tied embedding's Hessian
         self._init_weights()
 
     def _init_weights(self):
@@ -1490,7 +1610,7 @@ class GPT(nn.Module):
                 x = block(x, x0, layer_ve, docs)
             if j < n_enc:
                 skips.append(lanes[0] if lanes else x)
-        x = rms_norm(0.5 * (lanes[0] + lanes[1]) if lanes else x)
+        x = self.head_in(rms_norm(0.5 * (lanes[0] + lanes[1]) if lanes else x))
         logits = F.linear(x, self.tok_emb.weight.to(x.dtype)) if self.lm_head is None else self.lm_head(x)
         logits, c = logits.float(), self.hp.logit_softcap
         logits = c * torch.tanh(logits / c) if c > 0 else logits

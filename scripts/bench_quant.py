@@ -3,12 +3,13 @@
 
     python scripts/bench_quant.py                  # train (or reuse) the tiny model, measure, update docs
     python scripts/bench_quant.py --steps 300 --val-tokens 0 --no-docs
+    python scripts/bench_quant.py --ckpt logs/abl/abl_base_doc_mask0_seed1337.ckpt   # a real run's weights
 
-Trains PRESET=tiny for --steps steps once and keeps the fp32 weights in a raw checkpoint (JSON
-header + little-endian float32 buffers, no pickle) under --out; later runs reuse it. Each variant
-is exported with train_gpt.export_artifact (GPTQ from training-token Hessians where named),
-reloaded from disk and scored with eval_plain on the validation split; damage is against the fp32
-weights on the same tokens. Writes a markdown table to stdout and, unless --no-docs, into
+Trains PRESET=tiny for --steps steps once and keeps the fp32 weights as a train_gpt.py checkpoint
+(--out/<run>.ckpt, no pickle); later runs reuse it; --ckpt takes a training run's checkpoint and
+configuration instead. Each variant is exported with train_gpt.export_artifact (GPTQ from
+training-token Hessians where named; embedding GPTQ and LQER where named), reloaded from disk and
+scored with eval_plain on the validation split; damage is against the fp32 weights on the same tokens. Writes a markdown table to stdout and, unless --no-docs, into
 docs/BENCHMARKS.md under its own heading (replacing its previous section).
 """
 from __future__ import annotations
@@ -21,7 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,56 +38,45 @@ def uniform(fmt: str, embed: str | None = None) -> str:
 
 
 MIXED = "attn_qk:int6,attn_vo:int6,mlp_up:int5,mlp_down:int5,embed:int8,aux:int6"
-VARIANTS = [  # (label, QUANT_SPEC, GPTQ)
-    ("int8", uniform("int8"), False),
-    ("int6", uniform("int6"), False),
-    ("int5", uniform("int5"), False),
-    ("int4", uniform("int4"), False),
-    ("int5 MLP / int6 attn / int8 embed", MIXED, False),
-    ("int5, int8 embed", uniform("int5", "int8"), False),
-    ("int7@12 (set step), int8 embed", uniform("int7@12", "int8"), False),
-    ("tq4 (TurboQuant)", uniform("tq4"), False),
-    ("tq3 (TurboQuant)", uniform("tq3"), False),
-    ("tq2 (TurboQuant)", uniform("tq2"), False),
-    ("int6, int8 embed", uniform("int6", "int8"), False),
-    ("GPTQ int6, int8 embed", uniform("int6", "int8"), True),
-    ("GPTQ int5, int8 embed", uniform("int5", "int8"), True),
-    ("GPTQ int5 MLP / int6 attn / int8 embed", MIXED, True),
-    ("GPTQ int7@12, int8 embed", uniform("int7@12", "int8"), True),
-    ("int4, int8 embed", uniform("int4", "int8"), False),
-    ("int4+lr8, int8 embed (low-rank)", uniform("int4+lr8", "int8"), False),
-    ("GPTQ int4+lr8, int8 embed", uniform("int4+lr8", "int8"), True),
+CLIPPED = "attn_qk:int6@13,attn_vo:int6@13,mlp_up:int5@11.5,mlp_down:int5@11.5,embed:int7@14,aux:int6@12.85"
+MATRIX_GPTQ, EMBED_GPTQ, LQER = dict(gptq_embed=False), dict(gptq_embed=True), dict(gptq_embed=True, lqer_top=3, lqer_rank=4)
+VARIANTS = [  # (label, QUANT_SPEC, GPTQ: None (off) or the overrides of its options)
+    ("int8", uniform("int8"), None),
+    ("int6", uniform("int6"), None),
+    ("int5", uniform("int5"), None),
+    ("int4", uniform("int4"), None),
+    ("int5 MLP / int6 attn / int8 embed", MIXED, None),
+    ("int5, int8 embed", uniform("int5", "int8"), None),
+    ("int7@12 (set step), int8 embed", uniform("int7@12", "int8"), None),
+    ("tq4 (TurboQuant)", uniform("tq4"), None),
+    ("tq3 (TurboQuant)", uniform("tq3"), None),
+    ("tq2 (TurboQuant)", uniform("tq2"), None),
+    ("int6, int8 embed", uniform("int6", "int8"), None),
+    ("GPTQ int6, int8 embed", uniform("int6", "int8"), MATRIX_GPTQ),
+    ("GPTQ int5, int8 embed", uniform("int5", "int8"), MATRIX_GPTQ),
+    ("GPTQ int5 MLP / int6 attn / int8 embed", MIXED, MATRIX_GPTQ),
+    ("GPTQ int7@12, int8 embed", uniform("int7@12", "int8"), MATRIX_GPTQ),
+    ("int4, int8 embed", uniform("int4", "int8"), None),
+    ("int4+lr8, int8 embed (low-rank)", uniform("int4+lr8", "int8"), None),
+    ("GPTQ int4+lr8, int8 embed", uniform("int4+lr8", "int8"), MATRIX_GPTQ),
+    ("GPTQ mixed, GPTQ int8 embed", MIXED, EMBED_GPTQ),
+    ("GPTQ mixed, GPTQ int7 embed", MIXED.replace("embed:int8", "embed:int7"), EMBED_GPTQ),
+    ("GPTQ mixed + LQER (top 3, rank 4, int4 factors)", MIXED, LQER),
+    ("GPTQ per-role clips (int6@13 attn, int5@11.5 MLP, int7@14 embed)", CLIPPED, EMBED_GPTQ),
+    ("GPTQ per-role clips + LQER (top 3, rank 4)", CLIPPED, LQER),
 ]
 
 
-def save_raw(state: dict, path: Path):
-    header, bufs, off = {}, [], 0
-    for k, t in state.items():
-        b = t.detach().float().cpu().numpy().astype("<f4").tobytes()
-        header[k] = [list(t.shape), off]
-        bufs.append(b)
-        off += len(b)
-    h = json.dumps(header).encode()
-    T.write_atomic(path, len(h).to_bytes(4, "little") + h + b"".join(bufs))
-
-
-def load_raw(path: Path) -> dict:
-    data = path.read_bytes()
-    n = int.from_bytes(data[:4], "little")
-    header, body = json.loads(data[4:4 + n]), memoryview(data)[4 + n:]
-    return {k: torch.from_numpy(np.frombuffer(body, "<f4", count=int(np.prod(s)), offset=o).reshape(s).copy())
-            for k, (s, o) in header.items()}
-
-
-def trained(hp: T.Hyperparameters, ckpt: Path) -> T.Run:
-    """setup() and the fp32 weights of the tiny model: from ckpt, else trained now and saved there."""
+def trained(hp: T.Hyperparameters) -> T.Run:
+    """setup() and the fp32 weights: from RESUME_FROM or LOG_DIR/RUN_ID.ckpt, else trained now and saved there."""
     run = T.setup(hp)
+    ckpt = Path(hp.resume_from or Path(hp.log_dir) / f"{hp.run_id}.ckpt")
     if ckpt.is_file():
-        run.model.load_state_dict(load_raw(ckpt))
+        run.model.load_state_dict(T.read_checkpoint(ckpt)[1])
         print(f"reusing {ckpt}", file=sys.stderr)
     else:
         T.train(run)
-        save_raw(run.model.state_dict(), ckpt)
+        T.save_checkpoint(run)
     return run
 
 
@@ -98,6 +87,7 @@ def main(argv=None) -> int:
     ap.add_argument("--qat-threshold", type=float, default=0.0,
                     help="also train a model with QAT below this LR multiplier and export it (0 = skip)")
     ap.add_argument("--qat-spec", default=T.Hyperparameters.quant_spec, help="QUANT_SPEC of the QAT model")
+    ap.add_argument("--ckpt", help="a training run's LOG_DIR/RUN_ID.ckpt: its weights and configuration (no training)")
     ap.add_argument("--out", default="logs/bench_quant", help="checkpoints, artifacts and results folder")
     ap.add_argument("--codec", default="auto")
     ap.add_argument("--only", help="comma-separated variant numbers (1-based) to run")
@@ -106,23 +96,24 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     out = ROOT / args.out
     env = dict(PRESET="tiny", ITERATIONS=str(args.steps), WARMDOWN_ITERS=str(max(1, args.steps // 3)), LOG_DIR=str(out),
-               RUN_ID="bench_quant_train", QAT_THRESHOLD="0", GPTQ="0", CODEC=args.codec, VAL_MAX_TOKENS=str(args.val_tokens))
+               RUN_ID=f"bench_quant_{args.steps}steps", QAT_THRESHOLD="0", CODEC=args.codec,
+               VAL_MAX_TOKENS=str(args.val_tokens), **({"RESUME_FROM": args.ckpt} if args.ckpt else {}))
     env.update({k: v for k, v in os.environ.items() if k == "DATA_PATH"})
     try:
         hp = T.load_hparams(env)
-        qhp = T.load_hparams({**env, "RUN_ID": "bench_quant_qat", "QAT_THRESHOLD": str(args.qat_threshold),
-                              "QUANT_SPEC": args.qat_spec})
+        qhp = T.load_hparams({**env, "RUN_ID": f"bench_quant_{args.steps}steps_qat{args.qat_threshold:g}",
+                              "QAT_THRESHOLD": str(args.qat_threshold), "QUANT_SPEC": args.qat_spec, "RESUME_FROM": ""})
         if args.qat_threshold:
-            qrun = trained(qhp, out / f"tiny_{args.steps}steps_qat{args.qat_threshold:g}_fp32.raw")
-        run = trained(hp, out / f"tiny_{args.steps}steps_fp32.raw")
+            qrun = trained(qhp)
+        run = trained(hp)
     except T.ConfigError as e:
         raise UserError(str(e)) from None
     if args.train_only:
         return 0
     variants = [(label, spec, gptq, run.model) for label, spec, gptq in VARIANTS]
     if args.qat_threshold:
-        variants += [(f"QAT {args.qat_threshold:g} + {'GPTQ ' * g}{args.qat_spec}", args.qat_spec, g, qrun.model)
-                     for g in (False, True)]
+        variants += [(f"QAT {args.qat_threshold:g} + {'GPTQ ' * bool(g)}{args.qat_spec}", args.qat_spec, g, qrun.model)
+                     for g in (None, MATRIX_GPTQ)]
     t0 = time.perf_counter()
     _, bpb_fp = T.eval_plain(run, run.model)
     print(f"fp32: val_bpb {bpb_fp:.4f} ({time.perf_counter() - t0:.0f}s per eval)", file=sys.stderr)
@@ -132,28 +123,34 @@ def main(argv=None) -> int:
     for i, (label, spec, gptq, model) in enumerate(variants, 1):
         if only and i not in only:
             continue
-        if gptq and id(model) not in hessians:  # Hessians of the model's own activations on training tokens
+        if gptq is not None and id(model) not in hessians:  # Hessians of the model's activations on training tokens
             hessians[id(model)] = T.collect_hessians(dataclasses.replace(
-                run, model=model, hp=dataclasses.replace(hp, quant_spec=uniform("int8"))))
-        vhp = dataclasses.replace(hp, quant_spec=spec)
+                run, model=model, hp=dataclasses.replace(hp, quant_spec=uniform("int8"), gptq_embed=True)))
+        vhp = dataclasses.replace(hp, quant_spec=spec, lqer_top=0, **(gptq or {}))
+        hs = None if gptq is None else {k: v for k, v in hessians[id(model)].items() if vhp.gptq_embed or k != "tok_emb"}
         path = out / f"variant{i}.artifact"
-        rep = T.export_artifact(model, vhp, path, hessians[id(model)] if gptq else None)
+        rep = T.export_artifact(model, vhp, path, hs)
         fresh = T.GPT(vhp)
         fresh.load_state_dict(T.load_artifact(path))
         _, bpb = T.eval_plain(run, fresh)
         rows.append(dict(label=label, spec=spec, gptq=gptq, bytes=rep["bytes"], bits=8 * rep["bytes"] / n_params,
-                         val_bpb=bpb, damage=bpb - bpb_fp))
+                         val_bpb=bpb, damage=bpb - bpb_fp, lqer=rep["lqer"]))
         print(f"{label}: {rep['bytes']:,} bytes, val_bpb {bpb:.4f} ({bpb - bpb_fp:+.4f})", file=sys.stderr)
     T.write_atomic(out / "results.json", json.dumps(dict(fp32_val_bpb=bpb_fp, params=n_params, rows=rows), indent=1))
     qat_note = (f" QAT rows: a second model trained the same way with QAT_THRESHOLD={args.qat_threshold:g} and "
                 f"QUANT_SPEC={args.qat_spec}; damage is against the first model's fp32 score." if args.qat_threshold else "")
-    table = [f"PRESET=tiny ({n_params:,} parameters: {hp.num_layers} layers, d={hp.model_dim}, "
-             f"{'tied ' if hp.tie_embeddings else ''}embedding {hp.vocab_size}x{hp.model_dim}) trained "
-             f"{args.steps} steps on the Brown data, QAT off; fp32 val_bpb {bpb_fp:.4f} on {run.val_tokens.size - 1:,} "
+    source = (f"the weights of `{args.ckpt}` ({hp.iterations} steps, QAT_THRESHOLD={hp.qat_threshold:g}, "
+              f"WEIGHT_AVG={hp.weight_avg})" if args.ckpt else f"trained {args.steps} steps, QAT off")
+    table = [f"PRESET={hp.preset} ({n_params:,} parameters: {hp.num_layers} layers, d={hp.model_dim}, "
+             f"{'tied ' if hp.tie_embeddings else ''}embedding {hp.vocab_size}x{hp.model_dim}) on the Brown data, "
+             f"{source}; fp32 val_bpb {bpb_fp:.4f} on {run.val_tokens.size - 1:,} "
              f"validation tokens (eval_plain). Each row: `export_artifact` with that QUANT_SPEC (CODEC={args.codec}), "
-             f"reloaded from disk and scored; GPTQ rows use Hessians of {hp.gptq_tokens:,} training tokens. "
+             f"reloaded from disk and scored; GPTQ rows use Hessians of {hp.gptq_tokens:,} training tokens, for the "
+             "matrices only unless the row says `GPTQ ... embed` (GPTQ_EMBED=1: the tied embedding against the output "
+             "head's input); LQER rows: LQER_TOP=3, LQER_RANK=4. "
              "Bits/param = model file bits / all parameters (scales, fp16 control tensors and header included)."
-             f"{qat_note} Command: `python scripts/bench_quant.py --steps {args.steps} --val-tokens {args.val_tokens}"
+             f"{qat_note} Command: `python scripts/bench_quant.py "
+             f"{f'--ckpt {args.ckpt}' if args.ckpt else f'--steps {args.steps}'} --val-tokens {args.val_tokens}"
              f"{f' --qat-threshold {args.qat_threshold:g}' if args.qat_threshold else ''}`.", "",
              "| variant | model bytes | bits/param | val_bpb | damage |", "|---|--:|--:|--:|--:|"]
     table += [f"| {r['label']} | {r['bytes']:,} | {r['bits']:.2f} | {r['val_bpb']:.4f} | {r['damage']:+.4f} |" for r in rows]

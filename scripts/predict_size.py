@@ -51,7 +51,7 @@ class Meter:
         self.codec, self.cache = codec, {}
 
     def __call__(self, f: T.Fmt, cols: int) -> tuple[float, float, float]:
-        key = (f._replace(rank=0, seed=0), cols)
+        key = (f.base._replace(seed=0), cols)
         if key not in self.cache:
             w = torch.randn(max(64, 2 ** 19 // cols), cols, generator=torch.Generator().manual_seed(cols))
             codes, scales = T.quantize(w, key[0])
@@ -78,12 +78,17 @@ def predict(hp: T.Hyperparameters, state: dict, meter: Meter, code_bytes: int = 
         else:
             code, scale, _ = meter(f, t.shape[1])
             bits = code * n + scale * t.shape[0]
-            if f.rank:
-                i8, _, _ = meter(T.Fmt("int", 8), f.rank)
-                bits += i8 * f.rank * sum(t.shape) + scale * (t.shape[0] + f.rank)
+            if r := f.rank or f.lq:  # low-rank factors: int8 per row (+lr) or LQER int4, a scale per component
+                fb, _, _ = meter(f.factors, r)
+                bits += fb * r * sum(t.shape) + scale * (t.shape[0] + r if f.rank else 2 * r)
         r = roles.setdefault(f"{role}:{f.tag}", dict(params=0, bits=0.0))
         r["params"] += n
         r["bits"] += bits
+    if hp.lqer_top:  # LQER_TOP picks its matrices from trained errors: priced here as the largest ones
+        fb, scale, _ = meter(T.Fmt("a", 4), hp.lqer_rank)
+        sizes = sorted((sum(state[n].shape) for n, (_, f) in fmts.items() if f.kind != "fp16"), reverse=True)
+        roles[f"lqer:top{hp.lqer_top}+lq{hp.lqer_rank}"] = dict(params=sum(sizes[:hp.lqer_top]) * hp.lqer_rank, bits=(
+            fb * hp.lqer_rank * sum(sizes[:hp.lqer_top]) + 2 * scale * hp.lqer_rank * len(sizes[:hp.lqer_top])))
     header = len(json.dumps(dict(seed=hp.quant_seed, tensors=tensors, groups={g: dict(codec="brotli", pack="shuffle", bits=16, n=10 ** 8, raw=10 ** 8, len=10 ** 8) for g in {f.name for _, f in fmts.values()} | {"scales", "fp16"}}), separators=(",", ":")))
     model = sum(r["bits"] for r in roles.values()) / 8 + 2 * control + header + 44
     return dict(roles=roles, control=control, header=header, model=model, code=code_bytes, total=model + code_bytes)

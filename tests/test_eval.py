@@ -221,6 +221,52 @@ def test_lora_ttt_scores_every_target_once(tiny_run):
     assert all(cs == adapted[(b, i - 1)] for kind, (b, i), cs in ledger if kind == "score")
 
 
+def phased(run, n_tokens=23000, **hp):  # ~5 Brown documents; global passes after documents 2 and 4 (prefix 4, 2 phases)
+    return sub_run(run, n_tokens, **dict(ttt_mode="phased", ttt_chunk_tokens=128, eval_batch_seqs=2, ttt_prefix_docs=4,
+                                         ttt_phases=2, ttt_global_chunk_tokens=4096) | hp)
+
+
+def test_phased_ttt_global_passes_only_over_scored_documents(tiny_run, monkeypatch):
+    r = phased(tiny_run)
+    toks, passes, real = stream(r), [], T.global_pass
+
+    def spy(run, model, span, scored, ledger, docs):
+        passes.append((docs, span.numel() - 1, int(scored[:span.numel() - 1].sum()), int(scored.sum())))
+        return real(run, model, span, scored, ledger, docs)
+    monkeypatch.setattr(T, "global_pass", spy)
+    ledger = []
+    stats = T.eval_ttt(r, r.model, toks, ledger=ledger)
+    starts = np.flatnonzero(r.luts[2][r.val_tokens[:-1]])
+    assert [p[0] for p in passes] == [2, 4] and [p[1] for p in passes] == [starts[2], starts[4]]
+    assert all(n == inside == total for _, n, inside, total in passes)  # exactly the documents before it, all scored
+    assert [cs for kind, _, cs in ledger if kind == "global"] == [0.0, 0.0]
+    adapted = {key: cs for kind, key, cs in ledger if kind == "adapt"}
+    assert all(cs == adapted[(b, i - 1)] for kind, (b, i), cs in ledger if kind == "score")
+    assert (stats[0] > 0).all() and torch.isfinite(stats).all()
+    lora = T.eval_ttt(dataclasses.replace(r, hp=dataclasses.replace(r.hp, ttt_mode="lora")), r.model, toks)
+    assert torch.equal(stats[:, :starts[2]], lora[:, :starts[2]])  # before the first pass: per-document LoRA alone
+    assert not torch.allclose(stats[:, starts[2]:], lora[:, starts[2]:])  # after it: a changed base model
+    still = T.eval_ttt(dataclasses.replace(r, hp=dataclasses.replace(r.hp, ttt_global_lr=0.0, ttt_momentum=0.0)),
+                       r.model, toks)
+    assert torch.allclose(still, lora, atol=1e-5)
+
+
+def test_audit_passes_phased_ttt_and_catches_a_pass_over_unscored_documents(tiny_run, monkeypatch):
+    r = phased(tiny_run, None, eval_seq_len=1280, ttt_prefix_docs=2, ngram_order=0)  # audit slice: 2 documents
+    real = T.global_pass
+    passes = []
+    monkeypatch.setattr(T, "global_pass", lambda *a: passes.append(a[-1]) or real(*a))
+    res = T.audit(r, tiny_run.model, n_pos=1)
+    assert passes and res["passed"] and res["checks"]["ttt_weights"] == 0, res
+
+    def leaky(run, model, span, scored, ledger, docs):  # trains one chunk past the documents scored so far
+        full = torch.from_numpy(run.val_tokens[:scored.numel() + 1].astype(np.int64))
+        return real(run, model, full, scored, ledger, docs)
+    monkeypatch.setattr(T, "global_pass", leaky)
+    res = T.audit(r, tiny_run.model, n_pos=1)
+    assert not res["passed"] and res["checks"]["ttt_weights"] > 0, res
+
+
 def test_evaluate_runs_the_stages_and_keeps_the_last_score_within_budget(tiny_run):
     r = sub_run(tiny_run, 3001, ttt_chunk_tokens=1024, eval_audit=True)
     T.evaluate(r)
@@ -241,7 +287,9 @@ def _worker(rank, port, model, hp, luts, toks, out):
     dist.init_process_group("gloo", rank=rank, world_size=2)
     run = T.Run(hp, torch.device("cpu"), rank, 2, luts=luts)
     lora = dataclasses.replace(run, hp=dataclasses.replace(hp, ttt_mode="lora", ttt_chunk_tokens=128, eval_batch_seqs=2))
-    result = (T.eval_sliding(run, model, toks), T.eval_ttt(run, model, toks), T.eval_ttt(lora, model, toks))
+    phase = dataclasses.replace(lora, hp=dataclasses.replace(lora.hp, ttt_mode="phased", ttt_prefix_docs=1, ttt_phases=1))
+    result = (T.eval_sliding(run, model, toks), T.eval_ttt(run, model, toks), T.eval_ttt(lora, model, toks),
+              T.eval_ttt(phase, model, toks))
     if rank == 0:
         torch.save(result, out)
     dist.destroy_process_group()
@@ -256,8 +304,10 @@ def test_two_processes_match_one(tiny_run, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_worker, args=(port, r.model, r.hp, r.luts, toks, tmp_path / "two.pt"), nprocs=2)
-    sliding, full, lora = torch.load(tmp_path / "two.pt")
+    sliding, full, lora, phase = torch.load(tmp_path / "two.pt")
     assert torch.equal(sliding, T.eval_sliding(r, r.model, toks))
     assert torch.allclose(full, T.eval_ttt(r, r.model, toks), atol=1e-4)
     one = dataclasses.replace(r, hp=dataclasses.replace(r.hp, ttt_mode="lora", ttt_chunk_tokens=128, eval_batch_seqs=2))
     assert torch.allclose(lora, T.eval_ttt(one, r.model, toks), atol=1e-4)
+    one = dataclasses.replace(one, hp=dataclasses.replace(one.hp, ttt_mode="phased", ttt_prefix_docs=1, ttt_phases=1))
+    assert torch.allclose(phase, T.eval_ttt(one, r.model, toks), atol=1e-4)

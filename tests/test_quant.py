@@ -73,6 +73,53 @@ def test_low_rank_correction_reduces_error():
     assert mse(w, T.parse_fmt("int3+lr8")) < 0.9 * mse(w, T.parse_fmt("int3"))
 
 
+def test_lqer_int4_asymmetric_factors():
+    w = torch.randn(128, 256) + torch.randn(128, 4) @ torch.randn(4, 256)
+    f = T.parse_fmt("int3+lq4")
+    parts = T.quantize(w, f)
+    assert f.lq == 4 and f.tag == "int3+lq4" and T.grid(f.factors).tolist() == list(range(-8, 8))
+    assert [(g, s) for g, s in T.layout([128, 256], f)][2:] == [("a4", [4, 128]), ("scales", [4]), ("a4", [4, 256]),
+                                                                 ("scales", [4])]
+    assert all(list(p.shape) == s for p, (_, s) in zip(parts, T.layout([128, 256], f)))
+    assert int(parts[2].max()) <= 15 and {0, 15} & set(parts[2].unique().tolist())  # both ends of -8..7 reachable
+    assert mse(w, f) < 0.9 * mse(w, T.parse_fmt("int3"))
+    with pytest.raises(T.ConfigError, match="QUANT_SPEC"):
+        T.parse_fmt("int3+lr4+lq4")
+
+
+def test_lqer_top_k_by_output_error(tmp_path):
+    hp, model = small_model(SPEC.replace("+lr4", "").replace("+lr2", ""), CODEC="zstd", LQER_TOP="2", LQER_RANK="3")
+    with torch.no_grad():
+        model.blocks[1].mlp.up.weight.mul_(5)  # the largest error by far
+    report = T.export_artifact(model, hp, tmp_path / "l.artifact")
+    lq = report["lqer"]
+    assert len(lq) == 2 and "blocks.1.mlp.up.weight" in lq
+    state, sd = T.load_artifact(tmp_path / "l.artifact"), model.state_dict()
+    fmts = T.quant_formats(hp, sd)
+    for name, r in lq.items():
+        assert r["rank"] == 3 and r["output_err_after"] < r["output_err"] and r["values"] == 3 * sum(sd[name].shape)
+        f = fmts[name][1]._replace(lq=3)
+        assert torch.equal(state[name], T.dequantize(T.quantize(sd[name], f), f)), name
+        assert float((state[name] - sd[name]).square().sum()) == pytest.approx(r["output_err_after"], rel=1e-4)
+    others = {n: e for n, (role, f) in fmts.items() if role and n not in lq and f.kind != "fp16" for e in
+              [float((T.dequantize(T.quantize(sd[n], f), f) - sd[n]).square().sum())]}
+    assert min(r["output_err"] for r in lq.values()) >= max(others.values())
+    plain = T.export_artifact(model, dataclasses.replace(hp, lqer_top=0), tmp_path / "p.artifact")
+    assert plain["lqer"] == {} and report["groups"]["a4"]["n"] == sum(r["values"] for r in lq.values())
+    assert report["bytes"] > plain["bytes"]
+
+
+def test_gptq_embed_hessian_from_head_input_reduces_weighted_error(tiny_run):
+    hs = T.collect_hessians(tiny_run)
+    assert "tok_emb" in hs and hs["tok_emb"].shape == (tiny_run.hp.model_dim,) * 2
+    off = dataclasses.replace(tiny_run, hp=dataclasses.replace(tiny_run.hp, gptq_embed=False))
+    assert "tok_emb" not in T.collect_hessians(off)
+    w, H, f = tiny_run.model.tok_emb.weight.detach(), hs["tok_emb"], T.parse_fmt("int5")
+    weighted = lambda q: float(torch.einsum("ij,jk,ik->", (q - w).double(), H, (q - w).double()))  # noqa: E731
+    plain, gptq = (T.dequantize(T.quantize(w, f, h, tiny_run.hp), f) for h in (None, H))
+    assert weighted(gptq) < 0.9 * weighted(plain), (weighted(gptq), weighted(plain))
+
+
 @pytest.mark.parametrize("bits", range(2, 9))
 def test_pack_unpack_exact(bits):
     codes = np.random.default_rng(bits).integers(0, 2 ** bits, 1001).astype(np.uint8)

@@ -644,3 +644,26 @@ def test_predict_size_fits_and_quant_fit_fallback(monkeypatch, capsys):
     monkeypatch.setenv("QUANT_FIT", "0")
     assert predict_size.main(["--codec", "zstd", "--spec", "mlp_up:int8"]) == 1
     assert "QUANT_FIT" not in capsys.readouterr().out
+
+
+def test_predict_size_prices_lqer():
+    """LQER_TOP=k prices the k largest matrices' rank-r int4 factors (~4 bits a value, two fp16 scales a component);
+    a +lqR spec prices its factors the same way."""
+    import dataclasses
+
+    import torch
+    T = importlib.import_module("train_gpt")
+    predict_size = importlib.import_module("predict_size")
+    hp = T.load_hparams({"PRESET": "tiny", "CODEC": "zstd"})
+    with torch.device("meta"):
+        state = T.GPT(hp).state_dict()
+    meter = predict_size.Meter("zstd")
+    base = predict_size.predict(hp, state, meter)["model"]
+    top = predict_size.predict(dataclasses.replace(hp, lqer_top=2, lqer_rank=4), state, meter)["model"]
+    sizes = sorted(sum(state[n].shape) for n, (_, f) in T.quant_formats(hp, state).items() if f.kind != "fp16")
+    values = 4 * (sizes[-1] + sizes[-2])
+    assert 3.5 / 8 * values < top - base < 4.5 / 8 * values + 32, (top - base, values)
+    spec = predict_size.predict(dataclasses.replace(hp, quant_spec=hp.quant_spec.replace("embed:int8", "embed:int8+lq4")),
+                                state, meter)["model"]
+    values = 4 * sum(state["tok_emb.weight"].shape)
+    assert 3.5 / 8 * values < spec - base < 4.5 / 8 * values + 32, (spec - base, values)
