@@ -2061,11 +2061,19 @@ def account_time(run: Run, export_s: float):
                     f"set EXPORT_RESERVE_SECONDS to at least {math.ceil(after * 1.2)}")
 
 
+def scoring_seconds(hp: Hyperparameters, M: int, roundtrip_s: float) -> tuple[float, float]:
+    """Estimated seconds to score M targets by sliding windows, and by TTT (full: the same windows; lora/phased: one
+    window per TTT_CHUNK_TOKENS chunk), from the roundtrip's seconds for M // EVAL_SEQ_LEN plain windows."""
+    L = hp.eval_seq_len
+    slide = roundtrip_s * len(sliding_plan(M, L, hp.eval_stride)[2]) / max(1, M // L)
+    return slide, slide if hp.ttt_mode == "full" else roundtrip_s * L / min(hp.ttt_chunk_tokens, L)
+
+
 def evaluate(run: Run):
-    """Evaluation stages in order: roundtrip (plain windows), sliding, ttt, ngram (over the last neural stage's
-    statistics). A stage runs only if its estimated time fits what is left of EVAL_BUDGET_SECONDS on every rank
-    (the ranks decide together: a rank alone in a stage would meet the others' collectives); the last stage that
-    ran gives the reported, legal score. EVAL_AUDIT=1 then audits the stages into results["audit"]."""
+    """Evaluation stages in order: roundtrip (plain windows), ttt if on (it scores the sliding windows itself, so they
+    are not scored twice), else sliding, then ngram (over the last neural stage's statistics). A stage runs only if
+    its estimated time fits what is left of EVAL_BUDGET_SECONDS on every rank (the ranks decide together: a rank alone
+    in a stage would meet the others' collectives); the last stage that ran gives the reported, legal score. EVAL_AUDIT=1 then audits the stages into results["audit"]."""
     hp, t0, stages = run.hp, time.perf_counter(), run.results["stages"]
     model = run.eval_model or run.model
     toks = torch.from_numpy(run.val_tokens.astype(np.int64)).to(run.device)
@@ -2095,8 +2103,7 @@ def evaluate(run: Run):
         with torch.no_grad(), run.autocast():
             model(toks[None, :hp.eval_seq_len])
     stage("roundtrip", 0.0, lambda: eval_plain(run, model))
-    slide_s = stages["roundtrip"]["seconds"] * len(sliding_plan(M, hp.eval_seq_len, hp.eval_stride)[2]) / max(
-        1, M // hp.eval_seq_len)
+    slide_s, score_s = scoring_seconds(hp, M, stages["roundtrip"]["seconds"])
     ngram_s, pre, hint = 0.0, None, None
     if hp.ngram_order:  # time the counting on a prefix to estimate the stage
         s, k = time.perf_counter(), min(M, 1 << 18)
@@ -2105,14 +2112,12 @@ def evaluate(run: Run):
         if hp.ngram_mode == "tilt":  # the hint is needed by the neural stages; the counts themselves are not kept
             pre = (None, *ngram_counts(toks, hp.ngram_order)[1:])
             hint = pre[1][1:]
-    stats = stage("sliding", 1.1 * slide_s, lambda: eval_sliding(run, model, toks, hint))
-    slide_s = stages.get("sliding", {}).get("seconds", slide_s)
-    if hp.ttt_enabled:  # scoring cost (lora: one window per chunk) plus an adaptation box that fits what is left
-        score_s = slide_s if hp.ttt_mode == "full" else stages["roundtrip"]["seconds"] * hp.eval_seq_len / min(
-            hp.ttt_chunk_tokens, hp.eval_seq_len)
+    stats = None
+    if hp.ttt_enabled:  # its scoring is the sliding scoring of the adapted model, so sliding runs only in its stead
         box = run.all_reduce(min(hp.ttt_seconds, left() - 1.1 * score_s - ngram_s), op=dist.ReduceOp.MIN)[0]
-        out = stage("ttt", score_s + box if box > 0 else math.inf, lambda: eval_ttt(run, run.model, toks, hint, box))
-        stats = stats if out is None else out
+        stats = stage("ttt", score_s + box if box > 0 else math.inf, lambda: eval_ttt(run, run.model, toks, hint, box))
+    if stats is None:
+        stats = stage("sliding", 1.1 * slide_s, lambda: eval_sliding(run, model, toks, hint))
     if hp.ngram_order:
         stage("ngram", math.inf if stats is None else ngram_s, lambda: ngram_nll(hp, toks, stats, pre)[0])
     run.results["eval_seconds"] = round(time.perf_counter() - t0, 3)

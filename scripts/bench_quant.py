@@ -95,9 +95,10 @@ def main(argv=None) -> int:
     ap.add_argument("--no-docs", action="store_true", help="do not write docs/BENCHMARKS.md")
     args = ap.parse_args(argv)
     out = ROOT / args.out
-    env = dict(PRESET="tiny", ITERATIONS=str(args.steps), WARMDOWN_ITERS=str(max(1, args.steps // 3)), LOG_DIR=str(out),
-               RUN_ID=f"bench_quant_{args.steps}steps", QAT_THRESHOLD="0", CODEC=args.codec,
-               VAL_MAX_TOKENS=str(args.val_tokens), **({"RESUME_FROM": args.ckpt} if args.ckpt else {}))
+    train = dict(RESUME_FROM=args.ckpt) if args.ckpt else dict(  # a checkpoint brings its own configuration
+        ITERATIONS=str(args.steps), WARMDOWN_ITERS=str(max(1, args.steps // 3)), QAT_THRESHOLD="0")
+    env = dict(PRESET="tiny", LOG_DIR=str(out), RUN_ID=f"bench_quant_{args.steps}steps", CODEC=args.codec,
+               VAL_MAX_TOKENS=str(args.val_tokens), **train)
     env.update({k: v for k, v in os.environ.items() if k == "DATA_PATH"})
     try:
         hp = T.load_hparams(env)

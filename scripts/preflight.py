@@ -332,7 +332,7 @@ def preflight(T, hp, ga: tuple[int, int], args, log_dir: Path) -> int:
     proj: dict[str, float] = {}
     for name in ("roundtrip", "sliding", "ttt", "ngram"):
         if name not in stages:
-            print(f"  {name:<9} off")
+            print(f"  {name:<9} {'scored by ttt' if name == 'sliding' and 'ttt' in stages else 'off'}")
             continue
         s = stages[name]["seconds"]
         if name == "ngram":  # every rank counts the whole split
@@ -342,9 +342,7 @@ def preflight(T, hp, ga: tuple[int, int], args, log_dir: Path) -> int:
             proj[name] = s * scale / N
             how = f"shared over {N} ranks"
         if name == "ttt":
-            L = hp.eval_seq_len
-            score = proj.get("sliding", 0.0) if hp.ttt_mode == "full" else proj["roundtrip"] * L / min(
-                hp.ttt_chunk_tokens, L)  # train_gpt.evaluate's estimate of TTT's scoring cost
+            score = T.scoring_seconds(hp, n, proj["roundtrip"])[1]  # train_gpt.evaluate's estimate of TTT's scoring
             boxed = s > hp.ttt_seconds
             how += (f"; adaptation is time-boxed (TTT_SECONDS={hp.ttt_seconds:g}): "
                     + ("it hit the box on the slice already" if boxed else "the slice adapted on every chunk"))

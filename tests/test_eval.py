@@ -271,10 +271,16 @@ def test_evaluate_runs_the_stages_and_keeps_the_last_score_within_budget(tiny_ru
     r = sub_run(tiny_run, 3001, ttt_chunk_tokens=1024, eval_audit=True)
     T.evaluate(r)
     stages = r.results["stages"]
-    assert list(stages) == ["roundtrip", "sliding", "ttt", "ngram"]
+    assert list(stages) == ["roundtrip", "ttt", "ngram"]  # TTT's scoring is the sliding one: not scored twice
     assert r.results["val_bpb"] == stages["ngram"]["val_bpb"] and r.results["audit"]["passed"]
-    assert stages["sliding"]["val_bpb"] < stages["roundtrip"]["val_bpb"]
+    assert stages["ttt"]["val_bpb"] < stages["roundtrip"]["val_bpb"]
     assert stages["ngram"]["val_bpb"] < stages["ttt"]["val_bpb"]
+    r = sub_run(tiny_run, 3001, ttt_enabled=False)
+    T.evaluate(r)
+    assert list(r.results["stages"]) == ["roundtrip", "sliding", "ngram"]
+    r = sub_run(tiny_run, 3001, ttt_seconds=0.0)  # no adaptation box left: TTT is skipped, sliding runs instead
+    T.evaluate(r)
+    assert list(r.results["stages"]) == ["roundtrip", "sliding", "ngram"]
     r = sub_run(tiny_run, 3001, eval_budget_seconds=1e-9)
     T.evaluate(r)
     assert list(r.results["stages"]) == ["roundtrip"]
