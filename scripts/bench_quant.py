@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     out = ROOT / args.out
     train = dict(RESUME_FROM=args.ckpt) if args.ckpt else dict(  # a checkpoint brings its own configuration
-        ITERATIONS=str(args.steps), WARMDOWN_ITERS=str(max(1, args.steps // 3)), QAT_THRESHOLD="0")
+        ITERATIONS=str(args.steps), QAT_THRESHOLD="0")
     env = dict(PRESET="tiny", LOG_DIR=str(out), RUN_ID=f"bench_quant_{args.steps}steps", CODEC=args.codec,
                VAL_MAX_TOKENS=str(args.val_tokens), **train)
     env.update({k: v for k, v in os.environ.items() if k == "DATA_PATH"})
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
         if gptq is not None and id(model) not in hessians:  # Hessians of the model's activations on training tokens
             hessians[id(model)] = T.collect_hessians(dataclasses.replace(
                 run, model=model, hp=dataclasses.replace(hp, quant_spec=uniform("int8"), gptq_embed=True)))
-        vhp = dataclasses.replace(hp, quant_spec=spec, lqer_top=0, **(gptq or {}))
+        vhp = dataclasses.replace(hp, **{"quant_spec": spec, "lqer_top": 0, **(gptq or {})})
         hs = None if gptq is None else {k: v for k, v in hessians[id(model)].items() if vhp.gptq_embed or k != "tok_emb"}
         path = out / f"variant{i}.artifact"
         rep = T.export_artifact(model, vhp, path, hs)

@@ -16,7 +16,10 @@ every evaluation stage projected to the whole split against EVAL_BUDGET_SECONDS.
 
 Projections divide this device's time by --nproc (default 8): with GRAD_ACCUM_STEPS=0 one step
 here computes the same micro-batches that each of the 8 ranks computes in one step, so they are
-compute-only (no all-reduce, no NCCL start-up). Exit 0: all green. Exit 1: a red flag, one
+compute-only (no all-reduce, no NCCL start-up). On a CPU each neural evaluation stage also gets a
+FLOPs model: its FLOPs per scored target (stage_flops), its FLOP rate here relative to training's,
+and the seconds that gives for --targets (default the real split's ~62M) on --nproc H100s when
+training runs at --h100-mfu (default 0.40, an assumption) there: an estimate until measured. Exit 0: all green. Exit 1: a red flag, one
 'RED FLAG:' line each saying what to change. Exit 2: bad input (one 'error:' line). The logs and
 the artifact go to a temporary directory unless --log-dir is given.
 """
@@ -39,6 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import UserError, cli, import_trainer, peak_rss_bytes  # noqa: E402
 
 H100_BF16_DENSE_TFLOPS = 989.0  # H100 SXM (and H200), bf16 dense tensor-core peak
+FINEWEB_VAL_TARGETS = 62_000_000  # the real split: the first 50,000 FineWeb documents, ~62M tokens at SP1024
+ASSUMED_TRAIN_MFU = 0.40  # CPU runs: the H100 training MFU the evaluation projections are scaled from (an assumption)
 CPU_SLICE_TOKENS = 1 << 15  # default --val-tokens without compile: no batch padding, any slice times fairly
 NGRAM_PROBE_TOKENS = 1 << 18  # train_gpt.evaluate times n-gram counting on this long a prefix to estimate the stage
 TTT_FIX = "lower TTT_SECONDS or set TTT_ENABLED=0"
@@ -58,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=8, help="GPUs of the real run to project to (default 8)")
     p.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS,
                    help=f"device peak for MFU (default {H100_BF16_DENSE_TFLOPS:g}: H100 SXM bf16 dense)")
+    p.add_argument("--targets", type=int, default=FINEWEB_VAL_TARGETS,
+                   help=f"CPU runs: validation targets of the real split for the FLOPs projection (default {FINEWEB_VAL_TARGETS:,})")
+    p.add_argument("--h100-mfu", type=float, default=ASSUMED_TRAIN_MFU,
+                   help=f"CPU runs: training MFU assumed on the H100 (default {ASSUMED_TRAIN_MFU:g})")
     p.add_argument("--log-dir", type=Path, default=None,
                    help="keep train_gpt.py's log, checkpoint and artifact here (default: a temporary directory)")
     p.add_argument("--verbose", action="store_true", help="show train_gpt.py's own log lines as they come")
@@ -126,6 +135,18 @@ def flops_per_token(T, model, hp) -> float:
     return 6.0 * matmul + 6.0 * hp.num_layers * hp.train_seq_len * hp.num_heads * hp.head_dim
 
 
+def stage_flops(hp, fwd: float) -> dict[str, float]:
+    """Model FLOPs per scored target of each neural evaluation stage; fwd = forward FLOPs per token at EVAL_SEQ_LEN.
+    roundtrip: one window per EVAL_SEQ_LEN targets; sliding: EVAL_SEQ_LEN / EVAL_STRIDE window tokens per target;
+    ttt: its scoring (full: the sliding windows; lora/phased: an EVAL_SEQ_LEN window per TTT_CHUNK_TOKENS chunk) plus
+    TTT_EPOCHS x (forward + backward, 3 x fwd) of what it trains on (full: each token; lora: each chunk's window).
+    Phased TTT's global passes are not counted (a few % of the split at the record's 2500 of 50,000 documents)."""
+    L = hp.eval_seq_len
+    sliding, window = fwd * L / min(hp.eval_stride, L), fwd * L / min(hp.ttt_chunk_tokens, L)
+    ttt = sliding + 3 * fwd * hp.ttt_epochs if hp.ttt_mode == "full" else window * (1 + 3 * hp.ttt_epochs)
+    return dict(roundtrip=fwd, sliding=sliding, ttt=ttt)
+
+
 def warm_eval_model(run, torch, sync) -> float:
     """COMPILE=1: the call evaluate() makes before its stages to compile the evaluation model's one (padded) shape,
     made and timed here first, so the compilation is reported once per rank (as in the real run) instead of inside
@@ -147,7 +168,7 @@ def short_run_hp(hp, steps: int, log_dir: Path):
         warmdown = math.floor((steps - qat_from + 1) / hp.qat_threshold) + 1
     return dataclasses.replace(
         hp, run_id="preflight", log_dir=str(log_dir), artifact_path="", iterations=steps, max_wallclock_seconds=0.0,
-        lr_warmup_steps=0, warmdown_iters=warmdown, val_loss_every=0, train_log_every=steps,
+        lr_warmup_steps=0, warmdown_iters=warmdown, warmdown_frac=0.0, min_lr=0.0, val_loss_every=0, train_log_every=steps,
         eval_budget_seconds=1e9)  # every stage runs on the slice; the real budget is checked on the projection
 
 
@@ -330,6 +351,7 @@ def preflight(T, hp, ga: tuple[int, int], args, log_dir: Path) -> int:
     print(f"eval: {n:,} of {n_full:,} validation targets timed (x{scale:.2f} to the whole split); projected on "
           f"{N} ranks against EVAL_BUDGET_SECONDS={hp.eval_budget_seconds:g}:")
     proj: dict[str, float] = {}
+    flops = stage_flops(hp, flops_per_token(T, run.model, dataclasses.replace(hp, train_seq_len=hp.eval_seq_len)) / 3)
     for name in ("roundtrip", "sliding", "ttt", "ngram"):
         if name not in stages:
             print(f"  {name:<9} {'scored by ttt' if name == 'sliding' and 'ttt' in stages else 'off'}")
@@ -350,6 +372,12 @@ def preflight(T, hp, ga: tuple[int, int], args, log_dir: Path) -> int:
                 proj[name] = score + hp.ttt_seconds
                 how += f"; on the whole split only ~{score:.0f}s of scoring + the {hp.ttt_seconds:g}s box"
         print(f"  {name:<9} {s:8.2f}s on the slice -> {proj[name]:8.1f}s projected ({how})")
+        if name in flops and not cuda[0]:  # the stage's FLOP rate here, relative to training's, carried to the H100
+            rel = flops[name] * n / s / (fpt * tok_s)
+            h100 = flops[name] * args.targets / (N * args.peak_tflops * 1e12 * args.h100_mfu * rel)
+            print(f"  {'':<9} {n / s:,.0f} targets/s here, {flops[name] / 1e9:.4g} GFLOP/target, {rel:.0%} of "
+                  f"training's FLOP rate -> ~{h100:.1f}s for {args.targets:,} targets on {N} x H100 (estimate: "
+                  f"training at {args.h100_mfu:.0%} MFU there, this stage at the same relative rate)")
     other = max(r.get("eval_seconds", 0.0) - sum(v["seconds"] for v in stages.values()), 0.0)
     if hp.ngram_order and hp.ngram_mode == "tilt":  # the whole split's counts, for the hint, outside the stages
         proj["other"] = other * scale

@@ -23,7 +23,8 @@ import train_gpt as T
 from conftest import ROOT, tiny_env
 
 SMALL = dict(MODEL_DIM=64, NUM_LAYERS=2, BIGRAM_DIM=16, VE_DIM=16, TRAIN_SEQ_LEN=64, EVAL_SEQ_LEN=64,
-             TRAIN_BATCH_TOKENS=1024, VAL_BATCH_TOKENS=512, GPTQ_TOKENS=512, ITERATIONS=6, WARMDOWN_ITERS=4)
+             TRAIN_BATCH_TOKENS=1024, VAL_BATCH_TOKENS=512, GPTQ_TOKENS=512, ITERATIONS=6, WARMDOWN_ITERS=4,
+             WARMDOWN_FRAC=0)  # the step-count warmdown, not the tiny preset's fraction
 
 
 def small_run(data, log_dir, **overrides) -> T.Run:

@@ -9,7 +9,7 @@ import pytest
 from conftest import ROOT
 
 FAST = dict(MODEL_DIM="64", NUM_LAYERS="2", BIGRAM_DIM="16", VE_DIM="16", TRAIN_BATCH_TOKENS="4096",
-            ITERATIONS="6", WARMDOWN_ITERS="3", TRAIN_LOG_EVERY="2", VAL_MAX_TOKENS="8193")
+            ITERATIONS="6", WARMDOWN_ITERS="3", WARMDOWN_FRAC="0", TRAIN_LOG_EVERY="2", VAL_MAX_TOKENS="8193")
 
 
 def run_script(tmp_path, brown_data, nproc=0, **env):
