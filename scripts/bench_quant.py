@@ -38,7 +38,7 @@ def uniform(fmt: str, embed: str | None = None) -> str:
 
 
 MIXED = "attn_qk:int6,attn_vo:int6,mlp_up:int5,mlp_down:int5,embed:int8,aux:int6"
-CLIPPED = "attn_qk:int6@13,attn_vo:int6@13,mlp_up:int5@11.5,mlp_down:int5@11.5,embed:int7@14,aux:int6@12.85"
+CLIPPED = "attn_qk:int6@13,attn_vo:int6@13,mlp_up:int6@11.5,mlp_down:int6@11.5,embed:int7@14,aux:int6@12.85"  # 1.0611's
 MATRIX_GPTQ, EMBED_GPTQ, LQER = dict(gptq_embed=False), dict(gptq_embed=True), dict(gptq_embed=True, lqer_top=3, lqer_rank=4)
 VARIANTS = [  # (label, QUANT_SPEC, GPTQ: None (off) or the overrides of its options)
     ("int8", uniform("int8"), None),
@@ -62,7 +62,7 @@ VARIANTS = [  # (label, QUANT_SPEC, GPTQ: None (off) or the overrides of its opt
     ("GPTQ mixed, GPTQ int8 embed", MIXED, EMBED_GPTQ),
     ("GPTQ mixed, GPTQ int7 embed", MIXED.replace("embed:int8", "embed:int7"), EMBED_GPTQ),
     ("GPTQ mixed + LQER (top 3, rank 4, int4 factors)", MIXED, LQER),
-    ("GPTQ per-role clips (int6@13 attn, int5@11.5 MLP, int7@14 embed)", CLIPPED, EMBED_GPTQ),
+    ("GPTQ per-role clips (int6@13 attn, int6@11.5 MLP, int7@14 embed)", CLIPPED, EMBED_GPTQ),
     ("GPTQ per-role clips + LQER (top 3, rank 4)", CLIPPED, LQER),
 ]
 

@@ -138,12 +138,13 @@ def flops_per_token(T, model, hp) -> float:
 def stage_flops(hp, fwd: float) -> dict[str, float]:
     """Model FLOPs per scored target of each neural evaluation stage; fwd = forward FLOPs per token at EVAL_SEQ_LEN.
     roundtrip: one window per EVAL_SEQ_LEN targets; sliding: EVAL_SEQ_LEN / EVAL_STRIDE window tokens per target;
-    ttt: its scoring (full: the sliding windows; lora/phased: an EVAL_SEQ_LEN window per TTT_CHUNK_TOKENS chunk) plus
-    TTT_EPOCHS x (forward + backward, 3 x fwd) of what it trains on (full: each token; lora: each chunk's window).
+    ttt: full: the sliding windows plus TTT_EPOCHS x forward + backward (3 x fwd) of each token; lora/phased: an
+    EVAL_SEQ_LEN window per TTT_CHUNK_TOKENS chunk, TTT_EPOCHS x forward + backward (the scoring forward is the
+    first epoch's).
     Phased TTT's global passes are not counted (a few % of the split at the record's 2500 of 50,000 documents)."""
     L = hp.eval_seq_len
     sliding, window = fwd * L / min(hp.eval_stride, L), fwd * L / min(hp.ttt_chunk_tokens, L)
-    ttt = sliding + 3 * fwd * hp.ttt_epochs if hp.ttt_mode == "full" else window * (1 + 3 * hp.ttt_epochs)
+    ttt = sliding + 3 * fwd * hp.ttt_epochs if hp.ttt_mode == "full" else window * 3 * hp.ttt_epochs
     return dict(roundtrip=fwd, sliding=sliding, ttt=ttt)
 
 
