@@ -1200,11 +1200,11 @@ def narrower_spec(hp: Hyperparameters, state: dict, excess: int) -> str | None:
 def lqer_topk(state: dict, fmts: dict, parts: dict, hessians: dict, hp: Hyperparameters, cache: dict) -> dict:
     """LQER: the LQER_TOP matrices with the largest output error (squared error x input scale^2) get a rank-LQER_RANK
     int4 correction; fmts and parts are updated in place. Returns {name: rank, output error before and after}."""
-    err = {}
-    for name, (role, f) in fmts.items():
-        if role and f.kind != "fp16" and not (f.rank or f.lq):
-            d = input_scale(state[name], hessians.get(name[:-7]))
-            err[name] = float(((state[name].float() - dequantize(parts[name], f)) * d).square().sum())
+    def output_err(name: str, f: Fmt) -> float:
+        w = state[name].float()
+        return float(((w - dequantize(parts[name], f)) * input_scale(w, hessians.get(name[:-7]))).square().sum())
+
+    err = {n: output_err(n, f) for n, (role, f) in fmts.items() if role and f.kind != "fp16" and not (f.rank or f.lq)}
     out = {}
     for name in sorted(err, key=err.get, reverse=True)[:hp.lqer_top]:
         role, f = fmts[name]
@@ -1213,8 +1213,7 @@ def lqer_topk(state: dict, fmts: dict, parts: dict, hessians: dict, hp: Hyperpar
         if (name, f) not in cache:
             cache[name, f] = add_lowrank(w, parts[name], f, H)
         parts[name] = cache[name, f]
-        after = float(((w - dequantize(parts[name], f)) * input_scale(w, H)).square().sum())
-        out[name] = dict(rank=f.lq, output_err=err[name], output_err_after=after, values=f.lq * sum(w.shape))
+        out[name] = dict(rank=f.lq, output_err=err[name], output_err_after=output_err(name, f), values=f.lq * sum(w.shape))
     return out
 
 
