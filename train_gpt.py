@@ -80,6 +80,7 @@ class Hyperparameters:
     tied_embed_init_std: float = 0.005
     rope_base: float = 10000.0
     rope_dims: int = 16  # rotary on the first k dims of each head; 0 = all
+    rope_yarn: bool = False  # sequences longer than TRAIN_SEQ_LEN rotate with an NTK-scaled base (the record's ROPE_YARN)
     logit_softcap: float = 30.0
     qk_gain_init: float = 1.5
     unet_skips: bool = True
@@ -294,6 +295,8 @@ def load_hparams(env: dict[str, str] | None = None) -> Hyperparameters:
                           "heads must divide MODEL_DIM into an even head size, kv heads must divide heads")
     if not 0 <= hp.rope_dims <= hp.head_dim or hp.rope_dims % 2:
         raise ConfigError(f"ROPE_DIMS={hp.rope_dims}: expected an even number in [0, head_dim={hp.head_dim}]")
+    if hp.rope_yarn and hp.rope_dims == 2:
+        raise ConfigError("ROPE_YARN=1 with ROPE_DIMS=2: the scaled base needs at least 4 rotary dims")
     parse_layers(hp.ve_layers, hp.num_layers)
     parse_loop(hp.loop_layers, hp.num_layers)
     if hp.parallel_start >= hp.num_layers or hp.attn_gate_window > hp.model_dim:
@@ -1409,17 +1412,20 @@ class CastedLinear(nn.Linear):
 
 
 class Rotary(nn.Module):
-    """Frequencies made in the forward, not kept in a buffer: the model has no buffers for DDP to broadcast."""
+    """Frequencies made in the forward, not kept in a buffer: the model has no buffers for DDP to broadcast.
+    yarn_len > 0: a sequence s times longer rotates with base * s^(rd/(rd-2)) (NTK-aware scaling), which stretches
+    the slowest frequency s-fold and keeps the fastest, so positions beyond the trained length stay in range."""
 
-    def __init__(self, rot_dims: int, base: float):
+    def __init__(self, rot_dims: int, base: float, yarn_len: int = 0):
         super().__init__()
-        self.rot_dims, self.base = rot_dims, base
+        self.rot_dims, self.base, self.yarn_len = rot_dims, base, yarn_len
 
     def forward(self, x: Tensor) -> Tensor:
         """Rotate the first rot_dims of each head of x (B, T, H, D); the rest pass unchanged."""
-        rd = self.rot_dims
-        inv_freq = 1.0 / self.base ** (torch.arange(0, rd, 2, device=x.device, dtype=torch.float32) / rd)
-        freqs = torch.outer(torch.arange(x.size(1), device=x.device, dtype=torch.float32), inv_freq)
+        rd, T = self.rot_dims, x.size(1)
+        base = self.base * (T / self.yarn_len) ** (rd / (rd - 2)) if 0 < self.yarn_len < T else self.base
+        inv_freq = 1.0 / base ** (torch.arange(0, rd, 2, device=x.device, dtype=torch.float32) / rd)
+        freqs = torch.outer(torch.arange(T, device=x.device, dtype=torch.float32), inv_freq)
         cos, sin = freqs.cos()[None, :, None, :].to(x.dtype), freqs.sin()[None, :, None, :].to(x.dtype)
         x1, x2, rest = x[..., :rd // 2], x[..., rd // 2:rd], x[..., rd:]
         return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
@@ -1459,7 +1465,7 @@ class Attention(nn.Module):
         self.o = CastedLinear(self.h * self.d, hp.model_dim, bias=False)
         self.o.zero_init = True
         self.q_gain = nn.Parameter(torch.full((self.h,), hp.qk_gain_init))
-        self.rotary = Rotary(hp.rope_dims or self.d, hp.rope_base)
+        self.rotary = Rotary(hp.rope_dims or self.d, hp.rope_base, hp.train_seq_len if hp.rope_yarn else 0)
         self.xsa, self.kernel = xsa, hp.attn_kernel
         self.gate = nn.Linear(hp.attn_gate_window, self.h, bias=False) if hp.attn_gate_window else None
         if self.gate is not None:  # zero: every head starts at sigmoid(0) = 1/2

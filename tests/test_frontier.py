@@ -117,6 +117,18 @@ def test_polar_express_is_closer_to_orthogonal_and_row_norm_changes_the_update()
     assert not torch.allclose(*updates, atol=1e-3)
 
 
+@torch.no_grad()
+def test_rope_yarn_scales_the_base_only_beyond_the_trained_length():
+    on, off = model(ROPE_YARN=1, TRAIN_SEQ_LEN=32), model(TRAIN_SEQ_LEN=32)
+    assert torch.equal(on(tokens(32)), off(tokens(32)))  # up to the trained length: the trained rotation
+    assert not torch.allclose(on(tokens(64)), off(tokens(64)), atol=1e-4)
+    rd = on.hp.rope_dims
+    x = torch.randn(1, 64, 2, on.hp.head_dim)  # twice the length: base * 2^(rd/(rd-2)), the slowest frequency halved
+    assert torch.allclose(T.Rotary(rd, 10000.0, 32)(x), T.Rotary(rd, 10000.0 * 2 ** (rd / (rd - 2)))(x))
+    with pytest.raises(T.ConfigError, match="ROPE_YARN"):
+        T.load_hparams({**TINY, "ROPE_YARN": "1", "ROPE_DIMS": "2"})
+
+
 def test_warmdown_fraction_and_lr_floor():
     s = T.Schedule(iterations=100, warmdown_iters=0, lr_warmup_steps=0, wallclock_s=0, warmdown_frac=0.5, min_lr=0.1)
     assert [round(s.lr_mult(k, 0.0), 6) for k in (0, 50, 75, 95, 99)] == [1.0, 1.0, 0.5, 0.1, 0.1]
