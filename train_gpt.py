@@ -22,6 +22,7 @@ import shutil
 import sys
 import time
 import uuid
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,7 +139,7 @@ class Hyperparameters:
     export_reserve_seconds: float = 60.0  # cut from MAX_WALLCLOCK_SECONDS for export (Hessians, GPTQ, compression)
     qat_threshold: float = 0.15  # QAT once the warmdown LR multiplier is below this; 0 = off
     qat_steps: int = 1  # QAT stages: start QAT_STEPS-1 bits above QUANT_SPEC, one bit less per stage
-    codec: str = "auto"  # auto (smallest per group) | zstd | lzma | brotli
+    codec: str = "auto"  # auto (smallest per group) | zstd | lzma | brotli | ac (adaptive range coder)
     quant_fit: bool = True  # over the cap: re-export with roles a bit narrower (MLP first, down to int4)
     artifact_path: str = ""  # empty: LOG_DIR/RUN_ID.artifact
     resume_from: str = ""  # a LOG_DIR/RUN_ID.ckpt of trained weights: skip training, export and evaluate them
@@ -232,7 +233,7 @@ RULES = {  # field -> (predicate, what is expected); checked at start-up
     "attn_kernel": (lambda v: v in ("auto", "flash", "sdpa"), "auto, flash or sdpa"),
     "qat_threshold": (lambda v: 0 <= v <= 1, "a number in [0, 1] (0 = off)"),
     "qat_steps": (lambda v: 1 <= v <= 6, "an int in [1, 6]"),
-    "codec": (lambda v: v in ("auto", "zstd", "lzma", "brotli"), "auto, zstd, lzma or brotli"),
+    "codec": (lambda v: v == "auto" or v in CODEC_MODULES, "auto, zstd, lzma, brotli or ac"),
     "eval_stride": (lambda v: v >= 1, "an int >= 1"),
     "eval_batch_seqs": (lambda v: v >= 0, "an int >= 0 (0 = from VAL_BATCH_TOKENS)"),
     "ngram_order": (lambda v: v >= 0, "an int >= 0 (0 = off)"),
@@ -1145,7 +1146,8 @@ def unpack(b: bytes, packing: str, bits: int, n: int) -> np.ndarray:
     return a.reshape(2, n).T.copy().view(np.float16).ravel() if packing == "shuffle" else a
 
 
-CODEC_MODULES = {"zstd": "zstandard", "lzma": "lzma", "brotli": "brotli"}  # codec -> module (pip name)
+CODEC_MODULES = {"zstd": "zstandard", "lzma": "lzma", "brotli": "brotli", "ac": "constriction"}
+AC_BLOCK, AC_DECAY = 1024, 0.9  # ac: each block's model is the decayed byte counts of the blocks before it
 
 
 def optional_import(name: str):
@@ -1155,13 +1157,46 @@ def optional_import(name: str):
         return None
 
 
+def adaptive_coder(cx, data: bytes, n: int | None = None) -> bytes:
+    """ac codec (cx: constriction): range coding of bytes, each AC_BLOCK's model the counts of the bytes before it
+    (decayed by AC_DECAY per block), so it follows statistics that drift along a group (tensor to tensor) where one
+    order-0 table cannot. n=None encodes data, else decodes n bytes from it."""
+    if n is not None and len(data) % 4:
+        raise ValueError("ac stream: truncated")
+    src = np.frombuffer(data, np.uint8) if n is None else None
+    coder = cx.stream.queue.RangeEncoder() if n is None else cx.stream.queue.RangeDecoder(np.frombuffer(data, np.uint32))
+    counts, out = np.full(256, 0.5), []
+    for s in range(0, len(data) if n is None else n, AC_BLOCK):
+        model = cx.stream.model.Categorical(counts / counts.sum(), perfect=False)
+        if n is None:
+            coder.encode((x := src[s:s + AC_BLOCK]).astype(np.int32), model)
+        else:
+            out.append(x := coder.decode(model, min(AC_BLOCK, n - s)).astype(np.uint8))
+        counts = counts * AC_DECAY + np.bincount(x, minlength=256)
+    return coder.get_compressed().tobytes() if n is None else b"".join(x.tobytes() for x in out)
+
+
+def crc_framed(name: str, compress, decompress) -> tuple:
+    """(compress, decompress) of a coder that cannot tell a corrupt stream: a crc32 of the raw bytes goes first."""
+    def checked(b: bytes, n: int) -> bytes:
+        try:
+            raw = decompress(b[4:], n)
+        except (AssertionError, ValueError, EOFError) as e:  # what the coders raise on streams they cannot decode
+            raise ValueError(f"{name} stream: corrupt or truncated ({e})") from None
+        if len(raw) != n or zlib.crc32(raw).to_bytes(4, "little") != b[:4]:
+            raise ValueError(f"{name} stream: corrupt or truncated (crc32 mismatch)")
+        return raw
+    return lambda b: zlib.crc32(b).to_bytes(4, "little") + compress(b), checked
+
+
 def codecs() -> dict:
     """codec -> (compress, decompress(data, raw size)) for every codec whose module imports."""
     mods = {c: optional_import(m) for c, m in CODEC_MODULES.items()}
-    zstd, brotli = mods["zstd"], mods["brotli"]
+    zstd, brotli, cx = mods["zstd"], mods["brotli"], mods["ac"]
     table = {"zstd": (lambda b: zstd.ZstdCompressor(level=22).compress(b), lambda b, n: zstd.ZstdDecompressor().decompress(b, max_output_size=n)),
              "lzma": (lambda b: lzma.compress(b, preset=9 | lzma.PRESET_EXTREME), lambda b, n: lzma.decompress(b)),
-             "brotli": (lambda b: brotli.compress(b, quality=11), lambda b, n: brotli.decompress(b))}
+             "brotli": (lambda b: brotli.compress(b, quality=11), lambda b, n: brotli.decompress(b)),
+             "ac": crc_framed("ac", lambda b: adaptive_coder(cx, b), lambda b, n: adaptive_coder(cx, b, n))}
     return {c: fns for c, fns in table.items() if mods[c]}
 
 
@@ -1169,15 +1204,16 @@ def encode_groups(groups: dict[str, np.ndarray], codec: str) -> tuple[dict, list
     """Each group's smallest (packing, codec) among the installed codecs (auto) or of CODEC; dense bit packing is
     only tried at <= 4 bits, where it can help."""
     cs, jobs, bits = codecs(), {}, {g: 16 if g in FP16_GROUPS else int(g.lstrip("intqa")) for g in groups}
+    packed = {(g, p): pack(a, p, bits[g]) for g, a in groups.items()
+              for p in (["shuffle"] if bits[g] == 16 else ["u8", "bits"][:1 + (bits[g] <= 4)])}
     with ThreadPoolExecutor(os.cpu_count()) as pool:
-        for g, a in groups.items():
-            for p in ["shuffle"] if bits[g] == 16 else ["u8", "bits"][:1 + (bits[g] <= 4)]:
-                for c in cs if codec == "auto" else [codec]:
-                    jobs[g, p, c] = pool.submit(lambda a, p, c, b: cs[c][0](pack(a, p, b)), a, p, c, bits[g])
+        for (g, p), b in packed.items():
+            for c in cs if codec == "auto" else [codec]:
+                jobs[g, p, c] = pool.submit(cs[c][0], b)
     meta, bufs = {}, []
     for g, a in groups.items():
         (_, p, c), best = min(((k, j.result()) for k, j in jobs.items() if k[0] == g), key=lambda kv: len(kv[1]))
-        meta[g] = dict(codec=c, pack=p, bits=bits[g], n=a.size, raw=a.nbytes, len=len(best))
+        meta[g] = dict(codec=c, pack=p, bits=bits[g], n=a.size, raw=len(packed[g, p]), len=len(best))
         bufs.append(best)
     return meta, bufs
 
@@ -1281,8 +1317,8 @@ def unframe(path: str | Path, magic: bytes, what: str, fix: str) -> tuple[dict, 
     return json.loads(data[40:40 + n]), data, 40 + n
 
 
-def load_artifact(path: str | Path) -> dict[str, Tensor]:
-    """Artifact -> state dict of dequantized float32 tensors; refuses foreign, corrupt or truncated files."""
+def read_groups(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """Artifact -> (header, decoded values of each group); refuses foreign, corrupt or truncated files."""
     header, data, pos = unframe(path, ARTIFACT_MAGIC, "train_gpt.py artifact",
                                 "re-export it with train_gpt.py or point ARTIFACT_PATH at an intact artifact")
     arrays, cs = {}, codecs()
@@ -1291,6 +1327,12 @@ def load_artifact(path: str | Path) -> dict[str, Tensor]:
             raise ConfigError(f"{path}: group {g} is {m['codec']}-compressed; pip install {CODEC_MODULES[m['codec']]}")
         arrays[g] = unpack(cs[m["codec"]][1](data[pos:pos + m["len"]], m["raw"]), m["pack"], m["bits"], m["n"])
         pos += m["len"]
+    return header, arrays
+
+
+def load_artifact(path: str | Path) -> dict[str, Tensor]:
+    """Artifact -> state dict of dequantized float32 tensors; refuses foreign, corrupt or truncated files."""
+    header, arrays = read_groups(path)
     cursor, state = dict.fromkeys(arrays, 0), {}
     for name, shape, tag in header["tensors"]:
         f, parts = parse_fmt(tag, seed=header["seed"]), []

@@ -97,7 +97,7 @@ def predict(hp: T.Hyperparameters, state: dict, meter: Meter, code_bytes: int = 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--spec", action="append", help="QUANT_SPEC to predict (repeatable); default: the config's + alternatives")
-    ap.add_argument("--codec", help="override CODEC (auto tries zstd, lzma and brotli: slowest, smallest)")
+    ap.add_argument("--codec", help="override CODEC (auto tries every installed codec: slowest, smallest)")
     ap.add_argument("--packed", action="store_true",
                     help="count the code as packed by scripts/pack_code.py (what a run launched from it counts)")
     args = ap.parse_args(argv)

@@ -166,6 +166,32 @@ def test_save_load_bit_exact(exported, tmp_path):
         assert g["len"] > 0 and ("entropy_bits" not in g or g["entropy_bits"] <= g["bits"])
 
 
+def test_adaptive_coder_round_trips_bit_exactly_and_refuses_corrupt_streams(exported, tmp_path):
+    compress, decompress = T.codecs()["ac"]
+    rng = np.random.default_rng(0)
+    codes = (np.clip(np.round(rng.standard_normal(60_000) * np.repeat([2, 7, 4], 20_000)), -31, 31) + 32).astype(np.uint8)
+    for raw in (codes.tobytes(), b"", bytes(range(256)) * 40 + b"\x07"):
+        assert decompress(compress(raw), len(raw)) == raw
+    z = compress(codes.tobytes())
+    flipped = bytearray(z)
+    flipped[len(z) // 2] ^= 0x10
+    for bad in (bytes(flipped), z[:len(z) // 2]):
+        with pytest.raises(ValueError, match="ac stream: corrupt"):
+            decompress(bad, codes.size)
+    hp, model, path, _ = exported  # a whole artifact in this codec loads to the same tensors
+    T.export_artifact(model, dataclasses.replace(hp, codec="ac"), tmp_path / "m.artifact")
+    state, want = T.load_artifact(tmp_path / "m.artifact"), T.load_artifact(path)
+    assert all(torch.equal(state[k], want[k]) for k in want)
+
+
+def test_adaptive_coder_beats_order0_where_statistics_drift():
+    rng = np.random.default_rng(1)  # three "tensors" of different spread, as a group concatenates them
+    codes = (np.clip(np.round(rng.standard_normal(300_000) * np.repeat([2, 7, 4], 100_000)), -31, 31) + 32).astype(np.uint8)
+    p = np.bincount(codes) / codes.size
+    order0_bytes = -(p[p > 0] * np.log2(p[p > 0])).sum() * codes.size / 8
+    assert len(T.codecs()["ac"][0](codes.tobytes())) < 0.97 * order0_bytes
+
+
 @pytest.mark.parametrize("damage", ["flip", "truncate", "foreign", "missing"])
 def test_refuses_damaged_or_foreign_file(exported, tmp_path, damage):
     path = tmp_path / "bad.artifact"
