@@ -2139,13 +2139,14 @@ def evaluate(run: Run):
         else:
             loss = float((out[0] if out.dim() == 2 else out).double().sum()) / M
             bpb = loss / math.log(2) * M / n_bytes
-        stages[name] = dict(val_loss=loss, val_bpb=bpb, seconds=round(time.perf_counter() - s, 3))
+        sec = time.perf_counter() - s  # targets/s per device: the throughput a projection to other hardware starts from
+        stages[name] = dict(val_loss=loss, val_bpb=bpb, seconds=round(sec, 3), targets_per_s=round(M / sec / run.world_size))
         if run.distributed:  # every rank must hold the same score
             stages[name]["rank_spread"] = spread = sum(run.all_reduce(loss, -loss, op=dist.ReduceOp.MAX))
             if spread:
                 run.log(f"WARNING: eval {name}: val_loss differs across ranks by {spread:.3g}")
         run.results.update(val_loss=loss, val_bpb=bpb, eval_seconds=round(time.perf_counter() - t0, 3))
-        run.log(f"eval {name}: val_loss {loss:.4f} val_bpb {bpb:.4f} ({stages[name]['seconds']:.1f}s)")
+        run.log(f"eval {name}: val_loss {loss:.4f} val_bpb {bpb:.4f} ({sec:.1f}s, {M / sec / run.world_size:,.0f} targets/s per device)")
         return out
 
     if model is not run.model:  # compile now, not inside the roundtrip's timing that sizes the later stages

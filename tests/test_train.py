@@ -33,7 +33,7 @@ def test_run_writes_log_and_results(tmp_path, brown_data):
     assert res["status"] == "ok" and res["steps"] == 6 and res["config"]["model_dim"] == 64
     assert res["code_bytes"] == (ROOT / "train_gpt.py").stat().st_size
     assert res["artifact_bytes"] == res["code_bytes"] + res["model_bytes"]
-    assert all({"val_loss", "val_bpb", "seconds"} <= set(s) for s in res["stages"].values())
+    assert all({"val_loss", "val_bpb", "seconds", "targets_per_s"} <= set(s) for s in res["stages"].values())
     log = (tmp_path / "r.txt").read_text()
     assert log.startswith("config: ") and "step 6/6 loss" in log and "ms/step" in log and "eta" in log
     # the config line alone reproduces the run: it holds every effective value
