@@ -137,7 +137,7 @@ class Hyperparameters:
     lqer_rank: int = 4  # LQER correction rank (int4 factors on -8..7)
     lqer_top: int = 0  # LQER for the k matrices with the largest output error; 0 = off
     export_reserve_seconds: float = 60.0  # cut from MAX_WALLCLOCK_SECONDS for export (Hessians, GPTQ, compression)
-    qat_threshold: float = 0.15  # QAT once the warmdown LR multiplier is below this; 0 = off
+    qat_threshold: float = 0.15  # QAT once the LR multiplier is at or below this (1: from the start); 0 = off
     qat_steps: int = 1  # QAT stages: start QAT_STEPS-1 bits above QUANT_SPEC, one bit less per stage
     codec: str = "auto"  # auto (smallest per group) | zstd | lzma | brotli | ac (adaptive range coder)
     quant_fit: bool = True  # over the cap: re-export with roles a bit narrower (MLP first, down to int4)
@@ -200,6 +200,50 @@ PRESETS: dict[str, dict[str, object]] = {
         quant_spec="attn_qk:int6@13,attn_vo:int6@13,mlp_up:int6@11.5,mlp_down:int6@11.5,embed:int7@14,aux:int6@12.85,"
                    "gate:int8", lqer_top=3, lqer_rank=4, ngram_order=0, ttt_mode="phased", ttt_lora_rank=80,
         ttt_chunk_tokens=48, ttt_lr=1e-4, ttt_beta2=0.99, ttt_wd=0.5,
+    ),
+    # The seed systems (../shared/seeds, README "Seed presets"): each as its run's code, log or script set it.
+    "baseline": dict(  # the public starting script: 9L x 512, relu^2, int8 everywhere, plain evaluation
+        num_layers=9, mlp_mult=2.0, mlp_act="relu2", rope_dims=0, smear_gate=False, bigram_buckets=0, ve_layers="",
+        xsa_last_n=0, ln_scale=False, ortho_init=False, train_batch_tokens=524288, train_seq_len=1024,
+        eval_seq_len=1024, eval_stride=1024, warmdown_iters=1200, matrix_lr=0.04, scalar_lr=0.04, tied_embed_lr=0.05,
+        muon_momentum=0.95, muon_momentum_warmup_start=0.85, muon_momentum_warmup_steps=500, muon_wd=0.0,
+        adam_wd=0.0, grad_clip_norm=0.0, ema_decay=0.0, swa_every=0, weight_avg="none", gptq=False,
+        qat_threshold=0.0, ngram_order=0, ttt_enabled=False,
+        quant_spec="attn_qk:int8,attn_vo:int8,mlp_up:int8,mlp_down:int8,embed:int8,head:int8",
+    ),
+    "turboquant_mixed": dict(  # seed 000: int5 boundary blocks {0,1,9,10}, int4 V/O and MLP between, full TTT
+        num_kv_heads=8, mlp_mult=3.5, mlp_act="relu2", bigram_buckets=8192, xsa_last_n=11, qat_threshold=0.5,
+        gptq_embed=False, codec="zstd", ngram_order=0, ttt_mode="full", ttt_lr=1e-4, ttt_epochs=3,
+        ttt_chunk_tokens=131072,
+        quant_spec="attn_qk:int5,attn_vo:int4,mlp_up:int4,mlp_down:int4,embed:int8,aux:int8,layers0-1:int5,"
+                   "layers9-10:int5",
+    ),
+    "turboquant_13l": dict(  # seed 001: 13L x 576, TurboQuant 2/3/4 bits by role, QAT 4 -> 3 -> 2 bits, LZMA
+        num_layers=13, model_dim=576, mlp_mult=3.5, ve_layers="9,10", gptq=False, quant_seed=42, codec="lzma",
+        quant_spec="attn_qk:tq3,attn_vo:tq3,mlp_up:tq2,mlp_down:tq3,embed:tq4,aux:tq4", qat_threshold=0.5,
+        qat_steps=3, ngram_order=0, ttt_enabled=False,
+    ),
+    "int5_qat_576": dict(  # seed 002: 9L x 576, 9 heads / 3 kv, relu^2, int5 everywhere, QAT from LR mult 0.5, SWA
+        num_layers=9, model_dim=576, num_heads=9, num_kv_heads=3, mlp_act="relu2", bigram_buckets=4096, ve_layers="",
+        ln_scale=False, matrix_lr=0.04, scalar_lr=0.04, tied_embed_lr=0.05, ema_decay=0.0, weight_avg="swa",
+        swa_every=200, swa_threshold=0.5, qat_threshold=0.5, gptq=False, ngram_order=0, ttt_enabled=False,
+        quant_spec="attn_qk:int5,attn_vo:int5,mlp_up:int5,mlp_down:int5,embed:int8,aux:int8",
+    ),
+    "int5_mlp_12l": dict(  # seed 003: 12L, int5 MLP + int6 attention, SmearGate, BigramHash, SWA
+        num_layers=12, mlp_act="relu2", rope_dims=0, ln_scale=False, xsa_last_n=0, ve_layers="", warmdown_iters=3000,
+        iterations=9000, ema_decay=0.0, weight_avg="swa", swa_every=200, swa_threshold=0.5, gptq=False,
+        qat_threshold=1.0, ngram_order=0, ttt_enabled=False, val_loss_every=500,
+        quant_spec="attn_qk:int6,attn_vo:int6,mlp_up:int5,mlp_down:int5,embed:int8,aux:int8",
+    ),
+    "gptq_int6_ttt": dict(  # seed 004 as its log ran: SP8192, 11L MLP 4x, loops 4-5 x3, GPTQ int6, EMA 0.9965, TTT
+        data_path="./data/datasets/fineweb10B_sp8192", vocab_size=8192, mlp_mult=4.0, xsa_last_n=11,
+        qk_gain_init=5.25, smear_gate=False, bigram_buckets=0, ve_layers="", loop_layers="4-5", loop_count=3,
+        loop_start=0.5, parallel_start=7, attn_gate_window=512, ema_decay=0.9965, swa_every=0, matrix_lr=0.022,
+        scalar_lr=0.02, tied_embed_lr=0.03, muon_momentum=0.98, muon_backend_steps=3, muon_row_norm=True,
+        muon_wd=0.12, adam_wd=0.095, warmdown_frac=0.72, train_batch_tokens=524288, qat_threshold=0.0, codec="zstd",
+        quant_spec="attn_qk:int6@12.85,attn_vo:int6@12.85,mlp_up:int6@12.85,mlp_down:int6@12.85,embed:int5@20,"
+                   "gate:fp16", ngram_order=0, ttt_mode="full", ttt_lr=0.005, ttt_epochs=3, ttt_chunk_tokens=32768,
+        ttt_seconds=360.0,
     ),
 }
 
@@ -300,6 +344,9 @@ def load_hparams(env: dict[str, str] | None = None) -> Hyperparameters:
         raise ConfigError("ROPE_YARN=1 with ROPE_DIMS=2: the scaled base needs at least 4 rotary dims")
     parse_layers(hp.ve_layers, hp.num_layers)
     parse_loop(hp.loop_layers, hp.num_layers)
+    if bad := [k for k in parse_spec(hp.quant_spec) if (m := LAYERS_RE.fullmatch(k)) and not
+               int(m[1]) <= int(m[2] or m[1]) < hp.num_layers]:
+        raise ConfigError(f"QUANT_SPEC role {bad[0]!r}: expected layersA-B with 0 <= A <= B < NUM_LAYERS={hp.num_layers}")
     if hp.parallel_start >= hp.num_layers or hp.attn_gate_window > hp.model_dim:
         raise ConfigError(f"PARALLEL_START={hp.parallel_start}, ATTN_GATE_WINDOW={hp.attn_gate_window}: expected a layer "
                           f"below NUM_LAYERS={hp.num_layers} and a window of at most MODEL_DIM={hp.model_dim}")
@@ -890,26 +937,40 @@ def parse_fmt(s: str, clip: float = 0.0, seed: int = 0) -> Fmt:
                                                  int(m[7] or 0))
 
 
+LAYERS_RE = re.compile(r"layers(\d+)(?:-(\d+))?")  # QUANT_SPEC depth override: every matrix of blocks a..b
+
+
 def parse_spec(spec: str) -> dict[str, str]:
     out = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         role, _, fmt = (x.strip() for x in item.partition(":"))
-        if role not in {*ROLE_OF.values(), "first", "last"}:
-            raise ConfigError(f"QUANT_SPEC role {role!r}: expected one of {', '.join(sorted({*ROLE_OF.values()}))}, first, last")
+        if role not in {*ROLE_OF.values(), "first", "last"} and not LAYERS_RE.fullmatch(role):
+            raise ConfigError(f"QUANT_SPEC role {role!r}: expected one of {', '.join(sorted({*ROLE_OF.values()}))}, "
+                              "first, last, layersA or layersA-B")
         out[role] = parse_fmt(fmt).tag
     return out
 
 
+def depth_override(spec: dict[str, str], block: int, num_layers: int) -> str | None:
+    """The format that QUANT_SPEC's first / last / layersA-B give every matrix of a block (the last match wins)."""
+    tag = None
+    for key, t in spec.items():
+        m = LAYERS_RE.fullmatch(key)
+        lo, hi = (int(m[1]), int(m[2] or m[1])) if m else {"first": (0, 0), "last": (num_layers - 1,) * 2}.get(key, (1, 0))
+        tag = t if lo <= block <= hi else tag
+    return tag
+
+
 def quant_formats(hp: Hyperparameters, names) -> dict[str, tuple[str, Fmt]]:
-    """Parameter name -> (role, format) of every quantizable matrix; unlisted roles are int8, first/last
-    override the roles of blocks 0 / L-1. Other tensors (vectors, gains, mixes, skips) stay fp16."""
+    """Parameter name -> (role, format) of every quantizable matrix; unlisted roles are int8, and first / last /
+    layersA-B override the roles of their blocks. Other tensors (vectors, gains, mixes, skips) stay fp16."""
     spec, out = parse_spec(hp.quant_spec), {}
     for name in names:
         p = name.split(".")
         role = p[-1] == "weight" and ROLE_OF.get(p[-2] if p[0] == "blocks" else p[0])
         if role:
-            edge = p[0] == "blocks" and {0: "first", hp.num_layers - 1: "last"}.get(int(p[1]))
-            out[name] = role, parse_fmt(spec.get(edge) or spec.get(role, "int8"), hp.quant_clip_sigmas, hp.quant_seed)
+            depth = p[0] == "blocks" and depth_override(spec, int(p[1]), hp.num_layers)
+            out[name] = role, parse_fmt(depth or spec.get(role, "int8"), hp.quant_clip_sigmas, hp.quant_seed)
     return out
 
 
@@ -1063,10 +1124,10 @@ def refresh_qat(model: nn.Module):
 
 
 def on_train_step(run, step: int, lr_mult: float):
-    """Progressive QAT: once the warmdown LR multiplier is below QAT_THRESHOLD, weights are fake-quantized at their
+    """Progressive QAT: once the LR multiplier is at or below QAT_THRESHOLD, weights are fake-quantized at their
     QUANT_SPEC format; QAT_STEPS=n starts n-1 bits wider and drops a bit per equal LR interval."""
     hp = run.hp
-    if hp.qat_threshold and lr_mult < hp.qat_threshold and step >= hp.lr_warmup_steps:
+    if hp.qat_threshold and lr_mult <= hp.qat_threshold and step >= hp.lr_warmup_steps:
         extra = min(int(lr_mult / hp.qat_threshold * hp.qat_steps), hp.qat_steps - 1)
         stages = run.results.setdefault("qat_stages", [])
         if not stages or stages[-1][1] != extra:

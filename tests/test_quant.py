@@ -237,9 +237,17 @@ def test_qat_forward_equals_exported_forward(tmp_path):
 
 def test_bad_quant_env_fails_naming_the_variable():
     for env, var in [({"QUANT_SPEC": "mlp_up:int9"}, "QUANT_SPEC"), ({"QUANT_SPEC": "mlp:int5"}, "QUANT_SPEC"),
-                     ({"CODEC": "gzip"}, "CODEC"), ({"QAT_THRESHOLD": "1.5"}, "QAT_THRESHOLD")]:
+                     ({"CODEC": "gzip"}, "CODEC"), ({"QAT_THRESHOLD": "1.5"}, "QAT_THRESHOLD"),
+                     ({"QUANT_SPEC": "layers3-1:int5"}, "QUANT_SPEC"), ({"QUANT_SPEC": "layers11:int5"}, "QUANT_SPEC")]:
         with pytest.raises(T.ConfigError, match=var):
             T.load_hparams(env)
+
+
+def test_depth_roles_override_by_block_last_match_wins():
+    hp = T.load_hparams({"NUM_LAYERS": "6", "QUANT_SPEC": "mlp_up:int4,layers1-4:int5,last:int7,layers4:int6"})
+    fmts = T.quant_formats(hp, [f"blocks.{i}.mlp.up.weight" for i in range(6)])
+    assert [f.tag for _, f in fmts.values()] == ["int4", "int5", "int5", "int5", "int6", "int7"]
+    assert {role for role, _ in fmts.values()} == {"mlp_up"}  # the role stays the matrix's own
 
 
 def test_export_reserve_comes_off_the_training_cap():
