@@ -210,9 +210,12 @@ def test_qat_forward_equals_exported_forward(tmp_path):
     hp, model = small_model(SPEC.replace("+lr4", "").replace("+lr2", ""), QAT_THRESHOLD="0.5", QAT_STEPS="3", CODEC="zstd")
     run = T.Run(hp, torch.device("cpu"))
     run.model, run.log = model, lambda msg: None
+    bits = []  # the bit width of two roles after each step: int5 and tq3 exports, 3 stages down to them
     for step, lr in enumerate([1.0, 0.45, 0.3, 0.25, 0.1, 0.0]):
         T.on_train_step(run, 100 + step, lr)
+        bits.append([getattr(m, "qat_fmt", None) and m.qat_fmt.bits for m in (model.blocks[1].mlp.up, model.blocks[1].attn.v)])
     assert run.results["qat_stages"] == [[102, 2], [103, 1], [105, 0]]
+    assert bits == [[None, None], [7, 4], [6, 4], [6, 4], [5, 3], [5, 3]]  # tq is capped at tq4
     assert model.blocks[1].mlp.up.qat_fmt == T.Fmt("int", 5) and model.blocks[1].attn.v.qat_fmt.kind == "tq"
     x = torch.randint(0, hp.vocab_size, (2, 64))
     model(x).square().mean().backward()  # straight-through gradients reach the fp32 weights
