@@ -67,6 +67,8 @@ class Hyperparameters:
     train_batch_tokens: int = 786432
     train_seq_len: int = 2048
     grad_accum_steps: int = 0  # 0: 8 // world_size, so the global batch is independent of world size
+    curriculum_buckets: int = 0  # >= 2: sample training sequences easy-to-hard by entropy bucket (seed 004); 0 = in order
+    curriculum_floor: float = 0.02  # curriculum: the least sampling weight of any bucket
     train_log_every: int = 100
     val_loss_every: int = 0
     val_batch_tokens: int = 524288
@@ -256,6 +258,8 @@ RULES = {  # field -> (predicate, what is expected); checked at start-up
     "mlp_act": (lambda v: v in ("relu2", "leaky_relu2"), "relu2 or leaky_relu2"),
     "vocab_size": (lambda v: 2 <= v <= 65536, "an int in [2, 65536] (tokens are uint16)"),
     "iterations": (lambda v: v >= 0, "an int >= 0"),
+    "curriculum_buckets": (lambda v: v == 0 or v >= 2, "0 (off) or an int >= 2"),
+    "curriculum_floor": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "warmdown_frac": (lambda v: 0 <= v <= 1, "a number in [0, 1] (0: WARMDOWN_ITERS)"),
     "min_lr": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "train_batch_tokens": (lambda v: v >= 1, "an int >= 1"),
@@ -1483,6 +1487,37 @@ class DistributedTokenLoader:
         x, y = span[:-1].reshape(-1, seq_len), span[1:].reshape(-1, seq_len)
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
+
+class CurriculumLoader(DistributedTokenLoader):
+    """CURRICULUM_BUCKETS=N (seed 004): a shard's worth of tokens is cut into sequences, scored by the mean unigram
+    surprisal of their tokens under that stretch's own counts (seed 004 scored with a pilot model's loss) and split
+    into N quantile buckets, easy to hard. Each sequence's bucket b is drawn with weight max((1 - d)(1 - p) + d p,
+    CURRICULUM_FLOOR), d = b / (N - 1), p = the training progress the loop sets, then a sequence uniformly within
+    it; after as many draws as the stretch holds sequences, the next stretch. Every rank draws its own."""
+
+    def __init__(self, pattern: str, run: Run):
+        super().__init__(pattern, run.rank, run.world_size, run.device)
+        self.n, self.floor, self.progress, self.left = run.hp.curriculum_buckets, run.hp.curriculum_floor, 0.0, 0
+        self.rng = np.random.default_rng([run.hp.seed, run.rank])
+
+    def weights(self) -> np.ndarray:
+        d = np.arange(self.n) / (self.n - 1)
+        return np.maximum((1 - d) * (1 - self.progress) + d * self.progress, self.floor)
+
+    def next_batch(self, global_tokens: int, seq_len: int, grad_accum_steps: int) -> tuple[Tensor, Tensor]:
+        rows = global_tokens // (self.world_size * grad_accum_steps * seq_len)
+        if self.left < rows:
+            self.toks = self.stream.take(max(self.stream.tokens.size, rows * seq_len + 1))
+            k = self.left = (self.toks.size - 1) // seq_len
+            counts = np.maximum(np.bincount(self.toks), 1)  # unseen ids never get looked up
+            surprisal = np.log(self.toks.size / counts).astype(np.float32)[self.toks[:k * seq_len]]
+            self.members = np.array_split(np.argsort(surprisal.reshape(k, seq_len).mean(1), kind="stable"), self.n)
+        w = self.weights() * np.array([len(m) > 0 for m in self.members])
+        picks = [m[self.rng.integers(len(m))] for m in (self.members[b] for b in self.rng.choice(self.n, rows, p=w / w.sum()))]
+        self.left -= rows
+        span = torch.from_numpy(np.stack([self.toks[i * seq_len:(i + 1) * seq_len + 1] for i in picks]).astype(np.int64))
+        return span[:, :-1].to(self.device), span[:, 1:].to(self.device)
+
 # -----------------------------------------------------------------------------
 # MODEL
 # -----------------------------------------------------------------------------
@@ -1768,11 +1803,14 @@ class Schedule:
     warmdown_frac: float = 0.0
     min_lr: float = 0.0
 
+    def progress(self, step: int, elapsed_s: float) -> float:
+        """Fraction of training done: of the wall clock under a cap, else of the iterations."""
+        return elapsed_s / self.wallclock_s if self.wallclock_s > 0 else step / max(self.iterations, 1)
+
     def lr_mult(self, step: int, elapsed_s: float) -> float:
         warm = min(1.0, (step + 1) / self.lr_warmup_steps) if self.lr_warmup_steps else 1.0
         if self.warmdown_frac > 0:
-            done = elapsed_s / self.wallclock_s if self.wallclock_s > 0 else step / max(self.iterations, 1)
-            return min(warm, max(min(1.0, (1 - done) / self.warmdown_frac), self.min_lr))
+            return min(warm, max(min(1.0, (1 - self.progress(step, elapsed_s)) / self.warmdown_frac), self.min_lr))
         if self.warmdown_iters <= 0:
             return warm
         if self.wallclock_s > 0 and step > 0:  # warmdown spans the last warmdown_iters steps at the current pace
@@ -2017,7 +2055,8 @@ def train(run: Run):
             t.copy_(s)
         for o, s in zip(optimizers, saved[1]):
             o.load_state_dict(s)
-    loader = DistributedTokenLoader(pattern, run.rank, run.world_size, run.device)
+    loader = (CurriculumLoader(pattern, run) if hp.curriculum_buckets else
+              DistributedTokenLoader(pattern, run.rank, run.world_size, run.device))
     cap = train_budget(hp)
     sched = Schedule(hp.iterations, hp.warmdown_iters, hp.lr_warmup_steps, cap, hp.warmdown_frac, hp.min_lr)
     averager = WeightAverager(run.model, hp)
@@ -2026,7 +2065,7 @@ def train(run: Run):
     step, train_s, stop, graphs = 0, 0.0, False, compiled_graphs()
     t0 = time.perf_counter()
     while step < hp.iterations and not stop:
-        lr_mult = sched.lr_mult(step, train_s)
+        lr_mult, loader.progress = sched.lr_mult(step, train_s), sched.progress(step, train_s)
         loss = train_step(run, loader, optimizers, ga, lr_mult, step)
         averager.update(step, lr_mult)
         on_train_step(run, step, lr_mult)

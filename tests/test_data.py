@@ -778,3 +778,22 @@ def test_fineweb_sp8192_download(brown_at, tmp_path, monkeypatch, capsys):
     assert pd.main(["fineweb", "--variant", "sp4096", "--data-dir", str(data)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: --variant sp4096") and "fineweb10B_sp8192" in err[-1]
+
+
+def test_curriculum_samples_easy_sequences_first_and_hard_ones_last(tmp_path):
+    rng = np.random.default_rng(0)  # 16-token sequences: even ones a frequent token repeated (easy), odd ones random
+    seqs = [np.full(16, 5) if i % 2 == 0 else rng.integers(10, 1000, 16) for i in range(400)]
+    header = np.zeros(train_gpt.HEADER_INTS, dtype="<i4")
+    header[:3] = train_gpt.SHARD_MAGIC, train_gpt.SHARD_VERSION, 400 * 16
+    (tmp_path / "fineweb_train_000000.bin").write_bytes(header.tobytes() + np.concatenate(seqs).astype("<u2").tobytes())
+    hp = train_gpt.load_hparams({"CURRICULUM_BUCKETS": "2", "SEED": "3"})
+    loader = train_gpt.CurriculumLoader(str(tmp_path / "fineweb_train_*.bin"), train_gpt.Run(hp, torch.device("cpu")))
+    easy = {}
+    for p in (0.0, 0.5, 1.0):
+        loader.progress = p
+        x, y = loader.next_batch(16 * 100, 16, 1)  # 100 sequences, each with its next-token targets
+        assert x.shape == y.shape == (100, 16) and torch.equal(x[:, 1:], y[:, :-1])
+        easy[p] = float((x == 5).all(1).float().mean())
+    assert easy[0.0] > 0.9 and 0.3 < easy[0.5] < 0.7 and easy[1.0] < 0.1, easy  # weights 1 vs 0.02 at the ends
+    loader.n, loader.progress = 8, 0.0  # 8 buckets at the start: linear from 1 (easiest) down to the floor
+    assert np.allclose(loader.weights(), [1, 6 / 7, 5 / 7, 4 / 7, 3 / 7, 2 / 7, 1 / 7, 0.02])
