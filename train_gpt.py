@@ -960,8 +960,8 @@ def depth_override(spec: dict[str, str], block: int, num_layers: int) -> str | N
     tag = None
     for key, t in spec.items():
         m = LAYERS_RE.fullmatch(key)
-        lo, hi = (int(m[1]), int(m[2] or m[1])) if m else {"first": (0, 0), "last": (num_layers - 1,) * 2}.get(key, (1, 0))
-        tag = t if lo <= block <= hi else tag
+        span = (int(m[1]), int(m[2] or m[1])) if m else {"first": (0, 0), "last": (num_layers - 1,) * 2}.get(key)
+        tag = t if span and span[0] <= block <= span[1] else tag
     return tag
 
 
@@ -2239,14 +2239,15 @@ def evaluate(run: Run):
         else:
             loss = float((out[0] if out.dim() == 2 else out).double().sum()) / M
             bpb = loss / math.log(2) * M / n_bytes
-        sec = time.perf_counter() - s  # targets/s per device: the throughput a projection to other hardware starts from
-        stages[name] = dict(val_loss=loss, val_bpb=bpb, seconds=round(sec, 3), targets_per_s=round(M / sec / run.world_size))
+        sec = max(time.perf_counter() - s, 1e-9)
+        rate = M / sec / run.world_size  # targets/s per device: what a projection to other hardware starts from
+        stages[name] = dict(val_loss=loss, val_bpb=bpb, seconds=round(sec, 3), targets_per_s=round(rate))
         if run.distributed:  # every rank must hold the same score
             stages[name]["rank_spread"] = spread = sum(run.all_reduce(loss, -loss, op=dist.ReduceOp.MAX))
             if spread:
                 run.log(f"WARNING: eval {name}: val_loss differs across ranks by {spread:.3g}")
         run.results.update(val_loss=loss, val_bpb=bpb, eval_seconds=round(time.perf_counter() - t0, 3))
-        run.log(f"eval {name}: val_loss {loss:.4f} val_bpb {bpb:.4f} ({sec:.1f}s, {M / sec / run.world_size:,.0f} targets/s per device)")
+        run.log(f"eval {name}: val_loss {loss:.4f} val_bpb {bpb:.4f} ({sec:.1f}s, {rate:,.0f} targets/s per device)")
         return out
 
     if model is not run.model:  # compile now, not inside the roundtrip's timing that sizes the later stages
