@@ -142,6 +142,7 @@ class Hyperparameters:
     qat_threshold: float = 0.15  # QAT once the LR multiplier is at or below this (1: from the start); 0 = off
     qat_steps: int = 1  # QAT stages: start QAT_STEPS-1 bits above QUANT_SPEC, one bit less per stage
     codec: str = "auto"  # auto (smallest per group) | zstd | lzma | brotli | ac (adaptive range coder)
+    freeze_dry: int = -1  # >= 0: odd columns' codes stored as residuals of a fit on their neighbours, 0 within this many steps
     quant_fit: bool = True  # over the cap: re-export with roles a bit narrower (MLP first, down to int4)
     artifact_path: str = ""  # empty: LOG_DIR/RUN_ID.artifact
     resume_from: str = ""  # a LOG_DIR/RUN_ID.ckpt of trained weights: skip training, export and evaluate them
@@ -282,6 +283,7 @@ RULES = {  # field -> (predicate, what is expected); checked at start-up
     "qat_threshold": (lambda v: 0 <= v <= 1, "a number in [0, 1] (0 = off)"),
     "qat_steps": (lambda v: 1 <= v <= 6, "an int in [1, 6]"),
     "codec": (lambda v: v == "auto" or v in CODEC_MODULES, "auto, zstd, lzma, brotli or ac"),
+    "freeze_dry": (lambda v: v >= -1, "an int >= -1 (-1 = off, 0 = lossless, k = within k code steps)"),
     "eval_stride": (lambda v: v >= 1, "an int >= 1"),
     "eval_batch_seqs": (lambda v: v >= 0, "an int >= 0 (0 = from VAL_BATCH_TOKENS)"),
     "ngram_order": (lambda v: v >= 0, "an int >= 0 (0 = off)"),
@@ -887,7 +889,8 @@ def audit(run: Run, model: nn.Module, n_pos: int = 2) -> dict:
 # QUANTIZATION
 # -----------------------------------------------------------------------------
 # QUANT_SPEC maps weight roles to formats: intN (N=2..8: per-row symmetric grid -Q..Q, Q=2^(N-1)-1),
-# tqN (N=2..4, TurboQuant: a seeded random rotation, then the Lloyd-Max codebook of a unit Gaussian)
+# tqN (N=2..4, TurboQuant: a seeded random rotation, then the Lloyd-Max codebook of a unit Gaussian),
+# spN (2:4 sparse, seed 004: of each 4 weights along a row the 2 largest kept at intN, plus their pair's index)
 # or fp16; "+lrR" adds a rank-R int8 correction of the quantization error, "+lqR" (LQER) a rank-R
 # correction with int4 factors on the asymmetric grid -8..7; LQER_TOP=k gives +lqLQER_RANK to the k
 # matrices with the largest output error (error x input scale). Row scales take the
@@ -907,12 +910,13 @@ FP16_GROUPS = ("fp16", "scales")
 
 
 class Fmt(NamedTuple):
-    kind: str  # int | tq | fp16
+    kind: str  # int | tq | sp | fp16
     bits: int = 16
     rank: int = 0  # rank of the int8 low-rank error correction
     clip: float = 0.0  # 0: least-MSE clip search; else this many row RMS
     seed: int = 0  # TurboQuant rotation seed
     lq: int = 0  # rank of the LQER correction (int4 factors, asymmetric grid)
+    fd: int = -1  # >= 0: codes stored freeze-dried with this tolerance (FREEZE_DRY)
 
     @property
     def name(self) -> str:  # its codes' group
@@ -921,7 +925,7 @@ class Fmt(NamedTuple):
     @property
     def tag(self) -> str:
         return self.name + (f"@{self.clip:g}" if self.clip else "") + (f"+lr{self.rank}" if self.rank else "") + (
-            f"+lq{self.lq}" if self.lq else "")
+            f"+lq{self.lq}" if self.lq else "") + (f"+fd{self.fd}" if self.fd >= 0 else "")
 
     @property
     def factors(self) -> "Fmt":  # the low-rank factors' format: int8, or LQER's asymmetric int4 ("a4")
@@ -932,13 +936,14 @@ class Fmt(NamedTuple):
         return self._replace(rank=0, lq=0)
 
 
-def parse_fmt(s: str, clip: float = 0.0, seed: int = 0) -> Fmt:
-    m = re.fullmatch(r"(?:(int)([2-8])|(tq)([2-4]))(?:@(\d+\.?\d*))?(?:\+lr(\d+)|\+lq(\d+))?|fp16", s.strip())
-    if not m:
-        raise ConfigError(f"QUANT_SPEC format {s!r}: expected int2..int8 or tq2..tq4 [@clip in row RMS] [+lrRANK|+lqRANK] "
-                          "(e.g. int5, int7@12, tq4+lr8, int6+lq4) or fp16")
+def parse_fmt(s: str, clip: float = 0.0, seed: int = 0, fd: int = -1) -> Fmt:
+    m = re.fullmatch(r"(?:(int|sp)([2-8])|(tq)([2-4]))(?:@(\d+\.?\d*))?(?:\+lr(\d+)|\+lq(\d+))?(?:\+fd(\d+))?|fp16",
+                     s.strip())
+    if not m or m[1] == "sp" and (m[6] or m[7]):
+        raise ConfigError(f"QUANT_SPEC format {s!r}: expected int2..int8, sp2..sp8 or tq2..tq4 [@clip in row RMS] "
+                          "[+lrRANK|+lqRANK (not with sp)] [+fdTOL] (e.g. int5, int7@12, tq4+lr8, int6+lq4, sp3) or fp16")
     return Fmt("fp16") if m[0] == "fp16" else Fmt(m[1] or m[3], int(m[2] or m[4]), int(m[6] or 0), float(m[5] or clip), seed,
-                                                 int(m[7] or 0))
+                                                 int(m[7] or 0), int(m[8] or fd))
 
 
 LAYERS_RE = re.compile(r"layers(\d+)(?:-(\d+))?")  # QUANT_SPEC depth override: every matrix of blocks a..b
@@ -974,7 +979,7 @@ def quant_formats(hp: Hyperparameters, names) -> dict[str, tuple[str, Fmt]]:
         role = p[-1] == "weight" and ROLE_OF.get(p[-2] if p[0] == "blocks" else p[0])
         if role:
             depth = p[0] == "blocks" and depth_override(spec, int(p[1]), hp.num_layers)
-            out[name] = role, parse_fmt(depth or spec.get(role, "int8"), hp.quant_clip_sigmas, hp.quant_seed)
+            out[name] = role, parse_fmt(depth or spec.get(role, "int8"), hp.quant_clip_sigmas, hp.quant_seed, hp.freeze_dry)
     return out
 
 
@@ -1007,6 +1012,29 @@ def nearest(x: Tensor, levels: Tensor) -> tuple[Tensor, Tensor]:
         return v - levels[0], v
     i = torch.bucketize(x, (levels[1:] + levels[:-1]) / 2)
     return i, levels[i]
+
+
+@functools.lru_cache(maxsize=None)
+def pairs24(device=None) -> tuple[Tensor, Tensor]:
+    """2:4: the 6 pairs of positions in a block of 4 ([6, 2]), and each pair's index by 4 * first + second."""
+    pairs = torch.combinations(torch.arange(4, device=device), 2)
+    return pairs, torch.zeros(16, dtype=torch.long, device=device).index_put_((pairs[:, 0] * 4 + pairs[:, 1],),
+                                                                              torch.arange(6, device=device))
+
+
+def sparse24(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Of each block of 4 along a row, the 2 largest |w| (in order; [rows, cols/2]) and their pair's index (uint8)."""
+    if w.size(1) % 4:
+        raise ConfigError(f"QUANT_SPEC sp format on a matrix of {w.size(1)} columns: 2:4 needs a multiple of 4")
+    blocks = w.view(w.size(0), -1, 4)
+    keep = blocks.abs().topk(2, dim=2).indices.sort(2).values
+    pos = pairs24(w.device)[1][keep[..., 0] * 4 + keep[..., 1]]
+    return blocks.gather(2, keep).flatten(1), pos.to(torch.uint8)
+
+
+def dense24(v: Tensor, pos: Tensor) -> Tensor:
+    keep = pairs24(v.device)[0][pos.long()]
+    return v.new_zeros(*pos.shape, 4).scatter_(2, keep, v.view(*pos.shape, 2)).flatten(1)
 
 
 def quantize_rows(w: Tensor, levels: Tensor, clip: float = 0.0) -> tuple[Tensor, Tensor]:
@@ -1057,17 +1085,17 @@ def quantize(w: Tensor, f: Fmt, H: Tensor | None = None, hp: Hyperparameters | N
              notes: list | None = None) -> list[Tensor]:
     """A matrix in format f as its stored parts: codes, row scales (+ low-rank factors and their scales).
     notes gets a line when GPTQ needed more damping than GPTQ_DAMP or fell back to plain rounding."""
-    w = w.float()
+    w, pos = sparse24(w.float()) if f.kind == "sp" else (w.float(), None)
     rot = rotation(w.size(1), f.seed, str(w.device)) if f.kind == "tq" else None
     x = w if rot is None else (w.double() @ rot).float()
     levels = grid(f, w.device)
     parts = list(quantize_rows(x, levels, f.clip))
-    if H is not None:
+    if H is not None and pos is None:  # 2:4 rounds plainly
         codes, damp = gptq_codes(x, H if rot is None else rot.T @ H.double() @ rot, levels, parts[1], hp)
         parts[0] = parts[0] if codes is None else codes
         if notes is not None and (codes is None or damp != hp.gptq_damp):
             notes.append("plain rounding (Hessian not positive definite)" if codes is None else f"damping {damp:g}")
-    return add_lowrank(w, parts, f, H)
+    return add_lowrank(w, parts, f, H) + ([] if pos is None else [pos])
 
 
 def input_scale(w: Tensor, H: Tensor | None) -> Tensor:
@@ -1090,6 +1118,8 @@ def add_lowrank(w: Tensor, parts: list[Tensor], f: Fmt, H: Tensor | None = None)
 def dequantize(parts: list[Tensor], f: Fmt) -> Tensor:
     levels = grid(f, parts[0].device)
     w = levels[parts[0].long()] * parts[1].float()[:, None]
+    if f.kind == "sp":
+        w = dense24(w, parts[2])
     if f.kind == "tq":
         w = (w.double() @ rotation(w.size(1), f.seed, str(w.device)).T).float()
     if f.rank or f.lq:
@@ -1111,7 +1141,7 @@ def set_qat(run, extra: int | None):
     for name, (_, f) in quant_formats(run.hp, run.model.state_dict()).items():
         if isinstance(m := modules[name[:-7]], CastedLinear):
             m.qat_fmt = None if extra is None or f.kind == "fp16" else f._replace(
-                bits=min(f.bits + extra, 8 if f.kind == "int" else 4), rank=0, lq=0)
+                bits=min(f.bits + extra, 4 if f.kind == "tq" else 8), rank=0, lq=0)
             m.qat = None if m.qat_fmt is None else m.qat
     refresh_qat(run.model)
 
@@ -1192,9 +1222,45 @@ def layout(shape: list[int], f: Fmt) -> list[tuple[str, list[int]]]:
     """(group, shape) of each stored part of a tensor, in order; the loader walks the same list."""
     if f.kind == "fp16":
         return [("fp16", shape)]
+    rows, n = shape[0], shape[1] // 2 if f.kind == "sp" else shape[1]  # codes per row (2:4 keeps half)
+    codes = [(f.name, [rows, n - n // 2]), ("fd", [rows, n // 2]), ("scales", [2, n // 2])] if f.fd >= 0 else [(f.name, [rows, n])]
     r, g = f.rank or f.lq, f.factors.name
-    a = [(g, [shape[0], r]), ("scales", [shape[0]])] if f.rank else [(g, [r, shape[0]]), ("scales", [r])]
-    return [(f.name, shape), ("scales", [shape[0]])] + (a + [(g, [r, shape[1]]), ("scales", [r])]) * bool(r)
+    a = [(g, [rows, r]), ("scales", [rows])] if f.rank else [(g, [r, rows]), ("scales", [r])]
+    return codes + [("scales", [rows])] + [("pos", [rows, shape[1] // 4])] * (f.kind == "sp") + (
+        a + [(g, [r, shape[1]]), ("scales", [r])]) * bool(r)
+
+
+def fd_neighbours(even: Tensor, n_odd: int, n_levels: int) -> tuple[Tensor, Tensor]:
+    """Each odd column's left and right even neighbour (the left twice at the end), as codes centred on the grid."""
+    c = even.cpu().double() - (n_levels - 1) / 2
+    return c[:, :n_odd], torch.cat((c[:, 1:], c[:, -1:]), 1)[:, :n_odd]
+
+
+def fd_predict(even: Tensor, coef: Tensor, n_odd: int, n_levels: int) -> Tensor:
+    """FREEZE_DRY's fit of the odd columns, in float64 on the CPU: export and load must round identically."""
+    left, right = fd_neighbours(even, n_odd, n_levels)
+    return (coef[0].double() * left + coef[1].double() * right + (n_levels - 1) / 2).round().clamp(0, n_levels - 1)
+
+
+def freeze_dry(codes: Tensor, n_levels: int, tol: int) -> list[Tensor]:
+    """FREEZE_DRY (seed 004's filter, on codes): each odd column is predicted from its two neighbours by a per-column
+    least-squares fit (coefficients fp16) and stored as the residual mod 256, set to 0 where within tol steps: such
+    weights cost ~nothing and come back as the fit (tol 0: exact). Stored parts: even columns, residuals, fit."""
+    odd = codes[:, 1::2].cpu().double()
+    left, right = fd_neighbours(codes[:, 0::2], odd.size(1), n_levels)
+    design = torch.stack((left, right), -1).transpose(0, 1)  # [odd column, row, 2]
+    coef = (torch.linalg.pinv(design) @ (odd - (n_levels - 1) / 2).T[..., None])[..., 0].T.half()
+    res = odd - fd_predict(codes[:, 0::2], coef, odd.size(1), n_levels)
+    res[res.abs() <= tol] = 0
+    return [codes[:, 0::2], (res.long() % 256).to(torch.uint8), coef]
+
+
+def thaw(even: Tensor, res: Tensor, coef: Tensor, n_levels: int) -> Tensor:
+    """freeze_dry's inverse: the codes, with the fit where the residual is 0."""
+    odd = (fd_predict(even, coef, res.size(1), n_levels).long() + res.cpu().long()) % 256
+    codes = torch.empty(even.size(0), even.size(1) + res.size(1), dtype=torch.uint8)
+    codes[:, 0::2], codes[:, 1::2] = even.cpu(), odd.to(torch.uint8)
+    return codes.to(even.device)
 
 
 def pack(a: np.ndarray, packing: str, bits: int) -> bytes:
@@ -1268,7 +1334,8 @@ def codecs() -> dict:
 def encode_groups(groups: dict[str, np.ndarray], codec: str) -> tuple[dict, list[bytes]]:
     """Each group's smallest (packing, codec) among the installed codecs (auto) or of CODEC; dense bit packing is
     only tried at <= 4 bits, where it can help."""
-    cs, jobs, bits = codecs(), {}, {g: 16 if g in FP16_GROUPS else int(g.lstrip("intqa")) for g in groups}
+    cs, jobs = codecs(), {}
+    bits = {g: 16 if g in FP16_GROUPS else {"fd": 8, "pos": 3}.get(g) or int(g.lstrip("intqasp")) for g in groups}
     packed = {(g, p): pack(a, p, bits[g]) for g, a in groups.items()
               for p in (["shuffle"] if bits[g] == 16 else ["u8", "bits"][:1 + (bits[g] <= 4)])}
     with ThreadPoolExecutor(os.cpu_count()) as pool:
@@ -1283,15 +1350,25 @@ def encode_groups(groups: dict[str, np.ndarray], codec: str) -> tuple[dict, list
     return meta, bufs
 
 
+def code_entropy(a: np.ndarray) -> float:
+    """Order-0 entropy of codes in bits per value: what an ideal coder of their histogram reaches."""
+    p = np.bincount(a) / a.size
+    return float(-(p[p > 0] * np.log2(p[p > 0])).sum())
+
+
 FIT_ORDER = ("mlp_up", "mlp_down", "attn_vo", "aux", "attn_qk", "embed", "head")  # least sensitive first
 
 
 def narrower_spec(hp: Hyperparameters, state: dict, excess: int) -> str | None:
     """QUANT_FIT: QUANT_SPEC with intN roles one bit narrower in FIT_ORDER (cycling, down to int4) until the
-    estimated saving, 1 bit per weight per bit removed, covers excess bytes; None when nothing can narrow."""
-    spec, params, saved = dict.fromkeys(FIT_ORDER, "int8") | parse_spec(hp.quant_spec), {}, 0
+    estimated saving, 1 bit per weight per bit removed, covers excess bytes; None when nothing can narrow. Matrices
+    that a depth override (first, last, layersA-B) formats keep it, so they save nothing."""
+    given = parse_spec(hp.quant_spec)
+    spec, params, saved = dict.fromkeys(FIT_ORDER, "int8") | given, {}, 0
     for name, (role, _) in quant_formats(hp, state).items():
-        params[role] = params.get(role, 0) + state[name].numel()
+        p = name.split(".")
+        if not (p[0] == "blocks" and depth_override(given, int(p[1]), hp.num_layers)):
+            params[role] = params.get(role, 0) + state[name].numel()
     while saved < excess and (roles := [r for r in FIT_ORDER if params.get(r) and (f := parse_fmt(spec[r])).kind == "int"
                                         and f.bits > 4]):
         for r in roles:
@@ -1308,7 +1385,7 @@ def lqer_topk(state: dict, fmts: dict, parts: dict, hessians: dict, hp: Hyperpar
         w = state[name].float()
         return float(((w - dequantize(parts[name], f)) * input_scale(w, hessians.get(name[:-7]))).square().sum())
 
-    err = {n: output_err(n, f) for n, (role, f) in fmts.items() if role and f.kind != "fp16" and not (f.rank or f.lq)}
+    err = {n: output_err(n, f) for n, (role, f) in fmts.items() if role and f.kind in ("int", "tq") and not (f.rank or f.lq)}
     out = {}
     for name in sorted(err, key=err.get, reverse=True)[:hp.lqer_top]:
         role, f = fmts[name]
@@ -1336,15 +1413,23 @@ def export_artifact(model: nn.Module, hp: Hyperparameters, path: str | Path, hes
                 t, f, hessians.get(name[:-7]), hp, notes.setdefault(name, []))
         parts[name] = cache[name, f]
     lqer = lqer_topk(state, fmts, parts, hessians, hp, cache) if hp.lqer_top and hp.lqer_rank else {}
+    fd = dict(tol=hp.freeze_dry, values=0, fitted=0, changed=0)
     for name, t in state.items():
         (role, f), t = fmts[name], t.detach().float()
+        stored = parts[name]
+        if f.fd >= 0:  # what the loader restores (the tolerance moves codes) is what is scored and reported
+            stored = [*freeze_dry(parts[name][0], len(grid(f)), f.fd), *parts[name][1:]]
+            parts[name] = [thaw(*stored[:3], len(grid(f))), *parts[name][1:]]
+            fd["values"] += stored[1].numel()
+            fd["fitted"] += int((stored[1] == 0).sum())
+            fd["changed"] += int((parts[name][0] != cache[name, f][0]).sum())
         if role:
             r = roles.setdefault(f"{role}:{f.tag}", dict(params=0, err=0.0, norm=0.0))
             deq = t.half().float() if f.kind == "fp16" else dequantize(parts[name], f)
             r["params"] += t.numel()
             r["err"] += float((deq - t).square().sum())
             r["norm"] += float(t.square().sum())
-        for (g, _), p in zip(layout(list(t.shape), f), parts[name]):
+        for (g, _), p in zip(layout(list(t.shape), f), stored):
             groups.setdefault(g, []).append((p.half() if g in FP16_GROUPS else p).cpu().numpy().ravel())
         tensors.append([name, list(t.shape), f.tag])
     groups = {g: np.concatenate(a) for g, a in groups.items()}
@@ -1353,13 +1438,12 @@ def export_artifact(model: nn.Module, hp: Hyperparameters, path: str | Path, hes
     write_atomic(path, data)
     for g, m in meta.items():
         m["bits_per_value"] = round(8 * m["len"] / m["n"], 4)
-        if g not in FP16_GROUPS:  # order-0 entropy of the codes: what an ideal entropy coder would reach
-            p = np.bincount(groups[g]) / m["n"]
-            m["entropy_bits"] = round(float(-(p[p > 0] * np.log2(p[p > 0])).sum()), 4)
+        if g not in FP16_GROUPS:
+            m["entropy_bits"] = round(code_entropy(groups[g]), 4)
     for r in roles.values():
         r["rel_mse"] = r.pop("err") / max(r.pop("norm"), 1e-30)
     return dict(bytes=len(data), header_bytes=len(header), spec=hp.quant_spec, codec=hp.codec, gptq=bool(hessians),
-                groups=meta, roles=roles, lqer=lqer, gptq_fallbacks={n: v[0] for n, v in notes.items() if v},
+                groups=meta, roles=roles, lqer=lqer, freeze_dry=fd if fd["values"] else None, gptq_fallbacks={n: v[0] for n, v in notes.items() if v},
                 seconds=round(time.perf_counter() - t0, 3))
 
 
@@ -1405,6 +1489,8 @@ def load_artifact(path: str | Path) -> dict[str, Tensor]:
             k = math.prod(shp)
             parts.append(torch.from_numpy(arrays[g][cursor[g]:cursor[g] + k].reshape(shp).copy()))
             cursor[g] += k
+        if f.fd >= 0:
+            parts = [thaw(*parts[:3], len(grid(f))), *parts[3:]]
         state[name] = parts[0].float() if f.kind == "fp16" else dequantize(parts, f)
     return state
 
@@ -1476,6 +1562,8 @@ class TokenStream:
 class DistributedTokenLoader:
     """Each step every rank takes the same global chunk and keeps its own contiguous span (+1 for targets)."""
 
+    progress = 0.0  # training progress in [0, 1], set by the loop each step; the curriculum samples by it
+
     def __init__(self, pattern: str, rank: int, world_size: int, device: torch.device):
         self.stream, self.rank, self.world_size, self.device = TokenStream(pattern), rank, world_size, device
 
@@ -1497,7 +1585,7 @@ class CurriculumLoader(DistributedTokenLoader):
 
     def __init__(self, pattern: str, run: Run):
         super().__init__(pattern, run.rank, run.world_size, run.device)
-        self.n, self.floor, self.progress, self.left = run.hp.curriculum_buckets, run.hp.curriculum_floor, 0.0, 0
+        self.n, self.floor, self.left = run.hp.curriculum_buckets, run.hp.curriculum_floor, 0
         self.rng = np.random.default_rng([run.hp.seed, run.rank])
 
     def weights(self) -> np.ndarray:

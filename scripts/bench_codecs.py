@@ -32,11 +32,6 @@ from _common import UserError, append_md, cli, command_echo, fmt, import_trainer
 PPMD_MEM = 256 << 20
 
 
-def order0_bits(a: np.ndarray) -> float:
-    p = np.bincount(a) / a.size
-    return float(-(p[p > 0] * np.log2(p[p > 0])).sum())
-
-
 def context_bound(T, header: dict, arrays: dict, g: str, axis: int, strength: float) -> float:
     """Ideal bits per value of group g coded row by row (axis 0) or column by column (axis 1) of each matrix, each line
     with its own adaptive model (Dirichlet prior: strength x its tensor's histogram), plus ~10 bits per table entry."""
@@ -70,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         header, arrays = T.read_groups(args.artifact)
     except T.ConfigError as e:
         raise UserError(str(e)) from None
-    coders, shipped = dict(T.codecs()), T.codecs()
+    shipped = T.codecs()
+    coders = dict(shipped)
     if ppmd := T.optional_import("pyppmd"):
         for k in (2, 4):
             coders[f"ppmd-o{k}"] = (lambda b, k=k: ppmd.compress(b, max_order=k, mem_size=PPMD_MEM),
@@ -78,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, failed = [], []
     for g, a in arrays.items():
         m = header["groups"][g]
-        packed, h0 = T.pack(a, m["pack"], m["bits"]), None if g in T.FP16_GROUPS else order0_bits(a)
+        packed, h0 = T.pack(a, m["pack"], m["bits"]), None if g in T.FP16_GROUPS else T.code_entropy(a)
         for name, (compress, decompress) in coders.items():
             t0 = time.perf_counter()
             z = compress(packed)

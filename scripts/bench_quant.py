@@ -64,6 +64,9 @@ VARIANTS = [  # (label, QUANT_SPEC, GPTQ: None (off) or the overrides of its opt
     ("GPTQ mixed + LQER (top 3, rank 4, int4 factors)", MIXED, LQER),
     ("GPTQ per-role clips (int6@13 attn, int6@11.5 MLP, int7@14 embed)", CLIPPED, EMBED_GPTQ),
     ("GPTQ per-role clips + LQER (top 3, rank 4)", CLIPPED, LQER),
+    *((f"GPTQ mixed, GPTQ int8 embed, FREEZE_DRY={t}", MIXED, EMBED_GPTQ | dict(freeze_dry=t)) for t in (0, 1, 2)),
+    *((f"2:4 MLP (sp{b}), GPTQ int6 attn / int8 embed", MIXED.replace("int5", f"sp{b}"), EMBED_GPTQ) for b in (4, 3)),
+    ("GPTQ int4 MLP / int6 attn / int8 embed (dense, for the 2:4 rows)", MIXED.replace("int5", "int4"), EMBED_GPTQ),
 ]
 
 
@@ -135,7 +138,7 @@ def main(argv=None) -> int:
         fresh.load_state_dict(T.load_artifact(path))
         _, bpb = T.eval_plain(run, fresh)
         rows.append(dict(label=label, spec=spec, gptq=gptq, bytes=rep["bytes"], bits=8 * rep["bytes"] / n_params,
-                         val_bpb=bpb, damage=bpb - bpb_fp, lqer=rep["lqer"]))
+                         val_bpb=bpb, damage=bpb - bpb_fp, lqer=rep["lqer"], freeze_dry=rep["freeze_dry"]))
         print(f"{label}: {rep['bytes']:,} bytes, val_bpb {bpb:.4f} ({bpb - bpb_fp:+.4f})", file=sys.stderr)
     T.write_atomic(out / "results.json", json.dumps(dict(fp32_val_bpb=bpb_fp, params=n_params, rows=rows), indent=1))
     qat_note = (f" QAT rows: a second model trained the same way with QAT_THRESHOLD={args.qat_threshold:g} and "

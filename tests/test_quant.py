@@ -192,6 +192,67 @@ def test_adaptive_coder_beats_order0_where_statistics_drift():
     assert len(T.codecs()["ac"][0](codes.tobytes())) < 0.97 * order0_bytes
 
 
+def test_two_four_keeps_the_two_largest_of_each_block_within_half_a_step():
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(3))
+    f = T.parse_fmt("sp6@10")  # a clip of 10 row RMS clips nothing: every kept value is rounded, never cut
+    codes, scales, pos = T.quantize(w, f)
+    assert codes.shape == (32, 32) and pos.shape == (32, 16) and int(pos.max()) <= 5
+    deq = T.dequantize([codes, scales, pos], f)
+    blocks, kept = w.view(32, 16, 4), T.dense24(torch.ones(32, 32), pos).view(32, 16, 4) != 0  # (a kept value may round to 0)
+    assert not deq.view(32, 16, 4)[~kept].any()
+    top2 = torch.zeros_like(kept).scatter_(2, blocks.abs().topk(2, dim=2).indices, True)
+    assert torch.equal(kept, top2)
+    err = (deq - w).abs() - scales[:, None] / 2
+    assert (err[kept.flatten(1)] <= 1e-6).all()
+    with pytest.raises(T.ConfigError, match="multiple of 4"):
+        T.quantize(torch.randn(4, 6), f)
+    with pytest.raises(T.ConfigError, match="not with sp"):
+        T.parse_fmt("sp3+lq4")
+
+
+def test_two_four_stores_half_the_codes_and_reloads_exactly(tmp_path):
+    hp, model = small_model("mlp_up:sp3,mlp_down:sp3", CODEC="zstd")
+    rep = T.export_artifact(model, hp, tmp_path / "s.artifact")
+    n = sum(t.numel() for k, t in model.state_dict().items() if k.endswith(("up.weight", "down.weight")))
+    assert rep["groups"]["sp3"]["n"] == n // 2 and rep["groups"]["pos"]["n"] == n // 4
+    state, fmts = T.load_artifact(tmp_path / "s.artifact"), T.quant_formats(hp, model.state_dict())
+    for name, (_, f) in fmts.items():
+        assert torch.equal(state[name], T.dequantize(T.quantize(model.state_dict()[name], f), f)), name
+
+
+@pytest.mark.parametrize("spec", [SPEC, "mlp_up:sp4,mlp_down:tq3"])
+def test_freeze_dry_at_tolerance_0_restores_every_code_exactly(exported, tmp_path, spec):
+    hp, model, path, _ = exported
+    hp = dataclasses.replace(hp, quant_spec=spec)
+    plain, dried = T.export_artifact(model, hp, tmp_path / "p.artifact"), T.export_artifact(
+        model, dataclasses.replace(hp, freeze_dry=0), tmp_path / "fd.artifact")
+    assert "fd" in dried["groups"] and dried["freeze_dry"]["changed"] == 0 and plain["freeze_dry"] is None
+    want, got = T.load_artifact(tmp_path / "p.artifact"), T.load_artifact(tmp_path / "fd.artifact")
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_freeze_dry_drops_what_its_fit_predicts_and_bounds_the_rest():
+    """A matrix whose odd columns are the mean of their neighbours is stored in fewer bytes, exactly; on Gaussian
+    codes, tolerance k moves a code by at most k steps and fits (stores 0 for) more of them."""
+    g = torch.Generator().manual_seed(0)
+    even = torch.randn(256, 65, generator=g)
+    redundant = torch.stack((even[:, :64], (even[:, :64] + even[:, 1:]) / 2), -1).flatten(1)
+    f = T.parse_fmt("int6")
+    codes = T.quantize(redundant, f)[0]
+    stored = T.freeze_dry(codes, len(T.grid(f)), 0)
+    assert torch.equal(T.thaw(*stored, len(T.grid(f))), codes) and (stored[1] == 0).float().mean() > 0.5
+    size = lambda parts: sum(len(T.codecs()["zstd"][0](p.numpy().tobytes())) for p in parts)
+    assert size(stored) < 0.9 * size([codes])
+    codes = T.quantize(torch.randn(256, 64, generator=g), f)[0]
+    fitted = []
+    for tol in (0, 1, 2):
+        stored = T.freeze_dry(codes, len(T.grid(f)), tol)
+        moved = T.thaw(*stored, len(T.grid(f))).int() - codes.int()
+        assert moved.abs().max() <= tol and (tol or not moved.any())
+        fitted.append(float((stored[1] == 0).float().mean()))
+    assert fitted[0] < fitted[1] < fitted[2]
+
+
 @pytest.mark.parametrize("damage", ["flip", "truncate", "foreign", "missing"])
 def test_refuses_damaged_or_foreign_file(exported, tmp_path, damage):
     path = tmp_path / "bad.artifact"
@@ -289,6 +350,8 @@ def test_narrower_spec_steps_least_sensitive_roles_first():
     assert all(T.parse_fmt(f).bits == 4 for r, f in T.parse_spec(floor).items() if r != "head")
     assert T.narrower_spec(dataclasses.replace(hp, quant_spec=floor), state, 1) is None
     assert T.parse_spec(T.narrower_spec(dataclasses.replace(hp, quant_spec="mlp_up:int7@12"), state, 1))["mlp_up"] == "int6@12"
+    spec = T.parse_spec(T.narrower_spec(dataclasses.replace(hp, quant_spec=hp.quant_spec + ",layers0-3:int6"), state, 1))
+    assert spec["mlp_up"] == "int5" and spec["aux"] == "int5"  # every block's matrices keep the override: aux narrows
 
 
 def test_quant_fit_reexports_narrower_until_under_the_cap(tiny_run, brown_data, tmp_path, monkeypatch):
