@@ -1916,8 +1916,11 @@ def write_atomic(path: str | Path, data: bytes | str):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    finally:  # a failed write (disk full) leaves nothing behind
+        tmp.unlink(missing_ok=True)
 
 
 @dataclass

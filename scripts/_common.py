@@ -1,5 +1,5 @@
 """Shared helpers of the run scripts (run_seeds, sweep, compare_runs, package_submission, plot_runs,
-bench_train, preflight): one-line user errors, atomic writes, result-JSON loading, tables, statistics,
+bench_train, preflight): one-line user errors, result-JSON loading, tables, statistics,
 peak RSS, and the sequential torchrun launcher that run_seeds.py and sweep.py share.
 
 Not a CLI. Every user-facing failure raises UserError; `cli(main)` turns it into
@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-ARTIFACT_CAP_BYTES = 16_000_000  # decimal bytes, code + compressed model (the rules' cap)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from train_gpt import ARTIFACT_CAP_BYTES, write_atomic  # noqa: E402  the trainer's own: one cap, one atomic write
+
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 NUMBER_RE = re.compile(r"^(-|[-+]?[0-9][0-9,]*(\.[0-9]+)?)$")  # right-aligned in tables
@@ -47,19 +49,6 @@ def cli(main: Callable[[list[str] | None], int]) -> None:
         print("error: interrupted", file=sys.stderr)
         code = 130
     sys.exit(code)
-
-
-def write_atomic(path: str | Path, data: bytes | str) -> None:
-    """Write beside the target, then rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def command_echo(script: str, argv: Sequence[str] | None) -> str:
