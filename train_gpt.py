@@ -2,8 +2,9 @@
 
 Launch: torchrun --standalone --nproc_per_node=8 train_gpt.py   (CUDA: NCCL, bf16)
         PRESET=tiny torchrun --standalone --nproc_per_node=2 train_gpt.py   (CPU: gloo, fp32)
-Sections follow the data: hyperparameters, optimizer, evaluation, quantization,
-data loading, model, training stages (setup, train, export, evaluate, report).
+Sections follow the data: hyperparameters, data loading, model, optimizer and
+training step, quantization (export), evaluation, stages (setup, train, export,
+evaluate, report).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+
 
 # -----------------------------------------------------------------------------
 # HYPERPARAMETERS
@@ -378,9 +380,386 @@ def parse_layers(spec: str, num_layers: int) -> list[int]:
         raise ConfigError(f"VE_LAYERS={spec!r}: expected comma-separated layer indices in [-{num_layers}, {num_layers})")
     return idx
 
+
 # -----------------------------------------------------------------------------
-# MUON OPTIMIZER
+# DATA LOADING
 # -----------------------------------------------------------------------------
+# Shard: 256 little-endian int32 header (magic 20240520, version 1, token count),
+# then the tokens as little-endian uint16.
+
+SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
+
+
+def load_data_shard(path: str | Path) -> np.ndarray:
+    """Read one shard, refusing a wrong magic, version or length with the file's name."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: shard not found; build data with scripts/prepare_data.py")
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    if header.size != HEADER_INTS:
+        raise ConfigError(f"{path}: truncated header ({header.size * 4} of {HEADER_INTS * 4} bytes); rebuild the shard")
+    if header[0] != SHARD_MAGIC:
+        raise ConfigError(f"{path}: wrong magic {header[0]} (expected {SHARD_MAGIC}); not a token shard")
+    if header[1] != SHARD_VERSION:
+        raise ConfigError(f"{path}: unsupported version {header[1]} (expected {SHARD_VERSION})")
+    expected = HEADER_INTS * 4 + int(header[2]) * 2
+    if path.stat().st_size != expected:
+        raise ConfigError(f"{path}: size {path.stat().st_size} bytes but header says {header[2]} tokens "
+                          f"({expected} bytes); the shard is truncated or corrupt")
+    return np.fromfile(path, dtype="<u2", count=int(header[2]), offset=HEADER_INTS * 4)
+
+
+def shard_files(pattern: str) -> list[str]:
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise ConfigError(f"no shards match {pattern}; set DATA_PATH or run scripts/prepare_data.py")
+    return files
+
+
+def load_val_tokens(data_path: str, seq_len: int, max_tokens: int = 0) -> np.ndarray:
+    tokens = np.concatenate([load_data_shard(f) for f in shard_files(os.path.join(data_path, "fineweb_val_*.bin"))])
+    tokens = tokens[:max_tokens or None]
+    if tokens.size < seq_len + 1:
+        raise ConfigError(f"{data_path}: validation split has {tokens.size} tokens, fewer than EVAL_SEQ_LEN+1={seq_len + 1}")
+    return tokens
+
+
+class TokenStream:
+    """Reads shards in order, wrapping around forever; the next shard loads in a background thread."""
+
+    def __init__(self, pattern: str):
+        self.files, self.file_idx, self.loader = shard_files(pattern), 0, ThreadPoolExecutor(1)
+        self.tokens, self.pos = load_data_shard(self.files[0]), 0
+        self.next = self.loader.submit(load_data_shard, self.files[1 % len(self.files)])
+
+    def take(self, n: int) -> np.ndarray:
+        chunks = []
+        while n > 0:
+            if self.pos >= self.tokens.size:
+                self.file_idx = (self.file_idx + 1) % len(self.files)
+                self.tokens, self.pos = self.next.result(), 0
+                self.next = self.loader.submit(load_data_shard, self.files[(self.file_idx + 1) % len(self.files)])
+            k = min(n, self.tokens.size - self.pos)
+            chunks.append(self.tokens[self.pos:self.pos + k])
+            self.pos, n = self.pos + k, n - k
+        return np.concatenate(chunks)
+
+
+class DistributedTokenLoader:
+    """Each step every rank takes the same global chunk and keeps its own contiguous span (+1 for targets)."""
+
+    progress = 0.0  # training progress in [0, 1], set by the loop each step; the curriculum samples by it
+
+    def __init__(self, pattern: str, rank: int, world_size: int, device: torch.device):
+        self.stream, self.rank, self.world_size, self.device = TokenStream(pattern), rank, world_size, device
+
+    def next_batch(self, global_tokens: int, seq_len: int, grad_accum_steps: int) -> tuple[Tensor, Tensor]:
+        local = global_tokens // (self.world_size * grad_accum_steps)
+        chunk = self.stream.take((local + 1) * self.world_size)
+        span = torch.from_numpy(chunk[self.rank * (local + 1):(self.rank + 1) * (local + 1)].astype(np.int64))
+        span = span.pin_memory() if self.device.type == "cuda" else span  # so the copy below is truly asynchronous
+        x, y = span[:-1].reshape(-1, seq_len), span[1:].reshape(-1, seq_len)
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+class CurriculumLoader(DistributedTokenLoader):
+    """CURRICULUM_BUCKETS=N (seed 004): a shard's worth of tokens is cut into sequences, scored by the mean unigram
+    surprisal of their tokens under that stretch's own counts (seed 004 scored with a pilot model's loss) and split
+    into N quantile buckets, easy to hard. Each sequence's bucket b is drawn with weight max((1 - d)(1 - p) + d p,
+    CURRICULUM_FLOOR), d = b / (N - 1), p = the training progress the loop sets, then a sequence uniformly within
+    it; after as many draws as the stretch holds sequences, the next stretch. Every rank draws its own."""
+
+    def __init__(self, pattern: str, run: Run):
+        super().__init__(pattern, run.rank, run.world_size, run.device)
+        self.n, self.floor, self.left = run.hp.curriculum_buckets, run.hp.curriculum_floor, 0
+        self.rng = np.random.default_rng([run.hp.seed, run.rank])
+
+    def weights(self) -> np.ndarray:
+        d = np.arange(self.n) / (self.n - 1)
+        return np.maximum((1 - d) * (1 - self.progress) + d * self.progress, self.floor)
+
+    def next_batch(self, global_tokens: int, seq_len: int, grad_accum_steps: int) -> tuple[Tensor, Tensor]:
+        rows = global_tokens // (self.world_size * grad_accum_steps * seq_len)
+        if self.left < rows:
+            self.toks = self.stream.take(max(self.stream.tokens.size, rows * seq_len + 1))
+            k = self.left = (self.toks.size - 1) // seq_len
+            counts = np.maximum(np.bincount(self.toks), 1)  # unseen ids never get looked up
+            surprisal = np.log(self.toks.size / counts).astype(np.float32)[self.toks[:k * seq_len]]
+            self.members = np.array_split(np.argsort(surprisal.reshape(k, seq_len).mean(1), kind="stable"), self.n)
+        w = self.weights() * np.array([len(m) > 0 for m in self.members])
+        picks = [m[self.rng.integers(len(m))] for m in (self.members[b] for b in self.rng.choice(self.n, rows, p=w / w.sum()))]
+        self.left -= rows
+        span = torch.from_numpy(np.stack([self.toks[i * seq_len:(i + 1) * seq_len + 1] for i in picks]).astype(np.int64))
+        return span[:, :-1].to(self.device), span[:, 1:].to(self.device)
+
+
+# -----------------------------------------------------------------------------
+# MODEL
+# -----------------------------------------------------------------------------
+# One forward path (tokens -> soft-capped logits) serves training, evaluation
+# and test-time training.
+
+try:  # flash-attn is optional; SDPA is the reference path
+    from flash_attn_interface import flash_attn_func, flash_attn_varlen_func  # FlashAttention-3 (Hopper)
+except ImportError:
+    try:
+        from flash_attn import flash_attn_func, flash_attn_varlen_func
+    except ImportError:
+        flash_attn_func = flash_attn_varlen_func = None
+BOS_ID = 1  # every document starts with it (the public tokenizer: pad 0, bos 1, eos 2, unk 3)
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class CastedLinear(nn.Linear):
+    """Linear kept in fp32, computed in the activation dtype; `qat` (the fake-quantized weight, kept by
+    on_train_step) replaces the weight in the forward with a straight-through gradient."""
+
+    qat = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight if self.qat is None else fake_quant(self.weight, self.qat)
+        return F.linear(x, w.to(x.dtype))
+
+
+class Rotary(nn.Module):
+    """Frequencies made in the forward, not kept in a buffer: the model has no buffers for DDP to broadcast.
+    yarn_len > 0: a sequence s times longer rotates with base * s^(rd/(rd-2)) (NTK-aware scaling), which stretches
+    the slowest frequency s-fold and keeps the fastest, so positions beyond the trained length stay in range."""
+
+    def __init__(self, rot_dims: int, base: float, yarn_len: int = 0):
+        super().__init__()
+        self.rot_dims, self.base, self.yarn_len = rot_dims, base, yarn_len
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Rotate the first rot_dims of each head of x (B, T, H, D); the rest pass unchanged."""
+        rd, T = self.rot_dims, x.size(1)
+        base = self.base * (T / self.yarn_len) ** (rd / (rd - 2)) if 0 < self.yarn_len < T else self.base
+        inv_freq = 1.0 / base ** (torch.arange(0, rd, 2, device=x.device, dtype=torch.float32) / rd)
+        freqs = torch.outer(torch.arange(T, device=x.device, dtype=torch.float32), inv_freq)
+        cos, sin = freqs.cos()[None, :, None, :].to(x.dtype), freqs.sin()[None, :, None, :].to(x.dtype)
+        x1, x2, rest = x[..., :rd // 2], x[..., rd // 2:rd], x[..., rd:]
+        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
+
+
+def use_flash(kernel: str, dtype: torch.dtype) -> bool:
+    """ATTN_KERNEL=auto|flash: flash-attn takes bf16/fp16 activations (CUDA autocast); fp32 (CPU) goes to SDPA."""
+    return kernel != "sdpa" and flash_attn_func is not None and dtype in (torch.bfloat16, torch.float16)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, kernel: str = "auto", docs: Tensor | None = None) -> Tensor:
+    """Causal GQA attention on (B, T, H, D) tensors of one dtype: flash-attn when use_flash, else SDPA. docs (B, T):
+    document ids; a query then sees only keys of its own document (flash-attn: each row cut into documents)."""
+    B, T, H, D = q.shape
+    if use_flash(kernel, q.dtype) and docs is None:
+        out = flash_attn_func(q, k, v, causal=True)
+    elif use_flash(kernel, q.dtype) and flash_attn_varlen_func is not None:
+        starts = F.pad(docs[:, 1:] != docs[:, :-1], (1, 0), value=True).flatten()
+        cu = F.pad(torch.nonzero(starts)[:, 0], (0, 1), value=B * T).int()
+        out = flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, T, T, causal=True)
+    else:
+        mask = None if docs is None else (docs[:, None, :, None] == docs[:, None, None, :]) & torch.ones(
+            T, T, dtype=torch.bool, device=q.device).tril()
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                           is_causal=docs is None, enable_gqa=k.size(2) != q.size(2))
+        return y.transpose(1, 2)
+    return (out[0] if isinstance(out, tuple) else out).view(B, T, H, D)
+
+
+class Attention(nn.Module):
+    def __init__(self, hp: Hyperparameters, xsa: bool):
+        super().__init__()
+        self.h, self.kv, self.d = hp.num_heads, hp.num_kv_heads, hp.head_dim
+        self.q = CastedLinear(hp.model_dim, self.h * self.d, bias=False)
+        self.k = CastedLinear(hp.model_dim, self.kv * self.d, bias=False)
+        self.v = CastedLinear(hp.model_dim, self.kv * self.d, bias=False)
+        self.o = CastedLinear(self.h * self.d, hp.model_dim, bias=False)
+        self.o.zero_init = True
+        self.q_gain = nn.Parameter(torch.full((self.h,), hp.qk_gain_init))
+        self.rotary = Rotary(hp.rope_dims or self.d, hp.rope_base, hp.train_seq_len if hp.rope_yarn else 0)
+        self.xsa, self.kernel = xsa, hp.attn_kernel
+        self.gate = nn.Linear(hp.attn_gate_window, self.h, bias=False) if hp.attn_gate_window else None
+        if self.gate is not None:  # zero: every head starts at sigmoid(0) = 1/2
+            nn.init.zeros_(self.gate.weight)
+            self.gate_scale = hp.attn_gate_scale
+
+    def forward(self, x: Tensor, ve: Tensor | None, docs: Tensor | None = None) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.h, self.d)
+        k = self.k(x).view(B, T, self.kv, self.d)
+        v = self.v(x) if ve is None else self.v(x) + ve
+        v = v.view(B, T, self.kv, self.d)
+        # under autocast rms_norm returns fp32 and v is bf16: one dtype (v's), or flash-attn is never taken
+        q = (self.rotary(rms_norm(q)) * self.q_gain[:, None]).to(v.dtype)
+        k = self.rotary(rms_norm(k)).to(v.dtype)
+        y = attention(q, k, v, self.kernel, docs)
+        if self.xsa:  # exclusive self-attention: drop each head's component along its own value vector
+            vn = F.normalize(v, dim=-1).repeat_interleave(self.h // self.kv, dim=2)
+            y = y - (y * vn).sum(-1, keepdim=True) * vn
+        if self.gate is not None:  # sparse head-output gate: a narrow window of the input decides each head's share
+            y = y * torch.sigmoid(self.gate_scale * self.gate(x[..., :self.gate.in_features]))[..., None].to(y.dtype)
+        return self.o(y.reshape(B, T, self.h * self.d))
+
+
+class MLP(nn.Module):
+    def __init__(self, hp: Hyperparameters):
+        super().__init__()
+        hidden = int(round(hp.mlp_mult * hp.model_dim))
+        self.up = CastedLinear(hp.model_dim, hidden, bias=False)
+        self.down = CastedLinear(hidden, hp.model_dim, bias=False)
+        self.down.zero_init = True
+        self.slope = 0.5 if hp.mlp_act == "leaky_relu2" else 0.0
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(F.leaky_relu(self.up(x), self.slope).square())
+
+
+class Block(nn.Module):
+    def __init__(self, hp: Hyperparameters, layer: int):
+        super().__init__()
+        self.attn = Attention(hp, xsa=layer >= hp.num_layers - hp.xsa_last_n)
+        self.mlp = MLP(hp)
+        self.attn_scale = nn.Parameter(torch.ones(hp.model_dim))
+        self.mlp_scale = nn.Parameter(torch.ones(hp.model_dim))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(hp.model_dim), torch.zeros(hp.model_dim))))
+        self.norm_scale = 1.0 / math.sqrt(layer + 1) if hp.ln_scale else 1.0
+        parallel = 0 < hp.parallel_start <= layer  # lane mix: row 0 keeps each lane, rows 1-2 add attention and MLP
+        self.lanes = nn.Parameter(torch.tensor([[1.1, 1.1], [1.0, 1.0], [1.0, 1.0]])) if parallel else None
+
+    def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None, docs: Tensor | None = None) -> Tensor:
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.norm_scale, ve, docs)
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale)
+
+    def parallel(self, lanes: list[Tensor], x0: Tensor, ve: Tensor | None, docs: Tensor | None) -> list[Tensor]:
+        """Parallel residual lanes: attention reads lane 0 (mixed with x0), the MLP lane 1, both at once; each lane
+        keeps itself and takes both outputs through the learned 3x2 lane mix."""
+        mix, w = self.resid_mix.to(x0.dtype), self.lanes.to(x0.dtype)
+        a = self.attn_scale.to(x0.dtype) * self.attn(rms_norm(mix[0] * lanes[0] + mix[1] * x0) * self.norm_scale, ve, docs)
+        m = self.mlp_scale.to(x0.dtype) * self.mlp(rms_norm(lanes[1]) * self.norm_scale)
+        return [w[0, k] * lanes[k] + w[1, k] * a + w[2, k] * m for k in (0, 1)]
+
+
+class BigramHash(nn.Module):
+    """Embedding of a hash of (previous token, token), zero-initialized, projected to the model width."""
+
+    def __init__(self, buckets: int, dim: int, model_dim: int):
+        super().__init__()
+        self.buckets = buckets
+        self.embed = nn.Embedding(buckets, dim)
+        nn.init.zeros_(self.embed.weight)
+        self.proj = CastedLinear(dim, model_dim, bias=False)
+        self.scale = nn.Parameter(torch.tensor(0.05))
+
+    def forward(self, idx: Tensor) -> Tensor:
+        prev = F.pad(idx[:, :-1], (1, 0), value=-1).masked_fill(idx == BOS_ID, -1)  # a document's BOS has no previous
+        h = torch.where(prev < 0, self.buckets - 1, torch.bitwise_xor(36313 * idx, 27191 * prev) % (self.buckets - 1))
+        return self.proj(self.embed(h)) * self.scale.to(self.proj.weight.dtype)
+
+
+class GPT(nn.Module):
+    def __init__(self, hp: Hyperparameters):
+        super().__init__()
+        self.hp = hp
+        self.tok_emb = nn.Embedding(hp.vocab_size, hp.model_dim)
+        self.bigram = BigramHash(hp.bigram_buckets, hp.bigram_dim, hp.model_dim) if hp.bigram_buckets > 1 else None
+        self.smear = nn.Parameter(torch.zeros(hp.model_dim)) if hp.smear_gate else None
+        self.blocks = nn.ModuleList(Block(hp, i) for i in range(hp.num_layers))
+        self.ve_layers = parse_layers(hp.ve_layers, hp.num_layers)
+        if self.ve_layers:
+            self.ve_embed = nn.Embedding(hp.vocab_size, hp.ve_dim)
+            self.ve_proj = CastedLinear(hp.ve_dim, hp.num_kv_heads * hp.head_dim, bias=False)
+            self.ve_scales = nn.Parameter(torch.full((len(self.ve_layers),), 0.1))
+        self.loop = parse_loop(hp.loop_layers, hp.num_layers) if hp.loop_count > 1 else None
+        self.looping = self.loop is not None and hp.loop_start <= 0  # switched on by train() at LOOP_START
+        n = len(self.layer_order(True))  # the U-Net halves of the longest (looped) order size the skip weights
+        self.skip_weights = nn.Parameter(torch.ones(min(n // 2, n - n // 2), hp.model_dim)) if hp.unet_skips and n > 1 else None
+        self.lm_head = None if hp.tie_embeddings else CastedLinear(hp.model_dim, hp.vocab_size, bias=False)
+        self.head_in = nn.Identity()  # the output head's input, where GPTQ takes the tied embedding's Hessian
+        self._init_weights()
+
+    def _init_weights(self):
+        nn.init.normal_(self.tok_emb.weight, std=self.hp.tied_embed_init_std if self.hp.tie_embeddings else 1.0)
+        for m in self.modules():
+            if isinstance(m, CastedLinear):
+                if getattr(m, "zero_init", False) or m is self.lm_head:
+                    nn.init.zeros_(m.weight)
+                elif self.hp.ortho_init:
+                    nn.init.orthogonal_(m.weight)
+
+    def layer_order(self, looping: bool) -> list[int]:
+        """Physical layer of each block application: with looping, layers a..b run LOOP_COUNT times in a row."""
+        L = self.hp.num_layers
+        if not (looping and self.loop):
+            return list(range(L))
+        a, b = self.loop
+        return [*range(b + 1), *list(range(a, b + 1)) * (self.hp.loop_count - 1), *range(b + 1, L)]
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> Tensor:
+        """Token ids (B, T) -> soft-capped logits (B, T, vocab) in float32, or with targets their per-token NLL
+        (B, T), computed inside the (compiled) forward so the logits are never written out."""
+        x = self.tok_emb(idx)
+        if self.bigram is not None:
+            x = x + self.bigram(idx)
+        x = rms_norm(x)
+        if self.smear is not None:  # SmearGate: blend each position with the previous one, never into a BOS
+            g = torch.sigmoid(self.smear.to(x.dtype)) * (idx != BOS_ID)[..., None]
+            x = (1 - g) * x + g * F.pad(x[:, :-1], (0, 0, 1, 0))
+        x0, skips = x, []
+        docs = torch.cumsum(idx == BOS_ID, 1) if self.hp.doc_mask else None
+        ve = self.ve_proj(self.ve_embed(idx)) if self.ve_layers else None
+        order, lanes = self.layer_order(self.looping), None
+        n_enc = len(order) // 2 if self.skip_weights is not None else 0
+        for j, i in enumerate(order):
+            block = self.blocks[i]
+            if block.lanes is None and lanes:  # lanes merge by their mean
+                x, lanes = 0.5 * (lanes[0] + lanes[1]), None
+            elif block.lanes is not None and lanes is None:
+                lanes = [x, x]
+            if n_enc and j >= n_enc and skips:  # U-Net decoder half pops encoder outputs (into lane 0)
+                skip = self.skip_weights[j - n_enc].to(x.dtype) * skips.pop()
+                x, lanes = (x, [lanes[0] + skip, lanes[1]]) if lanes else (x + skip, None)
+            layer_ve = ve * self.ve_scales[self.ve_layers.index(i)].to(x.dtype) if i in self.ve_layers else None
+            if lanes:
+                lanes = block.parallel(lanes, x0, layer_ve, docs)
+            else:
+                x = block(x, x0, layer_ve, docs)
+            if j < n_enc:
+                skips.append(lanes[0] if lanes else x)
+        x = self.head_in(rms_norm(0.5 * (lanes[0] + lanes[1]) if lanes else x))
+        logits = F.linear(x, self.tok_emb.weight.to(x.dtype)) if self.lm_head is None else self.lm_head(x)
+        logits, c = logits.float(), self.hp.logit_softcap
+        logits = c * torch.tanh(logits / c) if c > 0 else logits
+        return logits if targets is None else token_nll(logits, targets)
+
+
+def token_nll(logits: Tensor, targets: Tensor) -> Tensor:
+    """Per-token negative log-likelihood in nats, same shape as targets."""
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none").view_as(targets)
+
+
+class FixedBatch(nn.Module):
+    """Pads each batch to `rows` rows and drops the padding from the logits, so a compiled evaluation model sees one
+    shape: a short last batch would otherwise recompile inside the evaluation budget."""
+
+    def __init__(self, model: nn.Module, rows: int):
+        super().__init__()
+        self.model, self.rows = model, rows
+
+    def forward(self, idx: Tensor) -> Tensor:
+        n = idx.size(0)
+        return self.model(torch.cat((idx, idx[-1:].expand(self.rows - n, -1))) if n < self.rows else idx)[:n]
+
+
+# -----------------------------------------------------------------------------
+# OPTIMIZER AND TRAINING STEP
+# -----------------------------------------------------------------------------
+# Muon (momentum orthogonalized by Newton-Schulz) for the block matrices, AdamW for the rest; the LR
+# schedule, weight averaging, one optimizer step, and QAT: the forward on the weights quantized as
+# export will quantize them.
 
 
 POLAR_EXPRESS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),  # per-iteration (a, b, c)
@@ -445,8 +824,743 @@ class Muon(torch.optim.Optimizer):
                     p.add_(flat[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
                     offset += p.numel()
 
+
+def build_optimizers(run: Run) -> list[torch.optim.Optimizer]:
+    """Muon for the CastedLinear matrices; AdamW for embeddings, head and control tensors."""
+    hp, model = run.hp, run.model
+    matrices = [m.weight for m in model.modules() if isinstance(m, CastedLinear) and m is not model.lm_head]
+    embeds = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
+    head = [model.lm_head.weight] if model.lm_head is not None else []
+    taken = {id(p) for p in matrices + embeds + head}
+    scalars = [p for p in model.parameters() if id(p) not in taken]
+    embed_lr = hp.tied_embed_lr if hp.tie_embeddings else hp.embed_lr
+    groups = [dict(params=embeds, lr=embed_lr), dict(params=scalars, lr=hp.scalar_lr)]
+    groups += [dict(params=head, lr=hp.head_lr)] if head else []
+    adam = torch.optim.AdamW([dict(g, base_lr=g["lr"]) for g in groups], betas=(hp.beta1, hp.beta2), eps=hp.adam_eps,
+                             weight_decay=hp.adam_wd, fused=run.device.type == "cuda")
+    muon = Muon(matrices, lr=hp.matrix_lr, momentum=hp.muon_momentum, backend_steps=hp.muon_backend_steps,
+                weight_decay=hp.muon_wd, comm_dtype=torch.bfloat16 if run.device.type == "cuda" else torch.float32,
+                polar=hp.muon_polar, row_norm=hp.muon_row_norm)
+    for g in muon.param_groups:
+        g["base_lr"] = hp.matrix_lr
+    return [adam, muon]
+
+
+@dataclass
+class Schedule:
+    """LR multiplier: linear warm-up, flat, then linear warmdown towards 0 (floored at min_lr) over the last
+    warmdown_frac of training (wall-clock or iterations), else over the last warmdown_iters steps."""
+    iterations: int
+    warmdown_iters: int
+    lr_warmup_steps: int
+    wallclock_s: float  # 0 = no cap
+    warmdown_frac: float = 0.0
+    min_lr: float = 0.0
+
+    def progress(self, step: int, elapsed_s: float) -> float:
+        """Fraction of training done: of the wall clock under a cap, else of the iterations."""
+        return elapsed_s / self.wallclock_s if self.wallclock_s > 0 else step / max(self.iterations, 1)
+
+    def lr_mult(self, step: int, elapsed_s: float) -> float:
+        warm = min(1.0, (step + 1) / self.lr_warmup_steps) if self.lr_warmup_steps else 1.0
+        if self.warmdown_frac > 0:
+            return min(warm, max(min(1.0, (1 - self.progress(step, elapsed_s)) / self.warmdown_frac), self.min_lr))
+        if self.warmdown_iters <= 0:
+            return warm
+        if self.wallclock_s > 0 and step > 0:  # warmdown spans the last warmdown_iters steps at the current pace
+            warmdown_s = self.warmdown_iters * elapsed_s / step
+            remaining_s = max(self.wallclock_s - elapsed_s, 0.0)
+            down = remaining_s / warmdown_s if remaining_s < warmdown_s else 1.0
+        else:
+            start = self.iterations - self.warmdown_iters
+            down = max(self.iterations - step, 0) / self.warmdown_iters if step >= start else 1.0
+        return min(warm, max(down, self.min_lr))
+
+
+class WeightAverager:
+    """EMA of the weights every step, and an SWA mean of checkpoints taken during warmdown."""
+
+    def __init__(self, model: nn.Module, hp: Hyperparameters):
+        self.params = [p for p in model.state_dict().values() if p.is_floating_point()]
+        self.ema = [p.detach().float().clone() for p in self.params] if hp.ema_decay > 0 else None
+        self.swa, self.swa_count, self.hp = None, 0, hp
+
+    @torch.no_grad()
+    def update(self, step: int, lr_mult: float):
+        if self.ema is not None:  # decay warms up so short runs do not average in the initialization
+            decay = min(self.hp.ema_decay, (1 + step) / (10 + step))
+            torch._foreach_lerp_(self.ema, [p.float() for p in self.params], 1 - decay)
+        if self.hp.swa_every and lr_mult < self.hp.swa_threshold and step % self.hp.swa_every == 0:
+            if self.swa is None:
+                self.swa = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
+            torch._foreach_add_(self.swa, [p.float() for p in self.params])
+            self.swa_count += 1
+
+    @torch.no_grad()
+    def apply(self, kind: str) -> str:
+        """Copy the chosen average into the model; returns what was used."""
+        avg = {"ema": self.ema, "swa": self.swa and [s / self.swa_count for s in self.swa]}.get(kind)
+        if not avg:
+            return "none"
+        for p, a in zip(self.params, avg):
+            p.copy_(a.to(p.dtype))
+        return kind
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def grad_accum_steps(hp: Hyperparameters, world: int) -> int:
+    ga = hp.grad_accum_steps or max(1, 8 // world)
+    if hp.train_batch_tokens % (world * ga * hp.train_seq_len):
+        raise ConfigError(f"TRAIN_BATCH_TOKENS={hp.train_batch_tokens}: must divide into world_size({world}) x "
+                          f"grad_accum({ga}) x TRAIN_SEQ_LEN({hp.train_seq_len}) sequences")
+    return ga
+
+
+def train_step(run: Run, loader, optimizers, ga: int, lr_mult: float, step: int) -> Tensor:
+    hp, model = run.hp, run.train_model
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    total = torch.zeros((), device=run.device)
+    for micro in range(ga):
+        x, y = loader.next_batch(hp.train_batch_tokens, hp.train_seq_len, ga)
+        if run.distributed:
+            model.require_backward_grad_sync = micro == ga - 1
+        with run.autocast():
+            loss = model(x, y).mean()
+        (loss / ga).backward()
+        total += loss.detach() / ga
+    frac = min(step / hp.muon_momentum_warmup_steps, 1.0) if hp.muon_momentum_warmup_steps else 1.0
+    for opt in optimizers:
+        if isinstance(opt, Muon):
+            opt.param_groups[0]["momentum"] = (1 - frac) * hp.muon_momentum_warmup_start + frac * hp.muon_momentum
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * lr_mult
+    if hp.grad_clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), hp.grad_clip_norm)
+    for opt in optimizers:
+        opt.step()
+    return total
+
+
+def compiled_graphs() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def train_budget(hp: Hyperparameters) -> float:
+    """Training loop's wall-clock cap: MAX_WALLCLOCK_SECONDS less EXPORT_RESERVE_SECONDS, since export (Hessians from
+    training tokens, GPTQ, compression, QUANT_FIT retries) makes the artifact and so is train time."""
+    cap = hp.max_wallclock_seconds
+    return max(cap - hp.export_reserve_seconds, 1.0) if cap else cap
+
+
+def fake_quant(w: Tensor, q: Tensor) -> Tensor:
+    """Straight-through: the forward value is exactly q (the weight export writes), the gradient is identity."""
+    return q + (w - w.detach())
+
+
+@torch.no_grad()
+def set_qat(run, extra: int | None):
+    """Give each quantized CastedLinear `qat_fmt`, its QUANT_SPEC format `extra` bits wider (None: QAT off)."""
+    modules = dict(run.model.named_modules())
+    for name, (_, f) in quant_formats(run.hp, run.model.state_dict()).items():
+        if isinstance(m := modules[name[:-7]], CastedLinear):
+            m.qat_fmt = None if extra is None or f.kind == "fp16" else f._replace(
+                bits=min(f.bits + extra, 4 if f.kind == "tq" else 8), rank=0, lq=0)
+            m.qat = None if m.qat_fmt is None else m.qat
+    refresh_qat(run.model)
+
+
+@torch.no_grad()
+def refresh_qat(model: nn.Module):
+    """`qat` = the weight quantized and dequantized as export does, once per optimizer step and outside the compiled
+    forward (so the graph stays whole), in place (so the graph keeps its input). Every constant it needs is cached
+    on the device: no host-to-device copy per matrix."""
+    for m in model.modules():
+        if f := getattr(m, "qat_fmt", None):
+            q = dequantize(quantize(m.weight, f), f)
+            m.qat = q if m.qat is None else m.qat.copy_(q)
+
+
+def on_train_step(run, step: int, lr_mult: float):
+    """Progressive QAT: once the LR multiplier is at or below QAT_THRESHOLD, weights are fake-quantized at their
+    QUANT_SPEC format; QAT_STEPS=n starts n-1 bits wider and drops a bit per equal LR interval."""
+    hp = run.hp
+    if hp.qat_threshold and lr_mult <= hp.qat_threshold and step >= hp.lr_warmup_steps:
+        extra = min(int(lr_mult / hp.qat_threshold * hp.qat_steps), hp.qat_steps - 1)
+        stages = run.results.setdefault("qat_stages", [])
+        if not stages or stages[-1][1] != extra:
+            stages.append([step + 1, extra])
+            set_qat(run, extra)
+            run.log(f"qat: from step {step + 1}, weights fake-quantized at QUANT_SPEC + {extra} bits")
+            return
+    refresh_qat(run.model)
+
+
 # -----------------------------------------------------------------------------
-# EVALUATION SETUP
+# QUANTIZATION
+# -----------------------------------------------------------------------------
+# QUANT_SPEC maps weight roles to formats: intN (N=2..8: per-row symmetric grid -Q..Q, Q=2^(N-1)-1),
+# tqN (N=2..4, TurboQuant: a seeded random rotation, then the Lloyd-Max codebook of a unit Gaussian),
+# spN (2:4 sparse, seed 004: of each 4 weights along a row the 2 largest kept at intN, plus their pair's index)
+# or fp16; "+lrR" adds a rank-R int8 correction of the quantization error, "+lqR" (LQER) a rank-R
+# correction with int4 factors on the asymmetric grid -8..7; LQER_TOP=k gives +lqLQER_RANK to the k
+# matrices with the largest output error (error x input scale). Row scales take the
+# least-MSE clip among CLIP_RATIOS of the row's max |w|, or with "@K" (else QUANT_CLIP_SIGMAS) clip
+# at K row RMS. Codes are entropy-coded, so unused levels cost nothing: a wide grid with a set step
+# (int7@12) has ~10% less MSE than a clipped narrow one (int5) at equal bytes on Gaussian weights.
+# GPTQ rounds column by column against the inverse Hessian of training-token activations. QAT uses
+# these same functions, so the trained forward is the exported one. Artifact: magic, u32 header
+# length, sha256 of the rest, JSON header, one compressed buffer per group. No pickle.
+
+ARTIFACT_MAGIC = b"PGQ1"
+ROLE_OF = {"q": "attn_qk", "k": "attn_qk", "v": "attn_vo", "o": "attn_vo", "up": "mlp_up", "down": "mlp_down",
+           "tok_emb": "embed", "lm_head": "head", "bigram": "aux", "ve_embed": "aux", "ve_proj": "aux", "gate": "gate"}
+LLOYD_MAX = {2: (0.4528, 1.5104), 3: (0.2451, 0.7560, 1.3440, 2.1520),
+             4: (0.1284, 0.3881, 0.6568, 0.9424, 1.2562, 1.6180, 2.0690, 2.7326)}
+FP16_GROUPS = ("fp16", "scales")
+
+
+class Fmt(NamedTuple):
+    kind: str  # int | tq | sp | fp16
+    bits: int = 16
+    rank: int = 0  # rank of the int8 low-rank error correction
+    clip: float = 0.0  # 0: least-MSE clip search; else this many row RMS
+    seed: int = 0  # TurboQuant rotation seed
+    lq: int = 0  # rank of the LQER correction (int4 factors, asymmetric grid)
+    fd: int = -1  # >= 0: codes stored freeze-dried with this tolerance (FREEZE_DRY)
+
+    @property
+    def name(self) -> str:  # its codes' group
+        return "fp16" if self.kind == "fp16" else f"{self.kind}{self.bits}"
+
+    @property
+    def tag(self) -> str:
+        return self.name + (f"@{self.clip:g}" if self.clip else "") + (f"+lr{self.rank}" if self.rank else "") + (
+            f"+lq{self.lq}" if self.lq else "") + (f"+fd{self.fd}" if self.fd >= 0 else "")
+
+    @property
+    def factors(self) -> "Fmt":  # the low-rank factors' format: int8, or LQER's asymmetric int4 ("a4")
+        return Fmt("int", 8) if self.rank else Fmt("a", 4)
+
+    @property
+    def base(self) -> "Fmt":  # without the low-rank correction
+        return self._replace(rank=0, lq=0)
+
+
+def parse_fmt(s: str, clip: float = 0.0, seed: int = 0, fd: int = -1) -> Fmt:
+    m = re.fullmatch(r"(?:(int|sp)([2-8])|(tq)([2-4]))(?:@(\d+\.?\d*))?(?:\+lr(\d+)|\+lq(\d+))?(?:\+fd(\d+))?|fp16",
+                     s.strip())
+    if not m or m[1] == "sp" and (m[6] or m[7]):
+        raise ConfigError(f"QUANT_SPEC format {s!r}: expected int2..int8, sp2..sp8 or tq2..tq4 [@clip in row RMS] "
+                          "[+lrRANK|+lqRANK (not with sp)] [+fdTOL] (e.g. int5, int7@12, tq4+lr8, int6+lq4, sp3) or fp16")
+    return Fmt("fp16") if m[0] == "fp16" else Fmt(m[1] or m[3], int(m[2] or m[4]), int(m[6] or 0), float(m[5] or clip), seed,
+                                                 int(m[7] or 0), int(m[8] or fd))
+
+
+LAYERS_RE = re.compile(r"layers(\d+)(?:-(\d+))?")  # QUANT_SPEC depth override: every matrix of blocks a..b
+
+
+def parse_spec(spec: str) -> dict[str, str]:
+    out = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        role, _, fmt = (x.strip() for x in item.partition(":"))
+        if role not in {*ROLE_OF.values(), "first", "last"} and not LAYERS_RE.fullmatch(role):
+            raise ConfigError(f"QUANT_SPEC role {role!r}: expected one of {', '.join(sorted({*ROLE_OF.values()}))}, "
+                              "first, last, layersA or layersA-B")
+        out[role] = parse_fmt(fmt).tag
+    return out
+
+
+def depth_override(spec: dict[str, str], block: int, num_layers: int) -> str | None:
+    """The format that QUANT_SPEC's first / last / layersA-B give every matrix of a block (the last match wins)."""
+    tag = None
+    for key, t in spec.items():
+        m = LAYERS_RE.fullmatch(key)
+        span = (int(m[1]), int(m[2] or m[1])) if m else {"first": (0, 0), "last": (num_layers - 1,) * 2}.get(key)
+        tag = t if span and span[0] <= block <= span[1] else tag
+    return tag
+
+
+def quant_formats(hp: Hyperparameters, names) -> dict[str, tuple[str, Fmt]]:
+    """Parameter name -> (role, format) of every quantizable matrix; unlisted roles are int8, and first / last /
+    layersA-B override the roles of their blocks. Other tensors (vectors, gains, mixes, skips) stay fp16."""
+    spec, out = parse_spec(hp.quant_spec), {}
+    for name in names:
+        p = name.split(".")
+        role = p[-1] == "weight" and ROLE_OF.get(p[-2] if p[0] == "blocks" else p[0])
+        if role:
+            depth = p[0] == "blocks" and depth_override(spec, int(p[1]), hp.num_layers)
+            out[name] = role, parse_fmt(depth or spec.get(role, "int8"), hp.quant_clip_sigmas, hp.quant_seed, hp.freeze_dry)
+    return out
+
+
+@functools.lru_cache(maxsize=None)  # QAT quantizes every step: constants are made on the device once
+def clip_ratios(device: torch.device) -> Tensor:
+    """Clip candidates, fractions of the row's max |w|: dense near 1, where fine grids are sensitive."""
+    return (1 - 0.7 * torch.linspace(0, 1, 16) ** 2).to(device)
+
+
+@functools.lru_cache(maxsize=None)
+def grid(f: Fmt, device=None) -> Tensor:
+    if f.kind == "tq":
+        half = torch.tensor(LLOYD_MAX[f.bits], device=device)
+        return torch.cat((-half.flip(0), half))
+    q = 2 ** (f.bits - 1) - 1
+    return torch.arange(-q - (f.kind == "a"), q + 1.0, device=device)  # "a": asymmetric, all 2^bits codes
+
+
+@functools.lru_cache(maxsize=None)
+def rotation(n: int, seed: int, device: str) -> Tensor:
+    """Random orthogonal n x n (QR of a seeded Gaussian, float64): rebuilt from the seed at load, never stored."""
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    return (q * r.diagonal().sign()).to(device)
+
+
+def nearest(x: Tensor, levels: Tensor) -> tuple[Tensor, Tensor]:
+    """(index, value) of the nearest level: integer grids (odd length) round, codebooks binary-search."""
+    if levels.numel() % 2:
+        v = x.round().clamp(levels[0], levels[-1])
+        return v - levels[0], v
+    i = torch.bucketize(x, (levels[1:] + levels[:-1]) / 2)
+    return i, levels[i]
+
+
+@functools.lru_cache(maxsize=None)
+def pairs24(device=None) -> tuple[Tensor, Tensor]:
+    """2:4: the 6 pairs of positions in a block of 4 ([6, 2]), and each pair's index by 4 * first + second."""
+    pairs = torch.combinations(torch.arange(4, device=device), 2)
+    return pairs, torch.zeros(16, dtype=torch.long, device=device).index_put_((pairs[:, 0] * 4 + pairs[:, 1],),
+                                                                              torch.arange(6, device=device))
+
+
+def sparse24(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Of each block of 4 along a row, the 2 largest |w| (in order; [rows, cols/2]) and their pair's index (uint8)."""
+    if w.size(1) % 4:
+        raise ConfigError(f"QUANT_SPEC sp format on a matrix of {w.size(1)} columns: 2:4 needs a multiple of 4")
+    blocks = w.view(w.size(0), -1, 4)
+    keep = blocks.abs().topk(2, dim=2).indices.sort(2).values
+    pos = pairs24(w.device)[1][keep[..., 0] * 4 + keep[..., 1]]
+    return blocks.gather(2, keep).flatten(1), pos.to(torch.uint8)
+
+
+def dense24(v: Tensor, pos: Tensor) -> Tensor:
+    keep = pairs24(v.device)[0][pos.long()]
+    return v.new_zeros(*pos.shape, 4).scatter_(2, keep, v.view(*pos.shape, 2)).flatten(1)
+
+
+def quantize_rows(w: Tensor, levels: Tensor, clip: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Per-row fp16-exact scales (least-MSE clip, vectorized over candidates) and nearest-level codes (uint8)."""
+    if clip:
+        s = clip * w.square().mean(1, keepdim=True).sqrt()[None] / levels[-1]
+    else:
+        s = clip_ratios(w.device)[:, None, None] * w.abs().amax(1, keepdim=True) / levels[-1]
+    s = s.clamp_min(1e-7).half().float()
+    codes, v = nearest(w / s, levels)
+    best = (v * s - w).square().sum(-1).argmin(0)
+    rows = torch.arange(w.size(0), device=w.device)
+    return codes[best, rows].to(torch.uint8), s[best, rows, 0]
+
+
+def gptq_codes(w: Tensor, H: Tensor, levels: Tensor, s: Tensor, hp: Hyperparameters) -> tuple[Tensor | None, float]:
+    """GPTQ: round columns in blocks (in act-order: largest Hessian diagonal first), pushing each column's
+    rounding error onto the columns not yet rounded through the Cholesky factor of the damped inverse Hessian.
+    Returns (codes, damping used); a Hessian that is not positive definite even at 100x GPTQ_DAMP gives
+    (None, damping): the caller keeps plain rounding. Never raises: a failed export loses the whole run."""
+    H = H.double().clone()
+    d = H.diagonal()
+    d[d == 0] = 1  # inputs never seen
+    perm = torch.argsort(d, descending=True) if hp.gptq_act_order else torch.arange(w.size(1), device=w.device)
+    H, scale = H[perm][:, perm], float(d.mean())
+    for damp in (hp.gptq_damp, 10 * hp.gptq_damp, 100 * hp.gptq_damp):
+        L, info = torch.linalg.cholesky_ex(H + damp * scale * torch.eye(len(H), dtype=H.dtype, device=H.device))
+        if not info:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+        if not info and bool(torch.isfinite(U).all()):
+            break
+    else:
+        return None, damp
+    U, w, s = U.float(), w[:, perm].clone(), s[:, None]
+    codes = torch.empty_like(w, dtype=torch.uint8)
+    for i in range(0, w.size(1), hp.gptq_block):
+        j = min(i + hp.gptq_block, w.size(1))
+        err = torch.empty_like(w[:, i:j])
+        for c in range(i, j):
+            codes[:, c:c + 1], v = nearest(w[:, c:c + 1] / s, levels)
+            err[:, c - i:c - i + 1] = e = (w[:, c:c + 1] - v * s) / U[c, c]
+            w[:, c:j] -= e * U[c, c:j]
+        w[:, j:] -= err @ U[i:j, j:]
+    return codes[:, torch.argsort(perm)], damp
+
+
+def quantize(w: Tensor, f: Fmt, H: Tensor | None = None, hp: Hyperparameters | None = None,
+             notes: list | None = None) -> list[Tensor]:
+    """A matrix in format f as its stored parts: codes, row scales (+ low-rank factors and their scales).
+    notes gets a line when GPTQ needed more damping than GPTQ_DAMP or fell back to plain rounding."""
+    w, pos = sparse24(w.float()) if f.kind == "sp" else (w.float(), None)
+    rot = rotation(w.size(1), f.seed, str(w.device)) if f.kind == "tq" else None
+    x = w if rot is None else (w.double() @ rot).float()
+    levels = grid(f, w.device)
+    parts = list(quantize_rows(x, levels, f.clip))
+    if H is not None and pos is None:  # 2:4 rounds plainly
+        codes, damp = gptq_codes(x, H if rot is None else rot.T @ H.double() @ rot, levels, parts[1], hp)
+        parts[0] = parts[0] if codes is None else codes
+        if notes is not None and (codes is None or damp != hp.gptq_damp):
+            notes.append("plain rounding (Hessian not positive definite)" if codes is None else f"damping {damp:g}")
+    return add_lowrank(w, parts, f, H) + ([] if pos is None else [pos])
+
+
+def input_scale(w: Tensor, H: Tensor | None) -> Tensor:
+    """Per input column, the RMS of its activation (sqrt diag H) when GPTQ Hessians are known, else 1."""
+    return torch.ones_like(w[0]) if H is None else H.diagonal().float().clamp_min(1e-8).sqrt()
+
+
+def add_lowrank(w: Tensor, parts: list[Tensor], f: Fmt, H: Tensor | None = None) -> list[Tensor]:
+    """Base parts plus f's rank-r correction: the SVD of the error weighted by input scale; factors per row at
+    int8 (+lr), or for LQER (+lq) int4 on -8..7 with A stored transposed, so each rank component has one scale."""
+    r, parts = f.rank or f.lq, parts[:2]
+    if r:
+        d = input_scale(w, H)
+        u, sv, vh = torch.linalg.svd((w - dequantize(parts, f.base)) * d, full_matrices=False)
+        a, b, levels = u[:, :r] * sv[:r], vh[:r] / d, grid(f.factors, w.device)
+        parts += [*quantize_rows(a if f.rank else a.T.contiguous(), levels), *quantize_rows(b, levels)]
+    return parts
+
+
+def dequantize(parts: list[Tensor], f: Fmt) -> Tensor:
+    levels = grid(f, parts[0].device)
+    w = levels[parts[0].long()] * parts[1].float()[:, None]
+    if f.kind == "sp":
+        w = dense24(w, parts[2])
+    if f.kind == "tq":
+        w = (w.double() @ rotation(w.size(1), f.seed, str(w.device)).T).float()
+    if f.rank or f.lq:
+        lv = grid(f.factors, w.device)
+        a, b = (lv[parts[i].long()] * parts[i + 1].float()[:, None] for i in (2, 4))
+        w = w + (a if f.rank else a.T) @ b
+    return w
+
+
+@torch.no_grad()
+def collect_hessians(run) -> dict[str, Tensor]:
+    """X^T X of the inputs of every quantized CastedLinear (GPTQ_EMBED: of the output head's, for the tied embedding)
+    over GPTQ_TOKENS training tokens (rounded up to whole sequences per rank), summed over ranks. Accumulated in float64 outside autocast: a bf16 (or TF32) product of
+    decaying-spectrum activations is not positive definite, and GPTQ's Cholesky needs it to be."""
+    hp, model = run.hp, run.model
+    names = {n[:-7] for n, (_, f) in quant_formats(hp, model.state_dict()).items() if f.kind != "fp16"}
+    taps = {n: n for n in names}  # module whose input is seen -> the matrix it calibrates
+    if hp.gptq_embed and hp.tie_embeddings and "tok_emb" in names:  # the embedding, as the output head
+        taps["head_in"] = "tok_emb"
+    hs, last = {}, [None, None]  # last (input, X^T X): q, k and v share their input
+
+    def hook(name, x):
+        if x is not last[0]:
+            with torch.autocast(run.device.type, enabled=False):
+                xd = x.detach().reshape(-1, x.size(-1)).double()
+                last[:] = x, xd.T @ xd
+        hs[name] = hs.get(name, 0) + last[1]
+
+    hooks = [m.register_forward_hook(lambda m, i, o, n=taps[n]: hook(n, i[0]))
+             for n, m in model.named_modules() if n in taps and isinstance(m, CastedLinear | nn.Identity)]
+    ga = grad_accum_steps(hp, run.world_size)
+    loader = DistributedTokenLoader(os.path.join(hp.data_path, "fineweb_train_*.bin"), run.rank, run.world_size, run.device)
+    rows, per_call = -(-hp.gptq_tokens // (run.world_size * hp.train_seq_len)), hp.train_batch_tokens // (
+        run.world_size * ga * hp.train_seq_len)  # sequences per rank: wanted, and per micro-batch
+    run.results["gptq_tokens_used"] = rows * run.world_size * hp.train_seq_len
+    while rows > 0:
+        k = min(rows, per_call)
+        with run.autocast():
+            model(loader.next_batch(k * run.world_size * hp.train_seq_len, hp.train_seq_len, 1)[0])
+        rows -= k
+    for h in hooks:
+        h.remove()
+    if run.distributed:
+        for H in hs.values():
+            dist.all_reduce(H)
+    return hs
+
+
+def layout(shape: list[int], f: Fmt) -> list[tuple[str, list[int]]]:
+    """(group, shape) of each stored part of a tensor, in order; the loader walks the same list."""
+    if f.kind == "fp16":
+        return [("fp16", shape)]
+    rows, n = shape[0], shape[1] // 2 if f.kind == "sp" else shape[1]  # codes per row (2:4 keeps half)
+    codes = [(f.name, [rows, n - n // 2]), ("fd", [rows, n // 2]), ("scales", [2, n // 2])] if f.fd >= 0 else [(f.name, [rows, n])]
+    r, g = f.rank or f.lq, f.factors.name
+    a = [(g, [rows, r]), ("scales", [rows])] if f.rank else [(g, [r, rows]), ("scales", [r])]
+    return codes + [("scales", [rows])] + [("pos", [rows, shape[1] // 4])] * (f.kind == "sp") + (
+        a + [(g, [r, shape[1]]), ("scales", [r])]) * bool(r)
+
+
+def fd_neighbours(even: Tensor, n_odd: int, n_levels: int) -> tuple[Tensor, Tensor]:
+    """Each odd column's left and right even neighbour (the left twice at the end), as codes centred on the grid."""
+    c = even.cpu().double() - (n_levels - 1) / 2
+    return c[:, :n_odd], torch.cat((c[:, 1:], c[:, -1:]), 1)[:, :n_odd]
+
+
+def fd_predict(even: Tensor, coef: Tensor, n_odd: int, n_levels: int) -> Tensor:
+    """FREEZE_DRY's fit of the odd columns, in float64 on the CPU: export and load must round identically."""
+    left, right = fd_neighbours(even, n_odd, n_levels)
+    return (coef[0].double() * left + coef[1].double() * right + (n_levels - 1) / 2).round().clamp(0, n_levels - 1)
+
+
+def freeze_dry(codes: Tensor, n_levels: int, tol: int) -> list[Tensor]:
+    """FREEZE_DRY (seed 004's filter, on codes): each odd column is predicted from its two neighbours by a per-column
+    least-squares fit (coefficients fp16) and stored as the residual mod 256, set to 0 where within tol steps: such
+    weights cost ~nothing and come back as the fit (tol 0: exact). Stored parts: even columns, residuals, fit."""
+    odd = codes[:, 1::2].cpu().double()
+    left, right = fd_neighbours(codes[:, 0::2], odd.size(1), n_levels)
+    design = torch.stack((left, right), -1).transpose(0, 1)  # [odd column, row, 2]
+    coef = (torch.linalg.pinv(design) @ (odd - (n_levels - 1) / 2).T[..., None])[..., 0].T.half()
+    res = odd - fd_predict(codes[:, 0::2], coef, odd.size(1), n_levels)
+    res[res.abs() <= tol] = 0
+    return [codes[:, 0::2], (res.long() % 256).to(torch.uint8), coef]
+
+
+def thaw(even: Tensor, res: Tensor, coef: Tensor, n_levels: int) -> Tensor:
+    """freeze_dry's inverse: the codes, with the fit where the residual is 0."""
+    odd = (fd_predict(even, coef, res.size(1), n_levels).long() + res.cpu().long()) % 256
+    codes = torch.empty(even.size(0), even.size(1) + res.size(1), dtype=torch.uint8)
+    codes[:, 0::2], codes[:, 1::2] = even.cpu(), odd.to(torch.uint8)
+    return codes.to(even.device)
+
+
+def pack(a: np.ndarray, packing: str, bits: int) -> bytes:
+    """u8: a code per byte; bits: dense bit packing; shuffle: fp16 byte planes (exponents together)."""
+    if packing == "bits":
+        return np.packbits((a[:, None] >> np.arange(bits, dtype=np.uint8)) & 1, bitorder="little").tobytes()
+    return (a.view(np.uint8).reshape(-1, 2).T if packing == "shuffle" else a).tobytes()
+
+
+def unpack(b: bytes, packing: str, bits: int, n: int) -> np.ndarray:
+    a = np.frombuffer(b, np.uint8)
+    if packing == "bits":
+        return (np.unpackbits(a, count=n * bits, bitorder="little").reshape(n, bits) << np.arange(bits, dtype=np.uint8)).sum(1, dtype=np.uint8)
+    return a.reshape(2, n).T.copy().view(np.float16).ravel() if packing == "shuffle" else a
+
+
+CODEC_MODULES = {"zstd": "zstandard", "lzma": "lzma", "brotli": "brotli", "ac": "constriction"}
+AC_BLOCK, AC_DECAY = 1024, 0.9  # ac: each block's model is the decayed byte counts of the blocks before it
+
+
+def optional_import(name: str):
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+def adaptive_coder(cx, data: bytes, n: int | None = None) -> bytes:
+    """ac codec (cx: constriction): range coding of bytes, each AC_BLOCK's model the counts of the bytes before it
+    (decayed by AC_DECAY per block), so it follows statistics that drift along a group (tensor to tensor) where one
+    order-0 table cannot. n=None encodes data, else decodes n bytes from it."""
+    if n is not None and len(data) % 4:
+        raise ValueError("ac stream: truncated")
+    src = np.frombuffer(data, np.uint8) if n is None else None
+    coder = cx.stream.queue.RangeEncoder() if n is None else cx.stream.queue.RangeDecoder(np.frombuffer(data, np.uint32))
+    counts, out = np.full(256, 0.5), []
+    for s in range(0, len(data) if n is None else n, AC_BLOCK):
+        model = cx.stream.model.Categorical(counts / counts.sum(), perfect=False)
+        if n is None:
+            coder.encode((x := src[s:s + AC_BLOCK]).astype(np.int32), model)
+        else:
+            out.append(x := coder.decode(model, min(AC_BLOCK, n - s)).astype(np.uint8))
+        counts = counts * AC_DECAY + np.bincount(x, minlength=256)
+    return coder.get_compressed().tobytes() if n is None else b"".join(x.tobytes() for x in out)
+
+
+def crc_framed(name: str, compress, decompress) -> tuple:
+    """(compress, decompress) of a coder that cannot tell a corrupt stream: a crc32 of the raw bytes goes first."""
+    def checked(b: bytes, n: int) -> bytes:
+        try:
+            raw = decompress(b[4:], n)
+        except (AssertionError, ValueError, EOFError) as e:  # what the coders raise on streams they cannot decode
+            raise ValueError(f"{name} stream: corrupt or truncated ({e})") from None
+        if len(raw) != n or zlib.crc32(raw).to_bytes(4, "little") != b[:4]:
+            raise ValueError(f"{name} stream: corrupt or truncated (crc32 mismatch)")
+        return raw
+    return lambda b: zlib.crc32(b).to_bytes(4, "little") + compress(b), checked
+
+
+def codecs() -> dict:
+    """codec -> (compress, decompress(data, raw size)) for every codec whose module imports."""
+    mods = {c: optional_import(m) for c, m in CODEC_MODULES.items()}
+    zstd, brotli, cx = mods["zstd"], mods["brotli"], mods["ac"]
+    table = {"zstd": (lambda b: zstd.ZstdCompressor(level=22).compress(b), lambda b, n: zstd.ZstdDecompressor().decompress(b, max_output_size=n)),
+             "lzma": (lambda b: lzma.compress(b, preset=9 | lzma.PRESET_EXTREME), lambda b, n: lzma.decompress(b)),
+             "brotli": (lambda b: brotli.compress(b, quality=11), lambda b, n: brotli.decompress(b)),
+             "ac": crc_framed("ac", lambda b: adaptive_coder(cx, b), lambda b, n: adaptive_coder(cx, b, n))}
+    return {c: fns for c, fns in table.items() if mods[c]}
+
+
+def encode_groups(groups: dict[str, np.ndarray], codec: str) -> tuple[dict, list[bytes]]:
+    """Each group's smallest (packing, codec) among the installed codecs (auto) or of CODEC; dense bit packing is
+    only tried at <= 4 bits, where it can help."""
+    cs, jobs = codecs(), {}
+    bits = {g: 16 if g in FP16_GROUPS else {"fd": 8, "pos": 3}.get(g) or int(g.lstrip("intqasp")) for g in groups}
+    packed = {(g, p): pack(a, p, bits[g]) for g, a in groups.items()
+              for p in (["shuffle"] if bits[g] == 16 else ["u8", "bits"][:1 + (bits[g] <= 4)])}
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        for (g, p), b in packed.items():
+            for c in cs if codec == "auto" else [codec]:
+                jobs[g, p, c] = pool.submit(cs[c][0], b)
+    meta, bufs = {}, []
+    for g, a in groups.items():
+        (_, p, c), best = min(((k, j.result()) for k, j in jobs.items() if k[0] == g), key=lambda kv: len(kv[1]))
+        meta[g] = dict(codec=c, pack=p, bits=bits[g], n=a.size, raw=len(packed[g, p]), len=len(best))
+        bufs.append(best)
+    return meta, bufs
+
+
+def code_entropy(a: np.ndarray) -> float:
+    """Order-0 entropy of codes in bits per value: what an ideal coder of their histogram reaches."""
+    p = np.bincount(a) / a.size
+    return float(-(p[p > 0] * np.log2(p[p > 0])).sum())
+
+
+FIT_ORDER = ("mlp_up", "mlp_down", "attn_vo", "aux", "attn_qk", "embed", "head")  # least sensitive first
+
+
+def narrower_spec(hp: Hyperparameters, state: dict, excess: int) -> str | None:
+    """QUANT_FIT: QUANT_SPEC with intN roles one bit narrower in FIT_ORDER (cycling, down to int4) until the
+    estimated saving, 1 bit per weight per bit removed, covers excess bytes; None when nothing can narrow. Matrices
+    that a depth override (first, last, layersA-B) formats keep it, so they save nothing."""
+    given = parse_spec(hp.quant_spec)
+    spec, params, saved = dict.fromkeys(FIT_ORDER, "int8") | given, {}, 0
+    for name, (role, _) in quant_formats(hp, state).items():
+        p = name.split(".")
+        if not (p[0] == "blocks" and depth_override(given, int(p[1]), hp.num_layers)):
+            params[role] = params.get(role, 0) + state[name].numel()
+    while saved < excess and (roles := [r for r in FIT_ORDER if params.get(r) and (f := parse_fmt(spec[r])).kind == "int"
+                                        and f.bits > 4]):
+        for r in roles:
+            if saved < excess:
+                spec[r] = (f := parse_fmt(spec[r]))._replace(bits=f.bits - 1).tag
+                saved += params[r] // 8
+    return ",".join(f"{r}:{t}" for r, t in spec.items()) if saved else None
+
+
+def lqer_topk(state: dict, fmts: dict, parts: dict, hessians: dict, hp: Hyperparameters, cache: dict) -> dict:
+    """LQER: the LQER_TOP matrices with the largest output error (squared error x input scale^2) get a rank-LQER_RANK
+    int4 correction; fmts and parts are updated in place. Returns {name: rank, output error before and after}."""
+    def output_err(name: str, f: Fmt) -> float:
+        w = state[name].float()
+        return float(((w - dequantize(parts[name], f)) * input_scale(w, hessians.get(name[:-7]))).square().sum())
+
+    err = {n: output_err(n, f) for n, (role, f) in fmts.items() if role and f.kind in ("int", "tq") and not (f.rank or f.lq)}
+    out = {}
+    for name in sorted(err, key=err.get, reverse=True)[:hp.lqer_top]:
+        role, f = fmts[name]
+        fmts[name] = role, (f := f._replace(lq=hp.lqer_rank))
+        H, w = hessians.get(name[:-7]), state[name].float()
+        if (name, f) not in cache:
+            cache[name, f] = add_lowrank(w, parts[name], f, H)
+        parts[name] = cache[name, f]
+        out[name] = dict(rank=f.lq, output_err=err[name], output_err_after=output_err(name, f), values=f.lq * sum(w.shape))
+    return out
+
+
+@torch.no_grad()
+def export_artifact(model: nn.Module, hp: Hyperparameters, path: str | Path, hessians: dict | None = None,
+                    cache: dict | None = None) -> dict:
+    """Quantize by QUANT_SPEC (GPTQ where Hessians are given), write the artifact atomically; returns its report.
+    cache: {(name, format): parts} kept across QUANT_FIT's re-exports, so unchanged tensors are quantized once."""
+    state, t0, cache = model.state_dict(), time.perf_counter(), {} if cache is None else cache
+    fmts, groups, tensors, roles, notes = quant_formats(hp, state), {}, [], {}, cache.setdefault("notes", {})
+    hessians, parts = hessians or {}, {}
+    for name, t in state.items():
+        f = fmts.setdefault(name, (None, Fmt("fp16")))[1]
+        if (name, f) not in cache:
+            cache[name, f] = [t.half()] if f.kind == "fp16" else quantize(
+                t, f, hessians.get(name[:-7]), hp, notes.setdefault(name, []))
+        parts[name] = cache[name, f]
+    lqer = lqer_topk(state, fmts, parts, hessians, hp, cache) if hp.lqer_top and hp.lqer_rank else {}
+    fd = dict(tol=hp.freeze_dry, values=0, fitted=0, changed=0)
+    for name, t in state.items():
+        (role, f), t = fmts[name], t.detach().float()
+        stored = parts[name]
+        if f.fd >= 0:  # what the loader restores (the tolerance moves codes) is what is scored and reported
+            stored = [*freeze_dry(parts[name][0], len(grid(f)), f.fd), *parts[name][1:]]
+            parts[name] = [thaw(*stored[:3], len(grid(f))), *parts[name][1:]]
+            fd["values"] += stored[1].numel()
+            fd["fitted"] += int((stored[1] == 0).sum())
+            fd["changed"] += int((parts[name][0] != cache[name, f][0]).sum())
+        if role:
+            r = roles.setdefault(f"{role}:{f.tag}", dict(params=0, err=0.0, norm=0.0))
+            deq = t.half().float() if f.kind == "fp16" else dequantize(parts[name], f)
+            r["params"] += t.numel()
+            r["err"] += float((deq - t).square().sum())
+            r["norm"] += float(t.square().sum())
+        for (g, _), p in zip(layout(list(t.shape), f), stored):
+            groups.setdefault(g, []).append((p.half() if g in FP16_GROUPS else p).cpu().numpy().ravel())
+        tensors.append([name, list(t.shape), f.tag])
+    groups = {g: np.concatenate(a) for g, a in groups.items()}
+    meta, bufs = encode_groups(groups, hp.codec)
+    header, data = frame(ARTIFACT_MAGIC, dict(seed=hp.quant_seed, groups=meta, tensors=tensors), bufs)
+    write_atomic(path, data)
+    for g, m in meta.items():
+        m["bits_per_value"] = round(8 * m["len"] / m["n"], 4)
+        if g not in FP16_GROUPS:
+            m["entropy_bits"] = round(code_entropy(groups[g]), 4)
+    for r in roles.values():
+        r["rel_mse"] = r.pop("err") / max(r.pop("norm"), 1e-30)
+    return dict(bytes=len(data), header_bytes=len(header), spec=hp.quant_spec, codec=hp.codec, gptq=bool(hessians),
+                groups=meta, roles=roles, lqer=lqer, freeze_dry=fd if fd["values"] else None, gptq_fallbacks={n: v[0] for n, v in notes.items() if v},
+                seconds=round(time.perf_counter() - t0, 3))
+
+
+def frame(magic: bytes, header: dict, bufs: list[bytes]) -> tuple[bytes, bytes]:
+    """(header, file): magic, u32 header length, sha256 of the rest, JSON header, buffers. No pickle."""
+    head = json.dumps(header, separators=(",", ":")).encode()
+    body = head + b"".join(bufs)
+    return head, magic + len(head).to_bytes(4, "little") + hashlib.sha256(body).digest() + body
+
+
+def unframe(path: str | Path, magic: bytes, what: str, fix: str) -> tuple[dict, bytes, int]:
+    """(header, file bytes, offset of the buffers) of a framed file; refuses foreign, corrupt or truncated files."""
+    path = Path(path)
+    data = path.read_bytes() if path.is_file() else b""
+    if data[:4] != magic:
+        raise ConfigError(f"{path}: {f'not a {what} (bad magic)' if data else 'missing or empty'}; {fix}")
+    n = int.from_bytes(data[4:8], "little")
+    if hashlib.sha256(data[40:]).digest() != data[8:40]:
+        raise ConfigError(f"{path}: corrupt or truncated (checksum mismatch); {fix}")
+    return json.loads(data[40:40 + n]), data, 40 + n
+
+
+def read_groups(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """Artifact -> (header, decoded values of each group); refuses foreign, corrupt or truncated files."""
+    header, data, pos = unframe(path, ARTIFACT_MAGIC, "train_gpt.py artifact",
+                                "re-export it with train_gpt.py or point ARTIFACT_PATH at an intact artifact")
+    arrays, cs = {}, codecs()
+    for g, m in header["groups"].items():
+        if m["codec"] not in cs:
+            raise ConfigError(f"{path}: group {g} is {m['codec']}-compressed; pip install {CODEC_MODULES[m['codec']]}")
+        arrays[g] = unpack(cs[m["codec"]][1](data[pos:pos + m["len"]], m["raw"]), m["pack"], m["bits"], m["n"])
+        pos += m["len"]
+    return header, arrays
+
+
+def load_artifact(path: str | Path) -> dict[str, Tensor]:
+    """Artifact -> state dict of dequantized float32 tensors; refuses foreign, corrupt or truncated files."""
+    header, arrays = read_groups(path)
+    cursor, state = dict.fromkeys(arrays, 0), {}
+    for name, shape, tag in header["tensors"]:
+        f, parts = parse_fmt(tag, seed=header["seed"]), []
+        for g, shp in layout(shape, f):
+            k = math.prod(shp)
+            parts.append(torch.from_numpy(arrays[g][cursor[g]:cursor[g] + k].reshape(shp).copy()))
+            cursor[g] += k
+        if f.fd >= 0:
+            parts = [thaw(*parts[:3], len(grid(f))), *parts[3:]]
+        state[name] = parts[0].float() if f.kind == "fp16" else dequantize(parts, f)
+    return state
+
+
+# -----------------------------------------------------------------------------
+# EVALUATION
 # -----------------------------------------------------------------------------
 # val_bpb = (mean token NLL / ln 2) * (tokens / bytes). Bytes per target token:
 # UTF-8 length of its piece without the leading-space marker (1 for a byte
@@ -885,1030 +1999,15 @@ def audit(run: Run, model: nn.Module, n_pos: int = 2) -> dict:
             + sum(unscored for kind, _, unscored in ledger if kind == "global"))
     return dict(passed=all(v <= 1e-5 for v in checks.values()), checks=checks)
 
-# -----------------------------------------------------------------------------
-# QUANTIZATION
-# -----------------------------------------------------------------------------
-# QUANT_SPEC maps weight roles to formats: intN (N=2..8: per-row symmetric grid -Q..Q, Q=2^(N-1)-1),
-# tqN (N=2..4, TurboQuant: a seeded random rotation, then the Lloyd-Max codebook of a unit Gaussian),
-# spN (2:4 sparse, seed 004: of each 4 weights along a row the 2 largest kept at intN, plus their pair's index)
-# or fp16; "+lrR" adds a rank-R int8 correction of the quantization error, "+lqR" (LQER) a rank-R
-# correction with int4 factors on the asymmetric grid -8..7; LQER_TOP=k gives +lqLQER_RANK to the k
-# matrices with the largest output error (error x input scale). Row scales take the
-# least-MSE clip among CLIP_RATIOS of the row's max |w|, or with "@K" (else QUANT_CLIP_SIGMAS) clip
-# at K row RMS. Codes are entropy-coded, so unused levels cost nothing: a wide grid with a set step
-# (int7@12) has ~10% less MSE than a clipped narrow one (int5) at equal bytes on Gaussian weights.
-# GPTQ rounds column by column against the inverse Hessian of training-token activations. QAT uses
-# these same functions, so the trained forward is the exported one. Artifact: magic, u32 header
-# length, sha256 of the rest, JSON header, one compressed buffer per group. No pickle.
-
-ARTIFACT_MAGIC = b"PGQ1"
-ROLE_OF = {"q": "attn_qk", "k": "attn_qk", "v": "attn_vo", "o": "attn_vo", "up": "mlp_up", "down": "mlp_down",
-           "tok_emb": "embed", "lm_head": "head", "bigram": "aux", "ve_embed": "aux", "ve_proj": "aux", "gate": "gate"}
-LLOYD_MAX = {2: (0.4528, 1.5104), 3: (0.2451, 0.7560, 1.3440, 2.1520),
-             4: (0.1284, 0.3881, 0.6568, 0.9424, 1.2562, 1.6180, 2.0690, 2.7326)}
-FP16_GROUPS = ("fp16", "scales")
-
-
-class Fmt(NamedTuple):
-    kind: str  # int | tq | sp | fp16
-    bits: int = 16
-    rank: int = 0  # rank of the int8 low-rank error correction
-    clip: float = 0.0  # 0: least-MSE clip search; else this many row RMS
-    seed: int = 0  # TurboQuant rotation seed
-    lq: int = 0  # rank of the LQER correction (int4 factors, asymmetric grid)
-    fd: int = -1  # >= 0: codes stored freeze-dried with this tolerance (FREEZE_DRY)
-
-    @property
-    def name(self) -> str:  # its codes' group
-        return "fp16" if self.kind == "fp16" else f"{self.kind}{self.bits}"
-
-    @property
-    def tag(self) -> str:
-        return self.name + (f"@{self.clip:g}" if self.clip else "") + (f"+lr{self.rank}" if self.rank else "") + (
-            f"+lq{self.lq}" if self.lq else "") + (f"+fd{self.fd}" if self.fd >= 0 else "")
-
-    @property
-    def factors(self) -> "Fmt":  # the low-rank factors' format: int8, or LQER's asymmetric int4 ("a4")
-        return Fmt("int", 8) if self.rank else Fmt("a", 4)
-
-    @property
-    def base(self) -> "Fmt":  # without the low-rank correction
-        return self._replace(rank=0, lq=0)
-
-
-def parse_fmt(s: str, clip: float = 0.0, seed: int = 0, fd: int = -1) -> Fmt:
-    m = re.fullmatch(r"(?:(int|sp)([2-8])|(tq)([2-4]))(?:@(\d+\.?\d*))?(?:\+lr(\d+)|\+lq(\d+))?(?:\+fd(\d+))?|fp16",
-                     s.strip())
-    if not m or m[1] == "sp" and (m[6] or m[7]):
-        raise ConfigError(f"QUANT_SPEC format {s!r}: expected int2..int8, sp2..sp8 or tq2..tq4 [@clip in row RMS] "
-                          "[+lrRANK|+lqRANK (not with sp)] [+fdTOL] (e.g. int5, int7@12, tq4+lr8, int6+lq4, sp3) or fp16")
-    return Fmt("fp16") if m[0] == "fp16" else Fmt(m[1] or m[3], int(m[2] or m[4]), int(m[6] or 0), float(m[5] or clip), seed,
-                                                 int(m[7] or 0), int(m[8] or fd))
-
-
-LAYERS_RE = re.compile(r"layers(\d+)(?:-(\d+))?")  # QUANT_SPEC depth override: every matrix of blocks a..b
-
-
-def parse_spec(spec: str) -> dict[str, str]:
-    out = {}
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        role, _, fmt = (x.strip() for x in item.partition(":"))
-        if role not in {*ROLE_OF.values(), "first", "last"} and not LAYERS_RE.fullmatch(role):
-            raise ConfigError(f"QUANT_SPEC role {role!r}: expected one of {', '.join(sorted({*ROLE_OF.values()}))}, "
-                              "first, last, layersA or layersA-B")
-        out[role] = parse_fmt(fmt).tag
-    return out
-
-
-def depth_override(spec: dict[str, str], block: int, num_layers: int) -> str | None:
-    """The format that QUANT_SPEC's first / last / layersA-B give every matrix of a block (the last match wins)."""
-    tag = None
-    for key, t in spec.items():
-        m = LAYERS_RE.fullmatch(key)
-        span = (int(m[1]), int(m[2] or m[1])) if m else {"first": (0, 0), "last": (num_layers - 1,) * 2}.get(key)
-        tag = t if span and span[0] <= block <= span[1] else tag
-    return tag
-
-
-def quant_formats(hp: Hyperparameters, names) -> dict[str, tuple[str, Fmt]]:
-    """Parameter name -> (role, format) of every quantizable matrix; unlisted roles are int8, and first / last /
-    layersA-B override the roles of their blocks. Other tensors (vectors, gains, mixes, skips) stay fp16."""
-    spec, out = parse_spec(hp.quant_spec), {}
-    for name in names:
-        p = name.split(".")
-        role = p[-1] == "weight" and ROLE_OF.get(p[-2] if p[0] == "blocks" else p[0])
-        if role:
-            depth = p[0] == "blocks" and depth_override(spec, int(p[1]), hp.num_layers)
-            out[name] = role, parse_fmt(depth or spec.get(role, "int8"), hp.quant_clip_sigmas, hp.quant_seed, hp.freeze_dry)
-    return out
-
-
-@functools.lru_cache(maxsize=None)  # QAT quantizes every step: constants are made on the device once
-def clip_ratios(device: torch.device) -> Tensor:
-    """Clip candidates, fractions of the row's max |w|: dense near 1, where fine grids are sensitive."""
-    return (1 - 0.7 * torch.linspace(0, 1, 16) ** 2).to(device)
-
-
-@functools.lru_cache(maxsize=None)
-def grid(f: Fmt, device=None) -> Tensor:
-    if f.kind == "tq":
-        half = torch.tensor(LLOYD_MAX[f.bits], device=device)
-        return torch.cat((-half.flip(0), half))
-    q = 2 ** (f.bits - 1) - 1
-    return torch.arange(-q - (f.kind == "a"), q + 1.0, device=device)  # "a": asymmetric, all 2^bits codes
-
-
-@functools.lru_cache(maxsize=None)
-def rotation(n: int, seed: int, device: str) -> Tensor:
-    """Random orthogonal n x n (QR of a seeded Gaussian, float64): rebuilt from the seed at load, never stored."""
-    q, r = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
-    return (q * r.diagonal().sign()).to(device)
-
-
-def nearest(x: Tensor, levels: Tensor) -> tuple[Tensor, Tensor]:
-    """(index, value) of the nearest level: integer grids (odd length) round, codebooks binary-search."""
-    if levels.numel() % 2:
-        v = x.round().clamp(levels[0], levels[-1])
-        return v - levels[0], v
-    i = torch.bucketize(x, (levels[1:] + levels[:-1]) / 2)
-    return i, levels[i]
-
-
-@functools.lru_cache(maxsize=None)
-def pairs24(device=None) -> tuple[Tensor, Tensor]:
-    """2:4: the 6 pairs of positions in a block of 4 ([6, 2]), and each pair's index by 4 * first + second."""
-    pairs = torch.combinations(torch.arange(4, device=device), 2)
-    return pairs, torch.zeros(16, dtype=torch.long, device=device).index_put_((pairs[:, 0] * 4 + pairs[:, 1],),
-                                                                              torch.arange(6, device=device))
-
-
-def sparse24(w: Tensor) -> tuple[Tensor, Tensor]:
-    """Of each block of 4 along a row, the 2 largest |w| (in order; [rows, cols/2]) and their pair's index (uint8)."""
-    if w.size(1) % 4:
-        raise ConfigError(f"QUANT_SPEC sp format on a matrix of {w.size(1)} columns: 2:4 needs a multiple of 4")
-    blocks = w.view(w.size(0), -1, 4)
-    keep = blocks.abs().topk(2, dim=2).indices.sort(2).values
-    pos = pairs24(w.device)[1][keep[..., 0] * 4 + keep[..., 1]]
-    return blocks.gather(2, keep).flatten(1), pos.to(torch.uint8)
-
-
-def dense24(v: Tensor, pos: Tensor) -> Tensor:
-    keep = pairs24(v.device)[0][pos.long()]
-    return v.new_zeros(*pos.shape, 4).scatter_(2, keep, v.view(*pos.shape, 2)).flatten(1)
-
-
-def quantize_rows(w: Tensor, levels: Tensor, clip: float = 0.0) -> tuple[Tensor, Tensor]:
-    """Per-row fp16-exact scales (least-MSE clip, vectorized over candidates) and nearest-level codes (uint8)."""
-    if clip:
-        s = clip * w.square().mean(1, keepdim=True).sqrt()[None] / levels[-1]
-    else:
-        s = clip_ratios(w.device)[:, None, None] * w.abs().amax(1, keepdim=True) / levels[-1]
-    s = s.clamp_min(1e-7).half().float()
-    codes, v = nearest(w / s, levels)
-    best = (v * s - w).square().sum(-1).argmin(0)
-    rows = torch.arange(w.size(0), device=w.device)
-    return codes[best, rows].to(torch.uint8), s[best, rows, 0]
-
-
-def gptq_codes(w: Tensor, H: Tensor, levels: Tensor, s: Tensor, hp: Hyperparameters) -> tuple[Tensor | None, float]:
-    """GPTQ: round columns in blocks (in act-order: largest Hessian diagonal first), pushing each column's
-    rounding error onto the columns not yet rounded through the Cholesky factor of the damped inverse Hessian.
-    Returns (codes, damping used); a Hessian that is not positive definite even at 100x GPTQ_DAMP gives
-    (None, damping): the caller keeps plain rounding. Never raises: a failed export loses the whole run."""
-    H = H.double().clone()
-    d = H.diagonal()
-    d[d == 0] = 1  # inputs never seen
-    perm = torch.argsort(d, descending=True) if hp.gptq_act_order else torch.arange(w.size(1), device=w.device)
-    H, scale = H[perm][:, perm], float(d.mean())
-    for damp in (hp.gptq_damp, 10 * hp.gptq_damp, 100 * hp.gptq_damp):
-        L, info = torch.linalg.cholesky_ex(H + damp * scale * torch.eye(len(H), dtype=H.dtype, device=H.device))
-        if not info:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-        if not info and bool(torch.isfinite(U).all()):
-            break
-    else:
-        return None, damp
-    U, w, s = U.float(), w[:, perm].clone(), s[:, None]
-    codes = torch.empty_like(w, dtype=torch.uint8)
-    for i in range(0, w.size(1), hp.gptq_block):
-        j = min(i + hp.gptq_block, w.size(1))
-        err = torch.empty_like(w[:, i:j])
-        for c in range(i, j):
-            codes[:, c:c + 1], v = nearest(w[:, c:c + 1] / s, levels)
-            err[:, c - i:c - i + 1] = e = (w[:, c:c + 1] - v * s) / U[c, c]
-            w[:, c:j] -= e * U[c, c:j]
-        w[:, j:] -= err @ U[i:j, j:]
-    return codes[:, torch.argsort(perm)], damp
-
-
-def quantize(w: Tensor, f: Fmt, H: Tensor | None = None, hp: Hyperparameters | None = None,
-             notes: list | None = None) -> list[Tensor]:
-    """A matrix in format f as its stored parts: codes, row scales (+ low-rank factors and their scales).
-    notes gets a line when GPTQ needed more damping than GPTQ_DAMP or fell back to plain rounding."""
-    w, pos = sparse24(w.float()) if f.kind == "sp" else (w.float(), None)
-    rot = rotation(w.size(1), f.seed, str(w.device)) if f.kind == "tq" else None
-    x = w if rot is None else (w.double() @ rot).float()
-    levels = grid(f, w.device)
-    parts = list(quantize_rows(x, levels, f.clip))
-    if H is not None and pos is None:  # 2:4 rounds plainly
-        codes, damp = gptq_codes(x, H if rot is None else rot.T @ H.double() @ rot, levels, parts[1], hp)
-        parts[0] = parts[0] if codes is None else codes
-        if notes is not None and (codes is None or damp != hp.gptq_damp):
-            notes.append("plain rounding (Hessian not positive definite)" if codes is None else f"damping {damp:g}")
-    return add_lowrank(w, parts, f, H) + ([] if pos is None else [pos])
-
-
-def input_scale(w: Tensor, H: Tensor | None) -> Tensor:
-    """Per input column, the RMS of its activation (sqrt diag H) when GPTQ Hessians are known, else 1."""
-    return torch.ones_like(w[0]) if H is None else H.diagonal().float().clamp_min(1e-8).sqrt()
-
-
-def add_lowrank(w: Tensor, parts: list[Tensor], f: Fmt, H: Tensor | None = None) -> list[Tensor]:
-    """Base parts plus f's rank-r correction: the SVD of the error weighted by input scale; factors per row at
-    int8 (+lr), or for LQER (+lq) int4 on -8..7 with A stored transposed, so each rank component has one scale."""
-    r, parts = f.rank or f.lq, parts[:2]
-    if r:
-        d = input_scale(w, H)
-        u, sv, vh = torch.linalg.svd((w - dequantize(parts, f.base)) * d, full_matrices=False)
-        a, b, levels = u[:, :r] * sv[:r], vh[:r] / d, grid(f.factors, w.device)
-        parts += [*quantize_rows(a if f.rank else a.T.contiguous(), levels), *quantize_rows(b, levels)]
-    return parts
-
-
-def dequantize(parts: list[Tensor], f: Fmt) -> Tensor:
-    levels = grid(f, parts[0].device)
-    w = levels[parts[0].long()] * parts[1].float()[:, None]
-    if f.kind == "sp":
-        w = dense24(w, parts[2])
-    if f.kind == "tq":
-        w = (w.double() @ rotation(w.size(1), f.seed, str(w.device)).T).float()
-    if f.rank or f.lq:
-        lv = grid(f.factors, w.device)
-        a, b = (lv[parts[i].long()] * parts[i + 1].float()[:, None] for i in (2, 4))
-        w = w + (a if f.rank else a.T) @ b
-    return w
-
-
-def fake_quant(w: Tensor, q: Tensor) -> Tensor:
-    """Straight-through: the forward value is exactly q (the weight export writes), the gradient is identity."""
-    return q + (w - w.detach())
-
-
-@torch.no_grad()
-def set_qat(run, extra: int | None):
-    """Give each quantized CastedLinear `qat_fmt`, its QUANT_SPEC format `extra` bits wider (None: QAT off)."""
-    modules = dict(run.model.named_modules())
-    for name, (_, f) in quant_formats(run.hp, run.model.state_dict()).items():
-        if isinstance(m := modules[name[:-7]], CastedLinear):
-            m.qat_fmt = None if extra is None or f.kind == "fp16" else f._replace(
-                bits=min(f.bits + extra, 4 if f.kind == "tq" else 8), rank=0, lq=0)
-            m.qat = None if m.qat_fmt is None else m.qat
-    refresh_qat(run.model)
-
-
-@torch.no_grad()
-def refresh_qat(model: nn.Module):
-    """`qat` = the weight quantized and dequantized as export does, once per optimizer step and outside the compiled
-    forward (so the graph stays whole), in place (so the graph keeps its input). Every constant it needs is cached
-    on the device: no host-to-device copy per matrix."""
-    for m in model.modules():
-        if f := getattr(m, "qat_fmt", None):
-            q = dequantize(quantize(m.weight, f), f)
-            m.qat = q if m.qat is None else m.qat.copy_(q)
-
-
-def on_train_step(run, step: int, lr_mult: float):
-    """Progressive QAT: once the LR multiplier is at or below QAT_THRESHOLD, weights are fake-quantized at their
-    QUANT_SPEC format; QAT_STEPS=n starts n-1 bits wider and drops a bit per equal LR interval."""
-    hp = run.hp
-    if hp.qat_threshold and lr_mult <= hp.qat_threshold and step >= hp.lr_warmup_steps:
-        extra = min(int(lr_mult / hp.qat_threshold * hp.qat_steps), hp.qat_steps - 1)
-        stages = run.results.setdefault("qat_stages", [])
-        if not stages or stages[-1][1] != extra:
-            stages.append([step + 1, extra])
-            set_qat(run, extra)
-            run.log(f"qat: from step {step + 1}, weights fake-quantized at QUANT_SPEC + {extra} bits")
-            return
-    refresh_qat(run.model)
-
-
-def train_budget(hp: Hyperparameters) -> float:
-    """Training loop's wall-clock cap: MAX_WALLCLOCK_SECONDS less EXPORT_RESERVE_SECONDS, since export (Hessians from
-    training tokens, GPTQ, compression, QUANT_FIT retries) makes the artifact and so is train time."""
-    cap = hp.max_wallclock_seconds
-    return max(cap - hp.export_reserve_seconds, 1.0) if cap else cap
-
-
-@torch.no_grad()
-def collect_hessians(run) -> dict[str, Tensor]:
-    """X^T X of the inputs of every quantized CastedLinear (GPTQ_EMBED: of the output head's, for the tied embedding)
-    over GPTQ_TOKENS training tokens (rounded up to whole sequences per rank), summed over ranks. Accumulated in float64 outside autocast: a bf16 (or TF32) product of
-    decaying-spectrum activations is not positive definite, and GPTQ's Cholesky needs it to be."""
-    hp, model = run.hp, run.model
-    names = {n[:-7] for n, (_, f) in quant_formats(hp, model.state_dict()).items() if f.kind != "fp16"}
-    taps = {n: n for n in names}  # module whose input is seen -> the matrix it calibrates
-    if hp.gptq_embed and hp.tie_embeddings and "tok_emb" in names:  # the embedding, as the output head
-        taps["head_in"] = "tok_emb"
-    hs, last = {}, [None, None]  # last (input, X^T X): q, k and v share their input
-
-    def hook(name, x):
-        if x is not last[0]:
-            with torch.autocast(run.device.type, enabled=False):
-                xd = x.detach().reshape(-1, x.size(-1)).double()
-                last[:] = x, xd.T @ xd
-        hs[name] = hs.get(name, 0) + last[1]
-
-    hooks = [m.register_forward_hook(lambda m, i, o, n=taps[n]: hook(n, i[0]))
-             for n, m in model.named_modules() if n in taps and isinstance(m, CastedLinear | nn.Identity)]
-    ga = grad_accum_steps(hp, run.world_size)
-    loader = DistributedTokenLoader(os.path.join(hp.data_path, "fineweb_train_*.bin"), run.rank, run.world_size, run.device)
-    rows, per_call = -(-hp.gptq_tokens // (run.world_size * hp.train_seq_len)), hp.train_batch_tokens // (
-        run.world_size * ga * hp.train_seq_len)  # sequences per rank: wanted, and per micro-batch
-    run.results["gptq_tokens_used"] = rows * run.world_size * hp.train_seq_len
-    while rows > 0:
-        k = min(rows, per_call)
-        with run.autocast():
-            model(loader.next_batch(k * run.world_size * hp.train_seq_len, hp.train_seq_len, 1)[0])
-        rows -= k
-    for h in hooks:
-        h.remove()
-    if run.distributed:
-        for H in hs.values():
-            dist.all_reduce(H)
-    return hs
-
-
-def layout(shape: list[int], f: Fmt) -> list[tuple[str, list[int]]]:
-    """(group, shape) of each stored part of a tensor, in order; the loader walks the same list."""
-    if f.kind == "fp16":
-        return [("fp16", shape)]
-    rows, n = shape[0], shape[1] // 2 if f.kind == "sp" else shape[1]  # codes per row (2:4 keeps half)
-    codes = [(f.name, [rows, n - n // 2]), ("fd", [rows, n // 2]), ("scales", [2, n // 2])] if f.fd >= 0 else [(f.name, [rows, n])]
-    r, g = f.rank or f.lq, f.factors.name
-    a = [(g, [rows, r]), ("scales", [rows])] if f.rank else [(g, [r, rows]), ("scales", [r])]
-    return codes + [("scales", [rows])] + [("pos", [rows, shape[1] // 4])] * (f.kind == "sp") + (
-        a + [(g, [r, shape[1]]), ("scales", [r])]) * bool(r)
-
-
-def fd_neighbours(even: Tensor, n_odd: int, n_levels: int) -> tuple[Tensor, Tensor]:
-    """Each odd column's left and right even neighbour (the left twice at the end), as codes centred on the grid."""
-    c = even.cpu().double() - (n_levels - 1) / 2
-    return c[:, :n_odd], torch.cat((c[:, 1:], c[:, -1:]), 1)[:, :n_odd]
-
-
-def fd_predict(even: Tensor, coef: Tensor, n_odd: int, n_levels: int) -> Tensor:
-    """FREEZE_DRY's fit of the odd columns, in float64 on the CPU: export and load must round identically."""
-    left, right = fd_neighbours(even, n_odd, n_levels)
-    return (coef[0].double() * left + coef[1].double() * right + (n_levels - 1) / 2).round().clamp(0, n_levels - 1)
-
-
-def freeze_dry(codes: Tensor, n_levels: int, tol: int) -> list[Tensor]:
-    """FREEZE_DRY (seed 004's filter, on codes): each odd column is predicted from its two neighbours by a per-column
-    least-squares fit (coefficients fp16) and stored as the residual mod 256, set to 0 where within tol steps: such
-    weights cost ~nothing and come back as the fit (tol 0: exact). Stored parts: even columns, residuals, fit."""
-    odd = codes[:, 1::2].cpu().double()
-    left, right = fd_neighbours(codes[:, 0::2], odd.size(1), n_levels)
-    design = torch.stack((left, right), -1).transpose(0, 1)  # [odd column, row, 2]
-    coef = (torch.linalg.pinv(design) @ (odd - (n_levels - 1) / 2).T[..., None])[..., 0].T.half()
-    res = odd - fd_predict(codes[:, 0::2], coef, odd.size(1), n_levels)
-    res[res.abs() <= tol] = 0
-    return [codes[:, 0::2], (res.long() % 256).to(torch.uint8), coef]
-
-
-def thaw(even: Tensor, res: Tensor, coef: Tensor, n_levels: int) -> Tensor:
-    """freeze_dry's inverse: the codes, with the fit where the residual is 0."""
-    odd = (fd_predict(even, coef, res.size(1), n_levels).long() + res.cpu().long()) % 256
-    codes = torch.empty(even.size(0), even.size(1) + res.size(1), dtype=torch.uint8)
-    codes[:, 0::2], codes[:, 1::2] = even.cpu(), odd.to(torch.uint8)
-    return codes.to(even.device)
-
-
-def pack(a: np.ndarray, packing: str, bits: int) -> bytes:
-    """u8: a code per byte; bits: dense bit packing; shuffle: fp16 byte planes (exponents together)."""
-    if packing == "bits":
-        return np.packbits((a[:, None] >> np.arange(bits, dtype=np.uint8)) & 1, bitorder="little").tobytes()
-    return (a.view(np.uint8).reshape(-1, 2).T if packing == "shuffle" else a).tobytes()
-
-
-def unpack(b: bytes, packing: str, bits: int, n: int) -> np.ndarray:
-    a = np.frombuffer(b, np.uint8)
-    if packing == "bits":
-        return (np.unpackbits(a, count=n * bits, bitorder="little").reshape(n, bits) << np.arange(bits, dtype=np.uint8)).sum(1, dtype=np.uint8)
-    return a.reshape(2, n).T.copy().view(np.float16).ravel() if packing == "shuffle" else a
-
-
-CODEC_MODULES = {"zstd": "zstandard", "lzma": "lzma", "brotli": "brotli", "ac": "constriction"}
-AC_BLOCK, AC_DECAY = 1024, 0.9  # ac: each block's model is the decayed byte counts of the blocks before it
-
-
-def optional_import(name: str):
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        return None
-
-
-def adaptive_coder(cx, data: bytes, n: int | None = None) -> bytes:
-    """ac codec (cx: constriction): range coding of bytes, each AC_BLOCK's model the counts of the bytes before it
-    (decayed by AC_DECAY per block), so it follows statistics that drift along a group (tensor to tensor) where one
-    order-0 table cannot. n=None encodes data, else decodes n bytes from it."""
-    if n is not None and len(data) % 4:
-        raise ValueError("ac stream: truncated")
-    src = np.frombuffer(data, np.uint8) if n is None else None
-    coder = cx.stream.queue.RangeEncoder() if n is None else cx.stream.queue.RangeDecoder(np.frombuffer(data, np.uint32))
-    counts, out = np.full(256, 0.5), []
-    for s in range(0, len(data) if n is None else n, AC_BLOCK):
-        model = cx.stream.model.Categorical(counts / counts.sum(), perfect=False)
-        if n is None:
-            coder.encode((x := src[s:s + AC_BLOCK]).astype(np.int32), model)
-        else:
-            out.append(x := coder.decode(model, min(AC_BLOCK, n - s)).astype(np.uint8))
-        counts = counts * AC_DECAY + np.bincount(x, minlength=256)
-    return coder.get_compressed().tobytes() if n is None else b"".join(x.tobytes() for x in out)
-
-
-def crc_framed(name: str, compress, decompress) -> tuple:
-    """(compress, decompress) of a coder that cannot tell a corrupt stream: a crc32 of the raw bytes goes first."""
-    def checked(b: bytes, n: int) -> bytes:
-        try:
-            raw = decompress(b[4:], n)
-        except (AssertionError, ValueError, EOFError) as e:  # what the coders raise on streams they cannot decode
-            raise ValueError(f"{name} stream: corrupt or truncated ({e})") from None
-        if len(raw) != n or zlib.crc32(raw).to_bytes(4, "little") != b[:4]:
-            raise ValueError(f"{name} stream: corrupt or truncated (crc32 mismatch)")
-        return raw
-    return lambda b: zlib.crc32(b).to_bytes(4, "little") + compress(b), checked
-
-
-def codecs() -> dict:
-    """codec -> (compress, decompress(data, raw size)) for every codec whose module imports."""
-    mods = {c: optional_import(m) for c, m in CODEC_MODULES.items()}
-    zstd, brotli, cx = mods["zstd"], mods["brotli"], mods["ac"]
-    table = {"zstd": (lambda b: zstd.ZstdCompressor(level=22).compress(b), lambda b, n: zstd.ZstdDecompressor().decompress(b, max_output_size=n)),
-             "lzma": (lambda b: lzma.compress(b, preset=9 | lzma.PRESET_EXTREME), lambda b, n: lzma.decompress(b)),
-             "brotli": (lambda b: brotli.compress(b, quality=11), lambda b, n: brotli.decompress(b)),
-             "ac": crc_framed("ac", lambda b: adaptive_coder(cx, b), lambda b, n: adaptive_coder(cx, b, n))}
-    return {c: fns for c, fns in table.items() if mods[c]}
-
-
-def encode_groups(groups: dict[str, np.ndarray], codec: str) -> tuple[dict, list[bytes]]:
-    """Each group's smallest (packing, codec) among the installed codecs (auto) or of CODEC; dense bit packing is
-    only tried at <= 4 bits, where it can help."""
-    cs, jobs = codecs(), {}
-    bits = {g: 16 if g in FP16_GROUPS else {"fd": 8, "pos": 3}.get(g) or int(g.lstrip("intqasp")) for g in groups}
-    packed = {(g, p): pack(a, p, bits[g]) for g, a in groups.items()
-              for p in (["shuffle"] if bits[g] == 16 else ["u8", "bits"][:1 + (bits[g] <= 4)])}
-    with ThreadPoolExecutor(os.cpu_count()) as pool:
-        for (g, p), b in packed.items():
-            for c in cs if codec == "auto" else [codec]:
-                jobs[g, p, c] = pool.submit(cs[c][0], b)
-    meta, bufs = {}, []
-    for g, a in groups.items():
-        (_, p, c), best = min(((k, j.result()) for k, j in jobs.items() if k[0] == g), key=lambda kv: len(kv[1]))
-        meta[g] = dict(codec=c, pack=p, bits=bits[g], n=a.size, raw=len(packed[g, p]), len=len(best))
-        bufs.append(best)
-    return meta, bufs
-
-
-def code_entropy(a: np.ndarray) -> float:
-    """Order-0 entropy of codes in bits per value: what an ideal coder of their histogram reaches."""
-    p = np.bincount(a) / a.size
-    return float(-(p[p > 0] * np.log2(p[p > 0])).sum())
-
-
-FIT_ORDER = ("mlp_up", "mlp_down", "attn_vo", "aux", "attn_qk", "embed", "head")  # least sensitive first
-
-
-def narrower_spec(hp: Hyperparameters, state: dict, excess: int) -> str | None:
-    """QUANT_FIT: QUANT_SPEC with intN roles one bit narrower in FIT_ORDER (cycling, down to int4) until the
-    estimated saving, 1 bit per weight per bit removed, covers excess bytes; None when nothing can narrow. Matrices
-    that a depth override (first, last, layersA-B) formats keep it, so they save nothing."""
-    given = parse_spec(hp.quant_spec)
-    spec, params, saved = dict.fromkeys(FIT_ORDER, "int8") | given, {}, 0
-    for name, (role, _) in quant_formats(hp, state).items():
-        p = name.split(".")
-        if not (p[0] == "blocks" and depth_override(given, int(p[1]), hp.num_layers)):
-            params[role] = params.get(role, 0) + state[name].numel()
-    while saved < excess and (roles := [r for r in FIT_ORDER if params.get(r) and (f := parse_fmt(spec[r])).kind == "int"
-                                        and f.bits > 4]):
-        for r in roles:
-            if saved < excess:
-                spec[r] = (f := parse_fmt(spec[r]))._replace(bits=f.bits - 1).tag
-                saved += params[r] // 8
-    return ",".join(f"{r}:{t}" for r, t in spec.items()) if saved else None
-
-
-def lqer_topk(state: dict, fmts: dict, parts: dict, hessians: dict, hp: Hyperparameters, cache: dict) -> dict:
-    """LQER: the LQER_TOP matrices with the largest output error (squared error x input scale^2) get a rank-LQER_RANK
-    int4 correction; fmts and parts are updated in place. Returns {name: rank, output error before and after}."""
-    def output_err(name: str, f: Fmt) -> float:
-        w = state[name].float()
-        return float(((w - dequantize(parts[name], f)) * input_scale(w, hessians.get(name[:-7]))).square().sum())
-
-    err = {n: output_err(n, f) for n, (role, f) in fmts.items() if role and f.kind in ("int", "tq") and not (f.rank or f.lq)}
-    out = {}
-    for name in sorted(err, key=err.get, reverse=True)[:hp.lqer_top]:
-        role, f = fmts[name]
-        fmts[name] = role, (f := f._replace(lq=hp.lqer_rank))
-        H, w = hessians.get(name[:-7]), state[name].float()
-        if (name, f) not in cache:
-            cache[name, f] = add_lowrank(w, parts[name], f, H)
-        parts[name] = cache[name, f]
-        out[name] = dict(rank=f.lq, output_err=err[name], output_err_after=output_err(name, f), values=f.lq * sum(w.shape))
-    return out
-
-
-@torch.no_grad()
-def export_artifact(model: nn.Module, hp: Hyperparameters, path: str | Path, hessians: dict | None = None,
-                    cache: dict | None = None) -> dict:
-    """Quantize by QUANT_SPEC (GPTQ where Hessians are given), write the artifact atomically; returns its report.
-    cache: {(name, format): parts} kept across QUANT_FIT's re-exports, so unchanged tensors are quantized once."""
-    state, t0, cache = model.state_dict(), time.perf_counter(), {} if cache is None else cache
-    fmts, groups, tensors, roles, notes = quant_formats(hp, state), {}, [], {}, cache.setdefault("notes", {})
-    hessians, parts = hessians or {}, {}
-    for name, t in state.items():
-        f = fmts.setdefault(name, (None, Fmt("fp16")))[1]
-        if (name, f) not in cache:
-            cache[name, f] = [t.half()] if f.kind == "fp16" else quantize(
-                t, f, hessians.get(name[:-7]), hp, notes.setdefault(name, []))
-        parts[name] = cache[name, f]
-    lqer = lqer_topk(state, fmts, parts, hessians, hp, cache) if hp.lqer_top and hp.lqer_rank else {}
-    fd = dict(tol=hp.freeze_dry, values=0, fitted=0, changed=0)
-    for name, t in state.items():
-        (role, f), t = fmts[name], t.detach().float()
-        stored = parts[name]
-        if f.fd >= 0:  # what the loader restores (the tolerance moves codes) is what is scored and reported
-            stored = [*freeze_dry(parts[name][0], len(grid(f)), f.fd), *parts[name][1:]]
-            parts[name] = [thaw(*stored[:3], len(grid(f))), *parts[name][1:]]
-            fd["values"] += stored[1].numel()
-            fd["fitted"] += int((stored[1] == 0).sum())
-            fd["changed"] += int((parts[name][0] != cache[name, f][0]).sum())
-        if role:
-            r = roles.setdefault(f"{role}:{f.tag}", dict(params=0, err=0.0, norm=0.0))
-            deq = t.half().float() if f.kind == "fp16" else dequantize(parts[name], f)
-            r["params"] += t.numel()
-            r["err"] += float((deq - t).square().sum())
-            r["norm"] += float(t.square().sum())
-        for (g, _), p in zip(layout(list(t.shape), f), stored):
-            groups.setdefault(g, []).append((p.half() if g in FP16_GROUPS else p).cpu().numpy().ravel())
-        tensors.append([name, list(t.shape), f.tag])
-    groups = {g: np.concatenate(a) for g, a in groups.items()}
-    meta, bufs = encode_groups(groups, hp.codec)
-    header, data = frame(ARTIFACT_MAGIC, dict(seed=hp.quant_seed, groups=meta, tensors=tensors), bufs)
-    write_atomic(path, data)
-    for g, m in meta.items():
-        m["bits_per_value"] = round(8 * m["len"] / m["n"], 4)
-        if g not in FP16_GROUPS:
-            m["entropy_bits"] = round(code_entropy(groups[g]), 4)
-    for r in roles.values():
-        r["rel_mse"] = r.pop("err") / max(r.pop("norm"), 1e-30)
-    return dict(bytes=len(data), header_bytes=len(header), spec=hp.quant_spec, codec=hp.codec, gptq=bool(hessians),
-                groups=meta, roles=roles, lqer=lqer, freeze_dry=fd if fd["values"] else None, gptq_fallbacks={n: v[0] for n, v in notes.items() if v},
-                seconds=round(time.perf_counter() - t0, 3))
-
-
-def frame(magic: bytes, header: dict, bufs: list[bytes]) -> tuple[bytes, bytes]:
-    """(header, file): magic, u32 header length, sha256 of the rest, JSON header, buffers. No pickle."""
-    head = json.dumps(header, separators=(",", ":")).encode()
-    body = head + b"".join(bufs)
-    return head, magic + len(head).to_bytes(4, "little") + hashlib.sha256(body).digest() + body
-
-
-def unframe(path: str | Path, magic: bytes, what: str, fix: str) -> tuple[dict, bytes, int]:
-    """(header, file bytes, offset of the buffers) of a framed file; refuses foreign, corrupt or truncated files."""
-    path = Path(path)
-    data = path.read_bytes() if path.is_file() else b""
-    if data[:4] != magic:
-        raise ConfigError(f"{path}: {f'not a {what} (bad magic)' if data else 'missing or empty'}; {fix}")
-    n = int.from_bytes(data[4:8], "little")
-    if hashlib.sha256(data[40:]).digest() != data[8:40]:
-        raise ConfigError(f"{path}: corrupt or truncated (checksum mismatch); {fix}")
-    return json.loads(data[40:40 + n]), data, 40 + n
-
-
-def read_groups(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
-    """Artifact -> (header, decoded values of each group); refuses foreign, corrupt or truncated files."""
-    header, data, pos = unframe(path, ARTIFACT_MAGIC, "train_gpt.py artifact",
-                                "re-export it with train_gpt.py or point ARTIFACT_PATH at an intact artifact")
-    arrays, cs = {}, codecs()
-    for g, m in header["groups"].items():
-        if m["codec"] not in cs:
-            raise ConfigError(f"{path}: group {g} is {m['codec']}-compressed; pip install {CODEC_MODULES[m['codec']]}")
-        arrays[g] = unpack(cs[m["codec"]][1](data[pos:pos + m["len"]], m["raw"]), m["pack"], m["bits"], m["n"])
-        pos += m["len"]
-    return header, arrays
-
-
-def load_artifact(path: str | Path) -> dict[str, Tensor]:
-    """Artifact -> state dict of dequantized float32 tensors; refuses foreign, corrupt or truncated files."""
-    header, arrays = read_groups(path)
-    cursor, state = dict.fromkeys(arrays, 0), {}
-    for name, shape, tag in header["tensors"]:
-        f, parts = parse_fmt(tag, seed=header["seed"]), []
-        for g, shp in layout(shape, f):
-            k = math.prod(shp)
-            parts.append(torch.from_numpy(arrays[g][cursor[g]:cursor[g] + k].reshape(shp).copy()))
-            cursor[g] += k
-        if f.fd >= 0:
-            parts = [thaw(*parts[:3], len(grid(f))), *parts[3:]]
-        state[name] = parts[0].float() if f.kind == "fp16" else dequantize(parts, f)
-    return state
-
 
 # -----------------------------------------------------------------------------
-# DATA LOADING
-# -----------------------------------------------------------------------------
-# Shard: 256 little-endian int32 header (magic 20240520, version 1, token count),
-# then the tokens as little-endian uint16.
-
-SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
-
-
-def load_data_shard(path: str | Path) -> np.ndarray:
-    """Read one shard, refusing a wrong magic, version or length with the file's name."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: shard not found; build data with scripts/prepare_data.py")
-    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
-    if header.size != HEADER_INTS:
-        raise ConfigError(f"{path}: truncated header ({header.size * 4} of {HEADER_INTS * 4} bytes); rebuild the shard")
-    if header[0] != SHARD_MAGIC:
-        raise ConfigError(f"{path}: wrong magic {header[0]} (expected {SHARD_MAGIC}); not a token shard")
-    if header[1] != SHARD_VERSION:
-        raise ConfigError(f"{path}: unsupported version {header[1]} (expected {SHARD_VERSION})")
-    expected = HEADER_INTS * 4 + int(header[2]) * 2
-    if path.stat().st_size != expected:
-        raise ConfigError(f"{path}: size {path.stat().st_size} bytes but header says {header[2]} tokens "
-                          f"({expected} bytes); the shard is truncated or corrupt")
-    return np.fromfile(path, dtype="<u2", count=int(header[2]), offset=HEADER_INTS * 4)
-
-
-def shard_files(pattern: str) -> list[str]:
-    files = sorted(glob.glob(pattern))
-    if not files:
-        raise ConfigError(f"no shards match {pattern}; set DATA_PATH or run scripts/prepare_data.py")
-    return files
-
-
-def load_val_tokens(data_path: str, seq_len: int, max_tokens: int = 0) -> np.ndarray:
-    tokens = np.concatenate([load_data_shard(f) for f in shard_files(os.path.join(data_path, "fineweb_val_*.bin"))])
-    tokens = tokens[:max_tokens or None]
-    if tokens.size < seq_len + 1:
-        raise ConfigError(f"{data_path}: validation split has {tokens.size} tokens, fewer than EVAL_SEQ_LEN+1={seq_len + 1}")
-    return tokens
-
-
-class TokenStream:
-    """Reads shards in order, wrapping around forever; the next shard loads in a background thread."""
-
-    def __init__(self, pattern: str):
-        self.files, self.file_idx, self.loader = shard_files(pattern), 0, ThreadPoolExecutor(1)
-        self.tokens, self.pos = load_data_shard(self.files[0]), 0
-        self.next = self.loader.submit(load_data_shard, self.files[1 % len(self.files)])
-
-    def take(self, n: int) -> np.ndarray:
-        chunks = []
-        while n > 0:
-            if self.pos >= self.tokens.size:
-                self.file_idx = (self.file_idx + 1) % len(self.files)
-                self.tokens, self.pos = self.next.result(), 0
-                self.next = self.loader.submit(load_data_shard, self.files[(self.file_idx + 1) % len(self.files)])
-            k = min(n, self.tokens.size - self.pos)
-            chunks.append(self.tokens[self.pos:self.pos + k])
-            self.pos, n = self.pos + k, n - k
-        return np.concatenate(chunks)
-
-
-class DistributedTokenLoader:
-    """Each step every rank takes the same global chunk and keeps its own contiguous span (+1 for targets)."""
-
-    progress = 0.0  # training progress in [0, 1], set by the loop each step; the curriculum samples by it
-
-    def __init__(self, pattern: str, rank: int, world_size: int, device: torch.device):
-        self.stream, self.rank, self.world_size, self.device = TokenStream(pattern), rank, world_size, device
-
-    def next_batch(self, global_tokens: int, seq_len: int, grad_accum_steps: int) -> tuple[Tensor, Tensor]:
-        local = global_tokens // (self.world_size * grad_accum_steps)
-        chunk = self.stream.take((local + 1) * self.world_size)
-        span = torch.from_numpy(chunk[self.rank * (local + 1):(self.rank + 1) * (local + 1)].astype(np.int64))
-        span = span.pin_memory() if self.device.type == "cuda" else span  # so the copy below is truly asynchronous
-        x, y = span[:-1].reshape(-1, seq_len), span[1:].reshape(-1, seq_len)
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-
-
-class CurriculumLoader(DistributedTokenLoader):
-    """CURRICULUM_BUCKETS=N (seed 004): a shard's worth of tokens is cut into sequences, scored by the mean unigram
-    surprisal of their tokens under that stretch's own counts (seed 004 scored with a pilot model's loss) and split
-    into N quantile buckets, easy to hard. Each sequence's bucket b is drawn with weight max((1 - d)(1 - p) + d p,
-    CURRICULUM_FLOOR), d = b / (N - 1), p = the training progress the loop sets, then a sequence uniformly within
-    it; after as many draws as the stretch holds sequences, the next stretch. Every rank draws its own."""
-
-    def __init__(self, pattern: str, run: Run):
-        super().__init__(pattern, run.rank, run.world_size, run.device)
-        self.n, self.floor, self.left = run.hp.curriculum_buckets, run.hp.curriculum_floor, 0
-        self.rng = np.random.default_rng([run.hp.seed, run.rank])
-
-    def weights(self) -> np.ndarray:
-        d = np.arange(self.n) / (self.n - 1)
-        return np.maximum((1 - d) * (1 - self.progress) + d * self.progress, self.floor)
-
-    def next_batch(self, global_tokens: int, seq_len: int, grad_accum_steps: int) -> tuple[Tensor, Tensor]:
-        rows = global_tokens // (self.world_size * grad_accum_steps * seq_len)
-        if self.left < rows:
-            self.toks = self.stream.take(max(self.stream.tokens.size, rows * seq_len + 1))
-            k = self.left = (self.toks.size - 1) // seq_len
-            counts = np.maximum(np.bincount(self.toks), 1)  # unseen ids never get looked up
-            surprisal = np.log(self.toks.size / counts).astype(np.float32)[self.toks[:k * seq_len]]
-            self.members = np.array_split(np.argsort(surprisal.reshape(k, seq_len).mean(1), kind="stable"), self.n)
-        w = self.weights() * np.array([len(m) > 0 for m in self.members])
-        picks = [m[self.rng.integers(len(m))] for m in (self.members[b] for b in self.rng.choice(self.n, rows, p=w / w.sum()))]
-        self.left -= rows
-        span = torch.from_numpy(np.stack([self.toks[i * seq_len:(i + 1) * seq_len + 1] for i in picks]).astype(np.int64))
-        return span[:, :-1].to(self.device), span[:, 1:].to(self.device)
-
-# -----------------------------------------------------------------------------
-# MODEL
-# -----------------------------------------------------------------------------
-# One forward path (tokens -> soft-capped logits) serves training, evaluation
-# and test-time training.
-
-try:  # flash-attn is optional; SDPA is the reference path
-    from flash_attn_interface import flash_attn_func, flash_attn_varlen_func  # FlashAttention-3 (Hopper)
-except ImportError:
-    try:
-        from flash_attn import flash_attn_func, flash_attn_varlen_func
-    except ImportError:
-        flash_attn_func = flash_attn_varlen_func = None
-BOS_ID = 1  # every document starts with it (the public tokenizer: pad 0, bos 1, eos 2, unk 3)
-
-
-def rms_norm(x: Tensor) -> Tensor:
-    return F.rms_norm(x, (x.size(-1),))
-
-
-class CastedLinear(nn.Linear):
-    """Linear kept in fp32, computed in the activation dtype; `qat` (the fake-quantized weight, kept by
-    on_train_step) replaces the weight in the forward with a straight-through gradient."""
-
-    qat = None
-
-    def forward(self, x: Tensor) -> Tensor:
-        w = self.weight if self.qat is None else fake_quant(self.weight, self.qat)
-        return F.linear(x, w.to(x.dtype))
-
-
-class Rotary(nn.Module):
-    """Frequencies made in the forward, not kept in a buffer: the model has no buffers for DDP to broadcast.
-    yarn_len > 0: a sequence s times longer rotates with base * s^(rd/(rd-2)) (NTK-aware scaling), which stretches
-    the slowest frequency s-fold and keeps the fastest, so positions beyond the trained length stay in range."""
-
-    def __init__(self, rot_dims: int, base: float, yarn_len: int = 0):
-        super().__init__()
-        self.rot_dims, self.base, self.yarn_len = rot_dims, base, yarn_len
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Rotate the first rot_dims of each head of x (B, T, H, D); the rest pass unchanged."""
-        rd, T = self.rot_dims, x.size(1)
-        base = self.base * (T / self.yarn_len) ** (rd / (rd - 2)) if 0 < self.yarn_len < T else self.base
-        inv_freq = 1.0 / base ** (torch.arange(0, rd, 2, device=x.device, dtype=torch.float32) / rd)
-        freqs = torch.outer(torch.arange(T, device=x.device, dtype=torch.float32), inv_freq)
-        cos, sin = freqs.cos()[None, :, None, :].to(x.dtype), freqs.sin()[None, :, None, :].to(x.dtype)
-        x1, x2, rest = x[..., :rd // 2], x[..., rd // 2:rd], x[..., rd:]
-        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
-
-
-def use_flash(kernel: str, dtype: torch.dtype) -> bool:
-    """ATTN_KERNEL=auto|flash: flash-attn takes bf16/fp16 activations (CUDA autocast); fp32 (CPU) goes to SDPA."""
-    return kernel != "sdpa" and flash_attn_func is not None and dtype in (torch.bfloat16, torch.float16)
-
-
-def attention(q: Tensor, k: Tensor, v: Tensor, kernel: str = "auto", docs: Tensor | None = None) -> Tensor:
-    """Causal GQA attention on (B, T, H, D) tensors of one dtype: flash-attn when use_flash, else SDPA. docs (B, T):
-    document ids; a query then sees only keys of its own document (flash-attn: each row cut into documents)."""
-    B, T, H, D = q.shape
-    if use_flash(kernel, q.dtype) and docs is None:
-        out = flash_attn_func(q, k, v, causal=True)
-    elif use_flash(kernel, q.dtype) and flash_attn_varlen_func is not None:
-        starts = F.pad(docs[:, 1:] != docs[:, :-1], (1, 0), value=True).flatten()
-        cu = F.pad(torch.nonzero(starts)[:, 0], (0, 1), value=B * T).int()
-        out = flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, T, T, causal=True)
-    else:
-        mask = None if docs is None else (docs[:, None, :, None] == docs[:, None, None, :]) & torch.ones(
-            T, T, dtype=torch.bool, device=q.device).tril()
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                                           is_causal=docs is None, enable_gqa=k.size(2) != q.size(2))
-        return y.transpose(1, 2)
-    return (out[0] if isinstance(out, tuple) else out).view(B, T, H, D)
-
-
-class Attention(nn.Module):
-    def __init__(self, hp: Hyperparameters, xsa: bool):
-        super().__init__()
-        self.h, self.kv, self.d = hp.num_heads, hp.num_kv_heads, hp.head_dim
-        self.q = CastedLinear(hp.model_dim, self.h * self.d, bias=False)
-        self.k = CastedLinear(hp.model_dim, self.kv * self.d, bias=False)
-        self.v = CastedLinear(hp.model_dim, self.kv * self.d, bias=False)
-        self.o = CastedLinear(self.h * self.d, hp.model_dim, bias=False)
-        self.o.zero_init = True
-        self.q_gain = nn.Parameter(torch.full((self.h,), hp.qk_gain_init))
-        self.rotary = Rotary(hp.rope_dims or self.d, hp.rope_base, hp.train_seq_len if hp.rope_yarn else 0)
-        self.xsa, self.kernel = xsa, hp.attn_kernel
-        self.gate = nn.Linear(hp.attn_gate_window, self.h, bias=False) if hp.attn_gate_window else None
-        if self.gate is not None:  # zero: every head starts at sigmoid(0) = 1/2
-            nn.init.zeros_(self.gate.weight)
-            self.gate_scale = hp.attn_gate_scale
-
-    def forward(self, x: Tensor, ve: Tensor | None, docs: Tensor | None = None) -> Tensor:
-        B, T, _ = x.shape
-        q = self.q(x).view(B, T, self.h, self.d)
-        k = self.k(x).view(B, T, self.kv, self.d)
-        v = self.v(x) if ve is None else self.v(x) + ve
-        v = v.view(B, T, self.kv, self.d)
-        # under autocast rms_norm returns fp32 and v is bf16: one dtype (v's), or flash-attn is never taken
-        q = (self.rotary(rms_norm(q)) * self.q_gain[:, None]).to(v.dtype)
-        k = self.rotary(rms_norm(k)).to(v.dtype)
-        y = attention(q, k, v, self.kernel, docs)
-        if self.xsa:  # exclusive self-attention: drop each head's component along its own value vector
-            vn = F.normalize(v, dim=-1).repeat_interleave(self.h // self.kv, dim=2)
-            y = y - (y * vn).sum(-1, keepdim=True) * vn
-        if self.gate is not None:  # sparse head-output gate: a narrow window of the input decides each head's share
-            y = y * torch.sigmoid(self.gate_scale * self.gate(x[..., :self.gate.in_features]))[..., None].to(y.dtype)
-        return self.o(y.reshape(B, T, self.h * self.d))
-
-
-class MLP(nn.Module):
-    def __init__(self, hp: Hyperparameters):
-        super().__init__()
-        hidden = int(round(hp.mlp_mult * hp.model_dim))
-        self.up = CastedLinear(hp.model_dim, hidden, bias=False)
-        self.down = CastedLinear(hidden, hp.model_dim, bias=False)
-        self.down.zero_init = True
-        self.slope = 0.5 if hp.mlp_act == "leaky_relu2" else 0.0
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down(F.leaky_relu(self.up(x), self.slope).square())
-
-
-class Block(nn.Module):
-    def __init__(self, hp: Hyperparameters, layer: int):
-        super().__init__()
-        self.attn = Attention(hp, xsa=layer >= hp.num_layers - hp.xsa_last_n)
-        self.mlp = MLP(hp)
-        self.attn_scale = nn.Parameter(torch.ones(hp.model_dim))
-        self.mlp_scale = nn.Parameter(torch.ones(hp.model_dim))
-        self.resid_mix = nn.Parameter(torch.stack((torch.ones(hp.model_dim), torch.zeros(hp.model_dim))))
-        self.norm_scale = 1.0 / math.sqrt(layer + 1) if hp.ln_scale else 1.0
-        parallel = 0 < hp.parallel_start <= layer  # lane mix: row 0 keeps each lane, rows 1-2 add attention and MLP
-        self.lanes = nn.Parameter(torch.tensor([[1.1, 1.1], [1.0, 1.0], [1.0, 1.0]])) if parallel else None
-
-    def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None, docs: Tensor | None = None) -> Tensor:
-        mix = self.resid_mix.to(x.dtype)
-        x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.norm_scale, ve, docs)
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale)
-
-    def parallel(self, lanes: list[Tensor], x0: Tensor, ve: Tensor | None, docs: Tensor | None) -> list[Tensor]:
-        """Parallel residual lanes: attention reads lane 0 (mixed with x0), the MLP lane 1, both at once; each lane
-        keeps itself and takes both outputs through the learned 3x2 lane mix."""
-        mix, w = self.resid_mix.to(x0.dtype), self.lanes.to(x0.dtype)
-        a = self.attn_scale.to(x0.dtype) * self.attn(rms_norm(mix[0] * lanes[0] + mix[1] * x0) * self.norm_scale, ve, docs)
-        m = self.mlp_scale.to(x0.dtype) * self.mlp(rms_norm(lanes[1]) * self.norm_scale)
-        return [w[0, k] * lanes[k] + w[1, k] * a + w[2, k] * m for k in (0, 1)]
-
-
-class BigramHash(nn.Module):
-    """Embedding of a hash of (previous token, token), zero-initialized, projected to the model width."""
-
-    def __init__(self, buckets: int, dim: int, model_dim: int):
-        super().__init__()
-        self.buckets = buckets
-        self.embed = nn.Embedding(buckets, dim)
-        nn.init.zeros_(self.embed.weight)
-        self.proj = CastedLinear(dim, model_dim, bias=False)
-        self.scale = nn.Parameter(torch.tensor(0.05))
-
-    def forward(self, idx: Tensor) -> Tensor:
-        prev = F.pad(idx[:, :-1], (1, 0), value=-1).masked_fill(idx == BOS_ID, -1)  # a document's BOS has no previous
-        h = torch.where(prev < 0, self.buckets - 1, torch.bitwise_xor(36313 * idx, 27191 * prev) % (self.buckets - 1))
-        return self.proj(self.embed(h)) * self.scale.to(self.proj.weight.dtype)
-
-
-class GPT(nn.Module):
-    def __init__(self, hp: Hyperparameters):
-        super().__init__()
-        self.hp = hp
-        self.tok_emb = nn.Embedding(hp.vocab_size, hp.model_dim)
-        self.bigram = BigramHash(hp.bigram_buckets, hp.bigram_dim, hp.model_dim) if hp.bigram_buckets > 1 else None
-        self.smear = nn.Parameter(torch.zeros(hp.model_dim)) if hp.smear_gate else None
-        self.blocks = nn.ModuleList(Block(hp, i) for i in range(hp.num_layers))
-        self.ve_layers = parse_layers(hp.ve_layers, hp.num_layers)
-        if self.ve_layers:
-            self.ve_embed = nn.Embedding(hp.vocab_size, hp.ve_dim)
-            self.ve_proj = CastedLinear(hp.ve_dim, hp.num_kv_heads * hp.head_dim, bias=False)
-            self.ve_scales = nn.Parameter(torch.full((len(self.ve_layers),), 0.1))
-        self.loop = parse_loop(hp.loop_layers, hp.num_layers) if hp.loop_count > 1 else None
-        self.looping = self.loop is not None and hp.loop_start <= 0  # switched on by train() at LOOP_START
-        n = len(self.layer_order(True))  # the U-Net halves of the longest (looped) order size the skip weights
-        self.skip_weights = nn.Parameter(torch.ones(min(n // 2, n - n // 2), hp.model_dim)) if hp.unet_skips and n > 1 else None
-        self.lm_head = None if hp.tie_embeddings else CastedLinear(hp.model_dim, hp.vocab_size, bias=False)
-        self.head_in = nn.Identity()  # the output head's input, where GPTQ takes the tied embedding's Hessian
-        self._init_weights()
-
-    def _init_weights(self):
-        nn.init.normal_(self.tok_emb.weight, std=self.hp.tied_embed_init_std if self.hp.tie_embeddings else 1.0)
-        for m in self.modules():
-            if isinstance(m, CastedLinear):
-                if getattr(m, "zero_init", False) or m is self.lm_head:
-                    nn.init.zeros_(m.weight)
-                elif self.hp.ortho_init:
-                    nn.init.orthogonal_(m.weight)
-
-    def layer_order(self, looping: bool) -> list[int]:
-        """Physical layer of each block application: with looping, layers a..b run LOOP_COUNT times in a row."""
-        L = self.hp.num_layers
-        if not (looping and self.loop):
-            return list(range(L))
-        a, b = self.loop
-        return [*range(b + 1), *list(range(a, b + 1)) * (self.hp.loop_count - 1), *range(b + 1, L)]
-
-    def forward(self, idx: Tensor, targets: Tensor | None = None) -> Tensor:
-        """Token ids (B, T) -> soft-capped logits (B, T, vocab) in float32, or with targets their per-token NLL
-        (B, T), computed inside the (compiled) forward so the logits are never written out."""
-        x = self.tok_emb(idx)
-        if self.bigram is not None:
-            x = x + self.bigram(idx)
-        x = rms_norm(x)
-        if self.smear is not None:  # SmearGate: blend each position with the previous one, never into a BOS
-            g = torch.sigmoid(self.smear.to(x.dtype)) * (idx != BOS_ID)[..., None]
-            x = (1 - g) * x + g * F.pad(x[:, :-1], (0, 0, 1, 0))
-        x0, skips = x, []
-        docs = torch.cumsum(idx == BOS_ID, 1) if self.hp.doc_mask else None
-        ve = self.ve_proj(self.ve_embed(idx)) if self.ve_layers else None
-        order, lanes = self.layer_order(self.looping), None
-        n_enc = len(order) // 2 if self.skip_weights is not None else 0
-        for j, i in enumerate(order):
-            block = self.blocks[i]
-            if block.lanes is None and lanes:  # lanes merge by their mean
-                x, lanes = 0.5 * (lanes[0] + lanes[1]), None
-            elif block.lanes is not None and lanes is None:
-                lanes = [x, x]
-            if n_enc and j >= n_enc and skips:  # U-Net decoder half pops encoder outputs (into lane 0)
-                skip = self.skip_weights[j - n_enc].to(x.dtype) * skips.pop()
-                x, lanes = (x, [lanes[0] + skip, lanes[1]]) if lanes else (x + skip, None)
-            layer_ve = ve * self.ve_scales[self.ve_layers.index(i)].to(x.dtype) if i in self.ve_layers else None
-            if lanes:
-                lanes = block.parallel(lanes, x0, layer_ve, docs)
-            else:
-                x = block(x, x0, layer_ve, docs)
-            if j < n_enc:
-                skips.append(lanes[0] if lanes else x)
-        x = self.head_in(rms_norm(0.5 * (lanes[0] + lanes[1]) if lanes else x))
-        logits = F.linear(x, self.tok_emb.weight.to(x.dtype)) if self.lm_head is None else self.lm_head(x)
-        logits, c = logits.float(), self.hp.logit_softcap
-        logits = c * torch.tanh(logits / c) if c > 0 else logits
-        return logits if targets is None else token_nll(logits, targets)
-
-
-def token_nll(logits: Tensor, targets: Tensor) -> Tensor:
-    """Per-token negative log-likelihood in nats, same shape as targets."""
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none").view_as(targets)
-
-
-class FixedBatch(nn.Module):
-    """Pads each batch to `rows` rows and drops the padding from the logits, so a compiled evaluation model sees one
-    shape: a short last batch would otherwise recompile inside the evaluation budget."""
-
-    def __init__(self, model: nn.Module, rows: int):
-        super().__init__()
-        self.model, self.rows = model, rows
-
-    def forward(self, idx: Tensor) -> Tensor:
-        n = idx.size(0)
-        return self.model(torch.cat((idx, idx[-1:].expand(self.rows - n, -1))) if n < self.rows else idx)[:n]
-
-# -----------------------------------------------------------------------------
-# TRAINING
+# STAGES
 # -----------------------------------------------------------------------------
 # main() runs named stages over one shared Run: setup, train, export, evaluate, report.
 
 ARTIFACT_CAP_BYTES = 16_000_000
 CODE = Path(__file__).read_bytes()  # read at start: the code that ran (launched from the packed file: that file)
 CODE_BYTES, CODE_FORM = len(CODE), "packed" if CODE.startswith(b"# packed train_gpt.py") else "readable"
-
-
-class TrainingDiverged(RuntimeError):
-    pass
-
-
-@dataclass
-class Schedule:
-    """LR multiplier: linear warm-up, flat, then linear warmdown towards 0 (floored at min_lr) over the last
-    warmdown_frac of training (wall-clock or iterations), else over the last warmdown_iters steps."""
-    iterations: int
-    warmdown_iters: int
-    lr_warmup_steps: int
-    wallclock_s: float  # 0 = no cap
-    warmdown_frac: float = 0.0
-    min_lr: float = 0.0
-
-    def progress(self, step: int, elapsed_s: float) -> float:
-        """Fraction of training done: of the wall clock under a cap, else of the iterations."""
-        return elapsed_s / self.wallclock_s if self.wallclock_s > 0 else step / max(self.iterations, 1)
-
-    def lr_mult(self, step: int, elapsed_s: float) -> float:
-        warm = min(1.0, (step + 1) / self.lr_warmup_steps) if self.lr_warmup_steps else 1.0
-        if self.warmdown_frac > 0:
-            return min(warm, max(min(1.0, (1 - self.progress(step, elapsed_s)) / self.warmdown_frac), self.min_lr))
-        if self.warmdown_iters <= 0:
-            return warm
-        if self.wallclock_s > 0 and step > 0:  # warmdown spans the last warmdown_iters steps at the current pace
-            warmdown_s = self.warmdown_iters * elapsed_s / step
-            remaining_s = max(self.wallclock_s - elapsed_s, 0.0)
-            down = remaining_s / warmdown_s if remaining_s < warmdown_s else 1.0
-        else:
-            start = self.iterations - self.warmdown_iters
-            down = max(self.iterations - step, 0) / self.warmdown_iters if step >= start else 1.0
-        return min(warm, max(down, self.min_lr))
 
 
 def write_atomic(path: str | Path, data: bytes | str):
@@ -2026,95 +2125,6 @@ def check_inputs(run: Run):
         if int(toks.max()) >= hp.vocab_size:
             raise ConfigError(f"{hp.data_path}: {name} token {int(toks.max())} >= VOCAB_SIZE={hp.vocab_size}; "
                               "the data and tokenizer/vocab do not match")
-
-
-def build_optimizers(run: Run) -> list[torch.optim.Optimizer]:
-    """Muon for the CastedLinear matrices; AdamW for embeddings, head and control tensors."""
-    hp, model = run.hp, run.model
-    matrices = [m.weight for m in model.modules() if isinstance(m, CastedLinear) and m is not model.lm_head]
-    embeds = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
-    head = [model.lm_head.weight] if model.lm_head is not None else []
-    taken = {id(p) for p in matrices + embeds + head}
-    scalars = [p for p in model.parameters() if id(p) not in taken]
-    embed_lr = hp.tied_embed_lr if hp.tie_embeddings else hp.embed_lr
-    groups = [dict(params=embeds, lr=embed_lr), dict(params=scalars, lr=hp.scalar_lr)]
-    groups += [dict(params=head, lr=hp.head_lr)] if head else []
-    adam = torch.optim.AdamW([dict(g, base_lr=g["lr"]) for g in groups], betas=(hp.beta1, hp.beta2), eps=hp.adam_eps,
-                             weight_decay=hp.adam_wd, fused=run.device.type == "cuda")
-    muon = Muon(matrices, lr=hp.matrix_lr, momentum=hp.muon_momentum, backend_steps=hp.muon_backend_steps,
-                weight_decay=hp.muon_wd, comm_dtype=torch.bfloat16 if run.device.type == "cuda" else torch.float32,
-                polar=hp.muon_polar, row_norm=hp.muon_row_norm)
-    for g in muon.param_groups:
-        g["base_lr"] = hp.matrix_lr
-    return [adam, muon]
-
-
-class WeightAverager:
-    """EMA of the weights every step, and an SWA mean of checkpoints taken during warmdown."""
-
-    def __init__(self, model: nn.Module, hp: Hyperparameters):
-        self.params = [p for p in model.state_dict().values() if p.is_floating_point()]
-        self.ema = [p.detach().float().clone() for p in self.params] if hp.ema_decay > 0 else None
-        self.swa, self.swa_count, self.hp = None, 0, hp
-
-    @torch.no_grad()
-    def update(self, step: int, lr_mult: float):
-        if self.ema is not None:  # decay warms up so short runs do not average in the initialization
-            decay = min(self.hp.ema_decay, (1 + step) / (10 + step))
-            torch._foreach_lerp_(self.ema, [p.float() for p in self.params], 1 - decay)
-        if self.hp.swa_every and lr_mult < self.hp.swa_threshold and step % self.hp.swa_every == 0:
-            if self.swa is None:
-                self.swa = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
-            torch._foreach_add_(self.swa, [p.float() for p in self.params])
-            self.swa_count += 1
-
-    @torch.no_grad()
-    def apply(self, kind: str) -> str:
-        """Copy the chosen average into the model; returns what was used."""
-        avg = {"ema": self.ema, "swa": self.swa and [s / self.swa_count for s in self.swa]}.get(kind)
-        if not avg:
-            return "none"
-        for p, a in zip(self.params, avg):
-            p.copy_(a.to(p.dtype))
-        return kind
-
-
-def grad_accum_steps(hp: Hyperparameters, world: int) -> int:
-    ga = hp.grad_accum_steps or max(1, 8 // world)
-    if hp.train_batch_tokens % (world * ga * hp.train_seq_len):
-        raise ConfigError(f"TRAIN_BATCH_TOKENS={hp.train_batch_tokens}: must divide into world_size({world}) x "
-                          f"grad_accum({ga}) x TRAIN_SEQ_LEN({hp.train_seq_len}) sequences")
-    return ga
-
-
-def train_step(run: Run, loader, optimizers, ga: int, lr_mult: float, step: int) -> Tensor:
-    hp, model = run.hp, run.train_model
-    for opt in optimizers:
-        opt.zero_grad(set_to_none=True)
-    total = torch.zeros((), device=run.device)
-    for micro in range(ga):
-        x, y = loader.next_batch(hp.train_batch_tokens, hp.train_seq_len, ga)
-        if run.distributed:
-            model.require_backward_grad_sync = micro == ga - 1
-        with run.autocast():
-            loss = model(x, y).mean()
-        (loss / ga).backward()
-        total += loss.detach() / ga
-    frac = min(step / hp.muon_momentum_warmup_steps, 1.0) if hp.muon_momentum_warmup_steps else 1.0
-    for opt in optimizers:
-        if isinstance(opt, Muon):
-            opt.param_groups[0]["momentum"] = (1 - frac) * hp.muon_momentum_warmup_start + frac * hp.muon_momentum
-        for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * lr_mult
-    if hp.grad_clip_norm > 0:
-        torch.nn.utils.clip_grad_norm_(run.model.parameters(), hp.grad_clip_norm)
-    for opt in optimizers:
-        opt.step()
-    return total
-
-
-def compiled_graphs() -> int:
-    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
 def train(run: Run):
