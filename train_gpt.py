@@ -27,7 +27,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -509,15 +509,26 @@ except ImportError:
 BOS_ID = 1  # every document starts with it (the public tokenizer: pad 0, bos 1, eos 2, unk 3)
 
 
+def with_role(m: nn.Module, role: str) -> nn.Module:
+    """A matrix module that is not a CastedLinear (embeddings, the attention gate) declares its QUANT_SPEC role."""
+    m.role = role
+    return m
+
+
 def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
 class CastedLinear(nn.Linear):
     """Linear kept in fp32, computed in the activation dtype; `qat` (the fake-quantized weight, kept by
-    on_train_step) replaces the weight in the forward with a straight-through gradient."""
+    on_train_step) replaces the weight in the forward with a straight-through gradient; `role` is its QUANT_SPEC
+    role."""
 
     qat = None
+
+    def __init__(self, in_features: int, out_features: int, role: str):
+        super().__init__(in_features, out_features, bias=False)
+        self.role = role
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight if self.qat is None else fake_quant(self.weight, self.qat)
@@ -572,15 +583,15 @@ class Attention(nn.Module):
     def __init__(self, hp: Hyperparameters, xsa: bool):
         super().__init__()
         self.h, self.kv, self.d = hp.num_heads, hp.num_kv_heads, hp.head_dim
-        self.q = CastedLinear(hp.model_dim, self.h * self.d, bias=False)
-        self.k = CastedLinear(hp.model_dim, self.kv * self.d, bias=False)
-        self.v = CastedLinear(hp.model_dim, self.kv * self.d, bias=False)
-        self.o = CastedLinear(self.h * self.d, hp.model_dim, bias=False)
+        self.q = CastedLinear(hp.model_dim, self.h * self.d, "attn_qk")
+        self.k = CastedLinear(hp.model_dim, self.kv * self.d, "attn_qk")
+        self.v = CastedLinear(hp.model_dim, self.kv * self.d, "attn_vo")
+        self.o = CastedLinear(self.h * self.d, hp.model_dim, "attn_vo")
         self.o.zero_init = True
         self.q_gain = nn.Parameter(torch.full((self.h,), hp.qk_gain_init))
         self.rotary = Rotary(hp.rope_dims or self.d, hp.rope_base, hp.train_seq_len if hp.rope_yarn else 0)
         self.xsa, self.kernel = xsa, hp.attn_kernel
-        self.gate = nn.Linear(hp.attn_gate_window, self.h, bias=False) if hp.attn_gate_window else None
+        self.gate = with_role(nn.Linear(hp.attn_gate_window, self.h, bias=False), "gate") if hp.attn_gate_window else None
         if self.gate is not None:  # zero: every head starts at sigmoid(0) = 1/2
             nn.init.zeros_(self.gate.weight)
             self.gate_scale = hp.attn_gate_scale
@@ -607,8 +618,8 @@ class MLP(nn.Module):
     def __init__(self, hp: Hyperparameters):
         super().__init__()
         hidden = int(round(hp.mlp_mult * hp.model_dim))
-        self.up = CastedLinear(hp.model_dim, hidden, bias=False)
-        self.down = CastedLinear(hidden, hp.model_dim, bias=False)
+        self.up = CastedLinear(hp.model_dim, hidden, "mlp_up")
+        self.down = CastedLinear(hidden, hp.model_dim, "mlp_down")
         self.down.zero_init = True
         self.slope = 0.5 if hp.mlp_act == "leaky_relu2" else 0.0
 
@@ -649,9 +660,9 @@ class BigramHash(nn.Module):
     def __init__(self, buckets: int, dim: int, model_dim: int):
         super().__init__()
         self.buckets = buckets
-        self.embed = nn.Embedding(buckets, dim)
+        self.embed = with_role(nn.Embedding(buckets, dim), "aux")
         nn.init.zeros_(self.embed.weight)
-        self.proj = CastedLinear(dim, model_dim, bias=False)
+        self.proj = CastedLinear(dim, model_dim, "aux")
         self.scale = nn.Parameter(torch.tensor(0.05))
 
     def forward(self, idx: Tensor) -> Tensor:
@@ -664,20 +675,20 @@ class GPT(nn.Module):
     def __init__(self, hp: Hyperparameters):
         super().__init__()
         self.hp = hp
-        self.tok_emb = nn.Embedding(hp.vocab_size, hp.model_dim)
+        self.tok_emb = with_role(nn.Embedding(hp.vocab_size, hp.model_dim), "embed")
         self.bigram = BigramHash(hp.bigram_buckets, hp.bigram_dim, hp.model_dim) if hp.bigram_buckets > 1 else None
         self.smear = nn.Parameter(torch.zeros(hp.model_dim)) if hp.smear_gate else None
         self.blocks = nn.ModuleList(Block(hp, i) for i in range(hp.num_layers))
         self.ve_layers = parse_layers(hp.ve_layers, hp.num_layers)
         if self.ve_layers:
-            self.ve_embed = nn.Embedding(hp.vocab_size, hp.ve_dim)
-            self.ve_proj = CastedLinear(hp.ve_dim, hp.num_kv_heads * hp.head_dim, bias=False)
+            self.ve_embed = with_role(nn.Embedding(hp.vocab_size, hp.ve_dim), "aux")
+            self.ve_proj = CastedLinear(hp.ve_dim, hp.num_kv_heads * hp.head_dim, "aux")
             self.ve_scales = nn.Parameter(torch.full((len(self.ve_layers),), 0.1))
         self.loop = parse_loop(hp.loop_layers, hp.num_layers) if hp.loop_count > 1 else None
         self.looping = self.loop is not None and hp.loop_start <= 0  # switched on by train() at LOOP_START
         n = len(self.layer_order(True))  # the U-Net halves of the longest (looped) order size the skip weights
         self.skip_weights = nn.Parameter(torch.ones(min(n // 2, n - n // 2), hp.model_dim)) if hp.unet_skips and n > 1 else None
-        self.lm_head = None if hp.tie_embeddings else CastedLinear(hp.model_dim, hp.vocab_size, bias=False)
+        self.lm_head = None if hp.tie_embeddings else CastedLinear(hp.model_dim, hp.vocab_size, "head")
         self.head_in = nn.Identity()  # the output head's input, where GPTQ takes the tied embedding's Hessian
         self._init_weights()
 
@@ -965,7 +976,7 @@ def fake_quant(w: Tensor, q: Tensor) -> Tensor:
 def set_qat(run, extra: int | None):
     """Give each quantized CastedLinear `qat_fmt`, its QUANT_SPEC format `extra` bits wider (None: QAT off)."""
     modules = dict(run.model.named_modules())
-    for name, (_, f) in quant_formats(run.hp, run.model.state_dict()).items():
+    for name, (_, f) in quant_formats(run.hp, run.model).items():
         if isinstance(m := modules[name[:-7]], CastedLinear):
             m.qat_fmt = None if extra is None or f.kind == "fp16" else f._replace(
                 bits=min(f.bits + extra, 4 if f.kind == "tq" else 8), rank=0, lq=0)
@@ -1016,8 +1027,7 @@ def on_train_step(run, step: int, lr_mult: float):
 # length, sha256 of the rest, JSON header, one compressed buffer per group. No pickle.
 
 ARTIFACT_MAGIC = b"PGQ1"
-ROLE_OF = {"q": "attn_qk", "k": "attn_qk", "v": "attn_vo", "o": "attn_vo", "up": "mlp_up", "down": "mlp_down",
-           "tok_emb": "embed", "lm_head": "head", "bigram": "aux", "ve_embed": "aux", "ve_proj": "aux", "gate": "gate"}
+ROLES = ("attn_qk", "attn_vo", "mlp_up", "mlp_down", "embed", "head", "aux", "gate")  # each matrix module declares one
 LLOYD_MAX = {2: (0.4528, 1.5104), 3: (0.2451, 0.7560, 1.3440, 2.1520),
              4: (0.1284, 0.3881, 0.6568, 0.9424, 1.2562, 1.6180, 2.0690, 2.7326)}
 FP16_GROUPS = ("fp16", "scales")
@@ -1067,8 +1077,8 @@ def parse_spec(spec: str) -> dict[str, str]:
     out = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         role, _, fmt = (x.strip() for x in item.partition(":"))
-        if role not in {*ROLE_OF.values(), "first", "last"} and not LAYERS_RE.fullmatch(role):
-            raise ConfigError(f"QUANT_SPEC role {role!r}: expected one of {', '.join(sorted({*ROLE_OF.values()}))}, "
+        if role not in {*ROLES, "first", "last"} and not LAYERS_RE.fullmatch(role):
+            raise ConfigError(f"QUANT_SPEC role {role!r}: expected one of {', '.join(sorted(ROLES))}, "
                               "first, last, layersA or layersA-B")
         out[role] = parse_fmt(fmt).tag
     return out
@@ -1084,16 +1094,19 @@ def depth_override(spec: dict[str, str], block: int, num_layers: int) -> str | N
     return tag
 
 
-def quant_formats(hp: Hyperparameters, names) -> dict[str, tuple[str, Fmt]]:
-    """Parameter name -> (role, format) of every quantizable matrix; unlisted roles are int8, and first / last /
+def matrix_roles(model: nn.Module) -> dict[str, str]:
+    """Parameter name -> role of every matrix whose module declares one (every Linear and Embedding does)."""
+    return {f"{name}.weight": m.role for name, m in model.named_modules() if hasattr(m, "role")}
+
+
+def quant_formats(hp: Hyperparameters, model: nn.Module) -> dict[str, tuple[str, Fmt]]:
+    """Parameter name -> (role, format) of every matrix of the model; unlisted roles are int8, and first / last /
     layersA-B override the roles of their blocks. Other tensors (vectors, gains, mixes, skips) stay fp16."""
     spec, out = parse_spec(hp.quant_spec), {}
-    for name in names:
+    for name, role in matrix_roles(model).items():
         p = name.split(".")
-        role = p[-1] == "weight" and ROLE_OF.get(p[-2] if p[0] == "blocks" else p[0])
-        if role:
-            depth = p[0] == "blocks" and depth_override(spec, int(p[1]), hp.num_layers)
-            out[name] = role, parse_fmt(depth or spec.get(role, "int8"), hp.quant_clip_sigmas, hp.quant_seed, hp.freeze_dry)
+        depth = p[0] == "blocks" and depth_override(spec, int(p[1]), hp.num_layers)
+        out[name] = role, parse_fmt(depth or spec.get(role, "int8"), hp.quant_clip_sigmas, hp.quant_seed, hp.freeze_dry)
     return out
 
 
@@ -1249,7 +1262,7 @@ def collect_hessians(run) -> dict[str, Tensor]:
     over GPTQ_TOKENS training tokens (rounded up to whole sequences per rank), summed over ranks. Accumulated in float64 outside autocast: a bf16 (or TF32) product of
     decaying-spectrum activations is not positive definite, and GPTQ's Cholesky needs it to be."""
     hp, model = run.hp, run.model
-    names = {n[:-7] for n, (_, f) in quant_formats(hp, model.state_dict()).items() if f.kind != "fp16"}
+    names = {n[:-7] for n, (_, f) in quant_formats(hp, model).items() if f.kind != "fp16"}
     taps = {n: n for n in names}  # module whose input is seen -> the matrix it calibrates
     if hp.gptq_embed and hp.tie_embeddings and "tok_emb" in names:  # the embedding, as the output head
         taps["head_in"] = "tok_emb"
@@ -1423,13 +1436,13 @@ def code_entropy(a: np.ndarray) -> float:
 FIT_ORDER = ("mlp_up", "mlp_down", "attn_vo", "aux", "attn_qk", "embed", "head")  # least sensitive first
 
 
-def narrower_spec(hp: Hyperparameters, state: dict, excess: int) -> str | None:
+def narrower_spec(hp: Hyperparameters, model: nn.Module, excess: int) -> str | None:
     """QUANT_FIT: QUANT_SPEC with intN roles one bit narrower in FIT_ORDER (cycling, down to int4) until the
     estimated saving, 1 bit per weight per bit removed, covers excess bytes; None when nothing can narrow. Matrices
     that a depth override (first, last, layersA-B) formats keep it, so they save nothing."""
-    given = parse_spec(hp.quant_spec)
+    given, state = parse_spec(hp.quant_spec), model.state_dict()
     spec, params, saved = dict.fromkeys(FIT_ORDER, "int8") | given, {}, 0
-    for name, (role, _) in quant_formats(hp, state).items():
+    for name, (role, _) in quant_formats(hp, model).items():
         p = name.split(".")
         if not (p[0] == "blocks" and depth_override(given, int(p[1]), hp.num_layers)):
             params[role] = params.get(role, 0) + state[name].numel()
@@ -1468,7 +1481,7 @@ def export_artifact(model: nn.Module, hp: Hyperparameters, path: str | Path, hes
     """Quantize by QUANT_SPEC (GPTQ where Hessians are given), write the artifact atomically; returns its report.
     cache: {(name, format): parts} kept across QUANT_FIT's re-exports, so unchanged tensors are quantized once."""
     state, t0, cache = model.state_dict(), time.perf_counter(), {} if cache is None else cache
-    fmts, groups, tensors, roles, notes = quant_formats(hp, state), {}, [], {}, cache.setdefault("notes", {})
+    fmts, groups, tensors, roles, notes = quant_formats(hp, model), {}, [], {}, cache.setdefault("notes", {})
     hessians, parts = hessians or {}, {}
     for name, t in state.items():
         f = fmts.setdefault(name, (None, Fmt("fp16")))[1]
@@ -1772,39 +1785,38 @@ def ngram_nll(hp: Hyperparameters, toks: Tensor, stats: Tensor, pre: tuple | Non
     return fn(theta, slice(None)).detach(), (feats * theta).sum(-1)
 
 
-def note(ledger: list | None, kind: str, key: tuple, params):
-    """Ledger entry for the audit: (kind, (batch, chunk), checksum of the weights)."""
-    if ledger is not None:
-        ledger.append((kind, key, float(sum((p.detach().double() * (1 + p.detach().double())).sum() for p in params))))
+def note(run: Run, kind: str, key: tuple, params):
+    """Tell the audit, when it observes: (kind, (batch, chunk), checksum of the weights)."""
+    if run.observe is not None:
+        run.observe(kind, key, float(sum((p.detach().double() * (1 + p.detach().double())).sum() for p in params)))
 
 
-def eval_ttt(run: Run, model: nn.Module, toks: Tensor, hint: Tensor | None = None, box: float = math.inf,
-             ledger: list | None = None) -> Tensor:
+def eval_ttt(run: Run, model: nn.Module, toks: Tensor, hint: Tensor | None = None, box: float = math.inf) -> Tensor:
     """Score-first test-time training on a copy of the model: the sliding windows in chunks of TTT_CHUNK_TOKENS
     targets, each chunk scored first, then adapted on (never re-scored), so chunk c is scored with the weights
     adapted on chunks < c. full: every weight, SGD with momentum and a cosine LR over the chunks; every rank adapts
     on the same chunk with all-reduced gradients, so all hold identical weights. Adapting stops once `box` seconds
-    have passed; later chunks are only scored. ledger gets (kind, (batch, chunk), weights checksum) entries."""
+    have passed; later chunks are only scored. The audit observes each chunk's weights when scored and adapted."""
     hp = run.hp
     model = copy.deepcopy(model)
     if hp.ttt_mode != "full":
-        return eval_ttt_lora(run, model.requires_grad_(False), toks, hint, box, ledger)
+        return eval_ttt_lora(run, model.requires_grad_(False), toks, hint, box)
     W, first, ends = plan = sliding_plan(toks.numel() - 1, hp.eval_seq_len, hp.eval_stride)
     per, params = max(1, hp.ttt_chunk_tokens // hp.eval_stride), list(model.parameters())
     n_chunks = -(-len(ends) // per)
     opt = torch.optim.SGD(params, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
     stats = torch.zeros(3, toks.numel() - 1, device=toks.device)
     t0, adapting = time.perf_counter(), True
-    note(ledger, "adapt", (0, -1), params)
+    note(run, "adapt", (0, -1), params)
     for c in range(n_chunks):
         k0, k1 = c * per, min((c + 1) * per, len(ends))
-        note(ledger, "score", (0, c), params)
+        note(run, "score", (0, c), params)
         score_windows(run, model, toks, plan, k0, k1, hint, stats)
         adapting = adapting and c + 1 < n_chunks and not run.all_reduce(float(time.perf_counter() - t0 > box))[0]
         if adapting:
             lr = hp.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / (n_chunks - 1)))
             adapt_full(run, model, opt, toks[first[k0]:ends[k1 - 1] + 1], lr)
-        note(ledger, "adapt", (0, c), params)
+        note(run, "adapt", (0, c), params)
     if run.distributed:
         dist.all_reduce(stats)
     return stats
@@ -1831,8 +1843,7 @@ def adapt_full(run: Run, model: nn.Module, opt: torch.optim.Optimizer, span: Ten
         opt.step()
 
 
-def eval_ttt_lora(run: Run, model: nn.Module, toks: Tensor, hint: Tensor | None, box: float,
-                  ledger: list | None) -> Tensor:
+def eval_ttt_lora(run: Run, model: nn.Module, toks: Tensor, hint: Tensor | None, box: float) -> Tensor:
     """TTT_MODE=lora: documents (cut before each boundary token; each also scores the next one's first token) in
     batches of EVAL_BATCH_SEQS rows, longest first, shared out over ranks; each batch gets fresh adapters (lora_batch),
     so ranks never communicate until the final all-reduce. TTT_MODE=phased: documents in their order, each round a
@@ -1848,7 +1859,7 @@ def eval_ttt_lora(run: Run, model: nn.Module, toks: Tensor, hint: Tensor | None,
     init = [torch.randn(hp.ttt_lora_rank, m.in_features, device=dev, generator=gen) / m.in_features ** 0.5
             for m in linears]
     batch = lambda bi, s, n: lora_batch(run, model, toks, s, n, linears, init, hint, stats, scored,  # noqa: E731
-                                        lambda: time.perf_counter() - t0 < box, ledger, bi)
+                                        lambda: time.perf_counter() - t0 < box, bi)
     if hp.ttt_mode == "lora":
         share = slice(D * run.rank // run.world_size, D * (run.rank + 1) // run.world_size)
         order = torch.argsort(lengths[share], descending=True, stable=True)
@@ -1864,7 +1875,7 @@ def eval_ttt_lora(run: Run, model: nn.Module, toks: Tensor, hint: Tensor | None,
                 batch(bi, starts[mine], lengths[mine])
                 bi += 1
             if b < D and not run.all_reduce(float(time.perf_counter() - t0 > box))[0]:  # all ranks pass, or none
-                global_pass(run, model, toks[:int(starts[b]) + 1], scored, ledger, b)
+                global_pass(run, model, toks[:int(starts[b]) + 1], scored, b)
             lo = b
     if run.distributed:
         dist.all_reduce(stats)
@@ -1872,7 +1883,7 @@ def eval_ttt_lora(run: Run, model: nn.Module, toks: Tensor, hint: Tensor | None,
 
 
 def lora_batch(run: Run, model: nn.Module, toks: Tensor, s: Tensor, n: Tensor, linears: list, init: list,
-               hint: Tensor | None, stats: Tensor, scored: Tensor, adapting, ledger: list | None, bi: int):
+               hint: Tensor | None, stats: Tensor, scored: Tensor, adapting, bi: int):
     """Documents at starts s, lengths n, one per row, each with fresh rank-TTT_LORA_RANK adapters on every attention
     and MLP projection (base weights frozen). Chunk i (TTT_CHUNK_TOKENS targets of every document, with up to
     EVAL_SEQ_LEN tokens of the document as context) is scored into stats (and `scored`), then trained on with AdamW
@@ -1890,13 +1901,13 @@ def lora_batch(run: Run, model: nn.Module, toks: Tensor, s: Tensor, n: Tensor, l
         "btr,bor->bto", torch.einsum("bti,bri->btr", inp[0], A.to(out.dtype)), B.to(out.dtype)))
         for m, (A, B) in zip(linears, ab)]
     opt = torch.optim.AdamW(adapters, lr=hp.ttt_lr, betas=(0.9, hp.ttt_beta2), weight_decay=hp.ttt_wd)
-    note(ledger, "adapt", (bi, -1), adapters)
+    note(run, "adapt", (bi, -1), adapters)
     for i in range(T // c):
         e = (i + 1) * c
         col = torch.arange(max(0, e - L), e, device=dev)
         live = (col >= i * c) & (col < n[:, None])
         pos, tgt = (s[:, None] + col)[live], X[:, col + 1][live]
-        note(ledger, "score", (bi, i), adapters)
+        note(run, "score", (bi, i), adapters)
         adapt = e < T and adapting()
         for epoch in range(hp.ttt_epochs if adapt else 1):
             with run.autocast(), torch.set_grad_enabled(adapt):
@@ -1908,21 +1919,21 @@ def lora_batch(run: Run, model: nn.Module, toks: Tensor, s: Tensor, n: Tensor, l
                 opt.zero_grad()
                 (-lp.gather(1, tgt[:, None])).sum().backward()  # a sum: each row's gradient is its own
                 opt.step()
-        note(ledger, "adapt", (bi, i), adapters)
+        note(run, "adapt", (bi, i), adapters)
     for h in hooks:
         h.remove()
 
 
-def global_pass(run: Run, model: nn.Module, span: Tensor, scored: Tensor, ledger: list | None, docs: int):
+def global_pass(run: Run, model: nn.Module, span: Tensor, scored: Tensor, docs: int):
     """Phased TTT: one SGD pass (TTT_GLOBAL_LR, TTT_MOMENTUM, cosine over its chunks) on every weight over span, the
-    documents scored so far, in chunks of TTT_GLOBAL_CHUNK_TOKENS. The ledger gets the span's targets that no rank
-    had scored yet (the audit's ttt_weights: must be 0)."""
+    documents scored so far, in chunks of TTT_GLOBAL_CHUNK_TOKENS. The audit observes the span's targets that no rank
+    had scored yet (its ttt_weights: must be 0)."""
     hp, n = run.hp, span.numel() - 1
-    if ledger is not None:
+    if run.observe is not None:
         seen = scored[:n].float()
         if run.distributed:
             dist.all_reduce(seen, op=dist.ReduceOp.MAX)
-        ledger.append(("global", (docs, n), float(n - seen.sum())))
+        run.observe("global", (docs, n), float(n - seen.sum()))
     params = list(model.parameters())
     opt, chunks = torch.optim.SGD(params, lr=hp.ttt_global_lr, momentum=hp.ttt_momentum), -(-n // hp.ttt_global_chunk_tokens)
     model.requires_grad_(True)
@@ -1943,7 +1954,8 @@ def audit(run: Run, model: nn.Module, n_pos: int = 2) -> dict:
     with the weights adapted on the chunks before them. Passed when every figure is at most 1e-5."""
     n_tokens = 4 * run.hp.eval_seq_len + 1
     hp = dataclasses.replace(run.hp, ttt_chunk_tokens=min(run.hp.ttt_chunk_tokens, n_tokens // 4))
-    sub, K, V, ledger = dataclasses.replace(run, hp=hp), hp.ngram_order, hp.vocab_size, []
+    sub, K, V, ledger = dataclasses.replace(run, hp=hp, observe=None), hp.ngram_order, hp.vocab_size, []
+    observed = dataclasses.replace(sub, observe=lambda *entry: ledger.append(entry))  # the unperturbed stream's TTT
     toks = torch.from_numpy(run.val_tokens[:n_tokens].astype(np.int64)).to(run.device)
     M, W, first, ends = toks.numel() - 1, *sliding_plan(toks.numel() - 1, hp.eval_seq_len, hp.eval_stride)
     gen = torch.Generator().manual_seed(0)
@@ -1956,7 +1968,7 @@ def audit(run: Run, model: nn.Module, n_pos: int = 2) -> dict:
         if K:
             out["ngram"], z = ngram_nll(hp, tk, stats)
         if hp.ttt_enabled:
-            out["ttt"] = eval_ttt(sub, model, tk, h, ledger=None if tk is not toks else ledger)[0]
+            out["ttt"] = eval_ttt(observed if tk is toks else sub, model, tk, h)[0]
         return out, z
 
     def row(tk: Tensor, p: int) -> Tensor:  # the model's log-prob row at target p, from the window that scores it
@@ -2035,6 +2047,7 @@ class Run:
     luts: tuple | None = None
     val_tokens: np.ndarray | None = None
     results: dict = field(default_factory=dict)
+    observe: Callable | None = None  # the audit's hook: observe(kind, key, value) from inside the TTT loops
 
     @property
     def master(self) -> bool:
@@ -2256,7 +2269,7 @@ def export(run: Run):
         run.results["gptq_calib_seconds"] = calib_s = round(time.perf_counter() - t0, 3)
         run.log(f"gptq: Hessians of {len(hessians)} layers from {run.results['gptq_tokens_used']:,} train tokens "
                 f"in {calib_s:.1f}s")
-    qhp, state, tried, cache = hp, run.model.state_dict(), [], {}
+    qhp, tried, cache = hp, [], {}
     while True:  # QUANT_FIT: every rank sees the same byte count, so all take the same narrower spec
         report = export_artifact(run.model, qhp, path, hessians, cache) if run.master else dict(bytes=0)
         if run.distributed:
@@ -2264,7 +2277,7 @@ def export(run: Run):
         model_bytes = int(run.all_reduce(report["bytes"])[0])
         tried.append([qhp.quant_spec, model_bytes])
         excess = CODE_BYTES + model_bytes - ARTIFACT_CAP_BYTES
-        if excess <= 0 or not hp.quant_fit or not (spec := narrower_spec(qhp, state, excess)):
+        if excess <= 0 or not hp.quant_fit or not (spec := narrower_spec(qhp, run.model, excess)):
             break
         qhp = dataclasses.replace(hp, quant_spec=spec)
         run.log(f"export: {excess:,} bytes over the cap; QUANT_FIT re-exports with QUANT_SPEC={spec}")

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
                 w.normal_(0, args.std)
     state, rows = model.state_dict(), []
     t0, groups = time.perf_counter(), {}
-    for name, (_, f) in T.quant_formats(hp, state).items():
+    for name, (_, f) in T.quant_formats(hp, model).items():
         groups.setdefault(f.name, []).append(T.quantize(state[name], f)[0].numpy().ravel())
     rows.append(["quantize every matrix (plain rounding)", fmt(time.perf_counter() - t0, 1), "-"])
     for g, parts in groups.items():  # the codecs are single-threaded: each job alone

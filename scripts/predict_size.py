@@ -63,8 +63,8 @@ class Meter:
         return self.cache[key]
 
 
-def predict(hp: T.Hyperparameters, state: dict, meter: Meter, code_bytes: int = T.CODE_BYTES) -> dict:
-    fmts = T.quant_formats(hp, state)
+def predict(hp: T.Hyperparameters, model: torch.nn.Module, meter: Meter, code_bytes: int = T.CODE_BYTES) -> dict:
+    fmts, state = T.quant_formats(hp, model), model.state_dict()
     roles, control, tensors = {}, 0, []
     for name, t in state.items():
         role, f = fmts.get(name, (None, T.Fmt("fp16")))
@@ -109,8 +109,9 @@ def main(argv=None) -> int:
             T.parse_spec(s)
     except T.ConfigError as e:
         raise UserError(str(e)) from None
-    with torch.device("meta"):
-        state = T.GPT(hp).state_dict()
+    with torch.device("meta"):  # shapes only
+        model = T.GPT(hp)
+    state = model.state_dict()
     meter = Meter(hp.codec)
     n = sum(t.numel() for t in state.values())
     print(f"config: PRESET={hp.preset} {hp.num_layers}L d={hp.model_dim} MLP {hp.mlp_mult}x vocab {hp.vocab_size}: "
@@ -122,7 +123,7 @@ def main(argv=None) -> int:
         print(f"| {s} | {code:.3f} | {ent:.3f} | {scale:.2f} |")
     fits_first = None
     for s in specs:
-        p = predict(dataclasses.replace(hp, quant_spec=s), state, meter, code_bytes)
+        p = predict(dataclasses.replace(hp, quant_spec=s), model, meter, code_bytes)
         fits = p["total"] <= T.ARTIFACT_CAP_BYTES
         fits_first = fits if fits_first is None else fits_first
         print(f"\nQUANT_SPEC={s}\n\n| role:format | params | bits/weight | bytes |\n|---|---|---|---|")
@@ -136,8 +137,8 @@ def main(argv=None) -> int:
               f"({T.ARTIFACT_CAP_BYTES - p['total']:+,.0f} bytes of margin)")
         fit, q = s, p
         while hp.quant_fit and q["total"] > T.ARTIFACT_CAP_BYTES and (
-                nxt := T.narrower_spec(dataclasses.replace(hp, quant_spec=fit), state, q["total"] - T.ARTIFACT_CAP_BYTES)):
-            fit, q = nxt, predict(dataclasses.replace(hp, quant_spec=nxt), state, meter, code_bytes)
+                nxt := T.narrower_spec(dataclasses.replace(hp, quant_spec=fit), model, q["total"] - T.ARTIFACT_CAP_BYTES)):
+            fit, q = nxt, predict(dataclasses.replace(hp, quant_spec=nxt), model, meter, code_bytes)
         if fit != s:
             print(f"QUANT_FIT=1 would re-export it as QUANT_SPEC={fit}: predicted {q['total']:,.0f} bytes "
                   f"({'fits' if q['total'] <= T.ARTIFACT_CAP_BYTES else 'still over the cap at the int4 floor'})")

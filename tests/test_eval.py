@@ -184,12 +184,17 @@ def test_audit_catches_a_future_peeking_model(tiny_run):
     assert not res["passed"] and res["checks"]["causal_model_row"] > 1e-3
 
 
+def observing(r, ledger: list):
+    """r with the audit's hook: every (kind, key, value) the TTT loops report lands in ledger."""
+    return dataclasses.replace(r, observe=lambda *entry: ledger.append(entry))
+
+
 def test_ttt_scores_once_and_chunk_weights_ignore_the_chunk(tiny_run, monkeypatch):
     r = sub_run(tiny_run, 2049, ttt_mode="full", ttt_chunk_tokens=512, ttt_lr=0.01)
     toks, M = stream(r), 2048
     seen = record_scored(monkeypatch)
     ledger = []
-    a = T.eval_ttt(r, r.model, toks, ledger=ledger)
+    a = T.eval_ttt(observing(r, ledger), r.model, toks)
     assert sorted(seen) == list(range(M)) and (a[0] > 0).all()
     scored = {key: cs for kind, key, cs in ledger if kind == "score"}
     adapted = {key: cs for kind, key, cs in ledger if kind == "adapt"}
@@ -200,7 +205,7 @@ def test_ttt_scores_once_and_chunk_weights_ignore_the_chunk(tiny_run, monkeypatc
     pert = toks.clone()
     pert[lo + 1:hi + 1] = torch.randint(r.hp.vocab_size, (hi - lo,), generator=torch.Generator().manual_seed(1))
     ledger2 = []
-    b = T.eval_ttt(r, r.model, pert, ledger=ledger2)
+    b = T.eval_ttt(observing(r, ledger2), r.model, pert)
     scored2 = {key: cs for kind, key, cs in ledger2 if kind == "score"}
     assert all(scored2[(0, c)] == scored[(0, c)] for c in (0, 1, 2)) and scored2[(0, 3)] != scored[(0, 3)]
     assert torch.equal(a[:, :lo], b[:, :lo])
@@ -215,7 +220,7 @@ def test_ttt_with_zero_lr_is_sliding_eval(tiny_run):
 def test_lora_ttt_scores_every_target_once(tiny_run):
     r = sub_run(tiny_run, 4001, ttt_mode="lora", ttt_chunk_tokens=128, eval_batch_seqs=4)
     ledger = []
-    stats = T.eval_ttt(r, r.model, stream(r), ledger=ledger)
+    stats = T.eval_ttt(observing(r, ledger), r.model, stream(r))
     assert (stats[0] > 0).all() and torch.isfinite(stats).all()
     adapted = {key: cs for kind, key, cs in ledger if kind == "adapt"}
     assert all(cs == adapted[(b, i - 1)] for kind, (b, i), cs in ledger if kind == "score")
@@ -230,12 +235,12 @@ def test_phased_ttt_global_passes_only_over_scored_documents(tiny_run, monkeypat
     r = phased(tiny_run)
     toks, passes, real = stream(r), [], T.global_pass
 
-    def spy(run, model, span, scored, ledger, docs):
+    def spy(run, model, span, scored, docs):
         passes.append((docs, span.numel() - 1, int(scored[:span.numel() - 1].sum()), int(scored.sum())))
-        return real(run, model, span, scored, ledger, docs)
+        return real(run, model, span, scored, docs)
     monkeypatch.setattr(T, "global_pass", spy)
     ledger = []
-    stats = T.eval_ttt(r, r.model, toks, ledger=ledger)
+    stats = T.eval_ttt(observing(r, ledger), r.model, toks)
     starts = np.flatnonzero(r.luts[2][r.val_tokens[:-1]])
     assert [p[0] for p in passes] == [2, 4] and [p[1] for p in passes] == [starts[2], starts[4]]
     assert all(n == inside == total for _, n, inside, total in passes)  # exactly the documents before it, all scored
@@ -259,9 +264,9 @@ def test_audit_passes_phased_ttt_and_catches_a_pass_over_unscored_documents(tiny
     res = T.audit(r, tiny_run.model, n_pos=1)
     assert passes and res["passed"] and res["checks"]["ttt_weights"] == 0, res
 
-    def leaky(run, model, span, scored, ledger, docs):  # trains one chunk past the documents scored so far
+    def leaky(run, model, span, scored, docs):  # trains one chunk past the documents scored so far
         full = torch.from_numpy(run.val_tokens[:scored.numel() + 1].astype(np.int64))
-        return real(run, model, full, scored, ledger, docs)
+        return real(run, model, full, scored, docs)
     monkeypatch.setattr(T, "global_pass", leaky)
     res = T.audit(r, tiny_run.model, n_pos=1)
     assert not res["passed"] and res["checks"]["ttt_weights"] > 0, res

@@ -98,7 +98,7 @@ def test_attention_gate_shapes_gradient_and_int8_role():
     m.train()
     T.token_nll(m(x[:, :-1]), x[:, 1:]).mean().backward()
     assert gate.weight.grad.abs().sum() > 0
-    fmts = T.quant_formats(m.hp, m.state_dict())
+    fmts = T.quant_formats(m.hp, m)
     assert fmts["blocks.0.attn.gate.weight"] == ("gate", T.Fmt("int", 8))
     assert off.blocks[0].attn.gate is None
 

@@ -95,7 +95,7 @@ def test_lqer_top_k_by_output_error(tmp_path):
     lq = report["lqer"]
     assert len(lq) == 2 and "blocks.1.mlp.up.weight" in lq
     state, sd = T.load_artifact(tmp_path / "l.artifact"), model.state_dict()
-    fmts = T.quant_formats(hp, sd)
+    fmts = T.quant_formats(hp, model)
     for name, r in lq.items():
         assert r["rank"] == 3 and r["output_err_after"] < r["output_err"] and r["values"] == 3 * sum(sd[name].shape)
         f = fmts[name][1]._replace(lq=3)
@@ -153,7 +153,7 @@ def exported(tmp_path_factory):
 
 def test_save_load_bit_exact(exported, tmp_path):
     hp, model, path, report = exported
-    state, fmts = T.load_artifact(path), T.quant_formats(hp, model.state_dict())
+    state, fmts = T.load_artifact(path), T.quant_formats(hp, model)
     assert fmts["blocks.0.attn.q.weight"][1].bits == 7 and fmts["blocks.1.attn.q.weight"][1].bits == 6  # first:
     assert report["bytes"] == path.stat().st_size and set(report["groups"]) >= {"int5", "int7", "tq3", "fp16", "scales"}
     for name, t in model.state_dict().items():
@@ -215,7 +215,7 @@ def test_two_four_stores_half_the_codes_and_reloads_exactly(tmp_path):
     rep = T.export_artifact(model, hp, tmp_path / "s.artifact")
     n = sum(t.numel() for k, t in model.state_dict().items() if k.endswith(("up.weight", "down.weight")))
     assert rep["groups"]["sp3"]["n"] == n // 2 and rep["groups"]["pos"]["n"] == n // 4
-    state, fmts = T.load_artifact(tmp_path / "s.artifact"), T.quant_formats(hp, model.state_dict())
+    state, fmts = T.load_artifact(tmp_path / "s.artifact"), T.quant_formats(hp, model)
     for name, (_, f) in fmts.items():
         assert torch.equal(state[name], T.dequantize(T.quantize(model.state_dict()[name], f), f)), name
 
@@ -307,11 +307,26 @@ def test_bad_quant_env_fails_naming_the_variable():
             T.load_hparams(env)
 
 
+@pytest.mark.parametrize("preset", sorted(T.PRESETS))
+def test_every_matrix_module_declares_its_quant_role(preset):
+    """Roles come from the modules, not attribute names: a renamed or new Linear / Embedding without one fails here
+    (it would otherwise be exported as fp16)."""
+    hp = T.load_hparams({"PRESET": preset, "ATTN_GATE_WINDOW": "12", "TIE_EMBEDDINGS": "0", "VE_LAYERS": "-1"})
+    with torch.device("meta"):
+        model = T.GPT(hp)
+    mats = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))]
+    assert len(mats) >= 7 * hp.num_layers and all(getattr(m, "role", None) in T.ROLES for m in mats)
+    weights = {n for n, p in model.named_parameters() if p.dim() == 2 and n.endswith(".weight")}
+    assert weights == set(T.quant_formats(hp, model))
+
+
 def test_depth_roles_override_by_block_last_match_wins():
     hp = T.load_hparams({"NUM_LAYERS": "6", "QUANT_SPEC": "mlp_up:int4,layers1-4:int5,last:int7,layers4:int6"})
-    fmts = T.quant_formats(hp, [f"blocks.{i}.mlp.up.weight" for i in range(6)])
-    assert [f.tag for _, f in fmts.values()] == ["int4", "int5", "int5", "int5", "int6", "int7"]
-    assert {role for role, _ in fmts.values()} == {"mlp_up"}  # the role stays the matrix's own
+    with torch.device("meta"):
+        fmts = T.quant_formats(hp, T.GPT(hp))
+    up = [fmts[f"blocks.{i}.mlp.up.weight"] for i in range(6)]
+    assert [f.tag for _, f in up] == ["int4", "int5", "int5", "int5", "int6", "int7"]
+    assert {role for role, _ in up} == {"mlp_up"}  # the role stays the matrix's own
 
 
 def test_export_reserve_comes_off_the_training_cap():
@@ -340,17 +355,17 @@ def test_export_stage_roundtrip_and_over_cap(tiny_run, brown_data, tmp_path, mon
 
 def test_narrower_spec_steps_least_sensitive_roles_first():
     hp = T.load_hparams({"PRESET": "tiny"})
-    state = T.GPT(hp).state_dict()
-    mlp_up = sum(t.numel() for n, t in state.items() if n.endswith("up.weight"))
-    spec = T.parse_spec(T.narrower_spec(hp, state, 1))
+    model = T.GPT(hp)
+    mlp_up = sum(t.numel() for n, t in model.state_dict().items() if n.endswith("up.weight"))
+    spec = T.parse_spec(T.narrower_spec(hp, model, 1))
     assert spec["mlp_up"] == "int4" and spec["mlp_down"] == "int5" and spec["attn_qk"] == "int6"
-    spec = T.parse_spec(T.narrower_spec(hp, state, mlp_up // 8 + 1))  # one role's saving is not enough
+    spec = T.parse_spec(T.narrower_spec(hp, model, mlp_up // 8 + 1))  # one role's saving is not enough
     assert spec["mlp_up"] == spec["mlp_down"] == "int4" and spec["attn_vo"] == "int6"
-    floor = T.narrower_spec(hp, state, 10**9)
+    floor = T.narrower_spec(hp, model, 10**9)
     assert all(T.parse_fmt(f).bits == 4 for r, f in T.parse_spec(floor).items() if r != "head")
-    assert T.narrower_spec(dataclasses.replace(hp, quant_spec=floor), state, 1) is None
-    assert T.parse_spec(T.narrower_spec(dataclasses.replace(hp, quant_spec="mlp_up:int7@12"), state, 1))["mlp_up"] == "int6@12"
-    spec = T.parse_spec(T.narrower_spec(dataclasses.replace(hp, quant_spec=hp.quant_spec + ",layers0-3:int6"), state, 1))
+    assert T.narrower_spec(dataclasses.replace(hp, quant_spec=floor), model, 1) is None
+    assert T.parse_spec(T.narrower_spec(dataclasses.replace(hp, quant_spec="mlp_up:int7@12"), model, 1))["mlp_up"] == "int6@12"
+    spec = T.parse_spec(T.narrower_spec(dataclasses.replace(hp, quant_spec=hp.quant_spec + ",layers0-3:int6"), model, 1))
     assert spec["mlp_up"] == "int5" and spec["aux"] == "int5"  # every block's matrices keep the override: aux narrows
 
 

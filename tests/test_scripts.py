@@ -675,14 +675,14 @@ def test_predict_size_prices_lqer():
     predict_size = importlib.import_module("predict_size")
     hp = T.load_hparams({"PRESET": "tiny", "CODEC": "zstd"})
     with torch.device("meta"):
-        state = T.GPT(hp).state_dict()
-    meter = predict_size.Meter("zstd")
-    base = predict_size.predict(hp, state, meter)["model"]
-    top = predict_size.predict(dataclasses.replace(hp, lqer_top=2, lqer_rank=4), state, meter)["model"]
-    sizes = sorted(sum(state[n].shape) for n, (_, f) in T.quant_formats(hp, state).items() if f.kind != "fp16")
+        model = T.GPT(hp)
+    state, meter = model.state_dict(), predict_size.Meter("zstd")
+    base = predict_size.predict(hp, model, meter)["model"]
+    top = predict_size.predict(dataclasses.replace(hp, lqer_top=2, lqer_rank=4), model, meter)["model"]
+    sizes = sorted(sum(state[n].shape) for n, (_, f) in T.quant_formats(hp, model).items() if f.kind != "fp16")
     values = 4 * (sizes[-1] + sizes[-2])
     assert 3.5 / 8 * values < top - base < 4.5 / 8 * values + 32, (top - base, values)
     spec = predict_size.predict(dataclasses.replace(hp, quant_spec=hp.quant_spec.replace("embed:int8", "embed:int8+lq4")),
-                                state, meter)["model"]
+                                model, meter)["model"]
     values = 4 * sum(state["tok_emb.weight"].shape)
     assert 3.5 / 8 * values < spec - base < 4.5 / 8 * values + 32, (spec - base, values)
