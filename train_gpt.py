@@ -52,6 +52,7 @@ class ConfigError(ValueError):
 class Hyperparameters:
     # run and data
     preset: str = "default"
+    shape: str = ""  # tiny: the preset at the CPU proxy's size (SHAPES); empty: its own
     run_id: str = ""
     seed: int = 1337
     log_dir: str = "logs"
@@ -182,18 +183,21 @@ class Hyperparameters:
         return self.model_dim // self.num_heads
 
 
+# The CPU proxy's size: 4 layers, width 256, on the local Brown data; its schedule retuned for 400 steps
+# (docs/BENCHMARKS.md): warmdown over the last 85% to a 0.1 floor, Muon momentum 0.85 -> 0.9.
+SHAPES: dict[str, dict[str, object]] = {
+    "tiny": dict(
+        data_path="./data/datasets/brown_sp1024", vocab_size=1024, num_layers=4, model_dim=256, num_heads=4,
+        num_kv_heads=2, mlp_mult=2.0, train_seq_len=256, eval_seq_len=256, train_batch_tokens=8192,
+        iterations=400, warmdown_frac=0.85, min_lr=0.1, warmup_steps=0, lr_warmup_steps=10,
+        max_wallclock_seconds=0.0, train_log_every=20, val_batch_tokens=65536, compile=False, muon_momentum=0.9,
+        muon_momentum_warmup_start=0.85, muon_momentum_warmup_steps=100, swa_every=10,
+        gptq_tokens=32768,  # ~100 tokens per Hessian column, as the default's 524288 at width 512-1536
+    ),
+}
 PRESETS: dict[str, dict[str, object]] = {
     "default": {},
-    # CPU proxy: the default recipe at 4 layers, width 256, on the local Brown data; its schedule retuned for 400
-    # steps (docs/BENCHMARKS.md): warmdown over the last 85% to a 0.1 floor, Muon momentum 0.85 -> 0.9.
-    "tiny": dict(
-        data_path="./data/datasets/brown_sp1024", num_layers=4, model_dim=256, num_heads=4,
-        num_kv_heads=2, mlp_mult=2.0, train_seq_len=256, eval_seq_len=256, train_batch_tokens=8192,
-        iterations=400, warmdown_frac=0.85, min_lr=0.1, warmup_steps=0, lr_warmup_steps=10, xsa_last_n=2,
-        bigram_buckets=1024, max_wallclock_seconds=0.0, train_log_every=20, val_batch_tokens=65536,
-        compile=False, muon_momentum=0.9, muon_momentum_warmup_start=0.85, muon_momentum_warmup_steps=100,
-        swa_every=10, gptq_tokens=32768,  # ~100 tokens per Hessian column, as the default's 524288 at width 512-1536
-    ),
+    "tiny": dict(SHAPES["tiny"], xsa_last_n=2, bigram_buckets=1024),  # the CPU proxy: the default recipe at its size
     # The accepted 1.0611 record (2026-04-27, SP8192 + LQER + sparse gate) as its README and code state it; README
     # lists where this differs (our codecs and sliding evaluation, among others).
     "frontier": dict(
@@ -333,11 +337,15 @@ def load_hparams(env: dict[str, str] | None = None) -> Hyperparameters:
     if preset not in PRESETS:
         raise ConfigError(f"PRESET={preset!r}: unknown; choose one of {', '.join(PRESETS)}")
     values: dict[str, object] = {"preset": preset, **PRESETS[preset]}
+    if env.get("SHAPE"):
+        if env["SHAPE"] not in SHAPES:
+            raise ConfigError(f"SHAPE={env['SHAPE']!r}: unknown; choose one of {', '.join(SHAPES)} (or leave it empty)")
+        values = at_shape(values, env["SHAPE"])
     if env.get("RESUME_FROM"):
         names = {f.name for f in dataclasses.fields(Hyperparameters)}
         values.update((k, v) for k, v in read_checkpoint(env["RESUME_FROM"])[0]["config"].items() if k in names)
     for f in dataclasses.fields(Hyperparameters):
-        if f.name.upper() in env and f.name != "preset":
+        if f.name.upper() in env and f.name not in ("preset", "shape"):
             values[f.name] = _parse(f.name, env[f.name.upper()], type(getattr(Hyperparameters, f.name)))
     hp = Hyperparameters(**values)
     for name, (ok, expected) in RULES.items():
@@ -359,6 +367,24 @@ def load_hparams(env: dict[str, str] | None = None) -> Hyperparameters:
         raise ConfigError(f"PARALLEL_START={hp.parallel_start}, ATTN_GATE_WINDOW={hp.attn_gate_window}: expected a layer "
                           f"below NUM_LAYERS={hp.num_layers} and a window of at most MODEL_DIM={hp.model_dim}")
     return hp
+
+
+def at_shape(values: dict[str, object], shape: str) -> dict[str, object]:
+    """SHAPE: a preset's values at a SHAPES size (its data, depth, width, steps and schedule); what names layers
+    moves with the depth (layer indices scale, XSA keeps its fraction of the layers, QUANT_SPEC's layersA-B),
+    BigramHash and the attention gate shrink to the vocabulary and width; the rest of the recipe stays."""
+    s, get = SHAPES[shape], lambda k: values.get(k, getattr(Hyperparameters, k))
+    L0, L = get("num_layers"), s["num_layers"]
+    layer = lambda i: min(L - 1, int(i * L / L0 + 0.5))  # noqa: E731
+    loop = parse_loop(get("loop_layers"), L0)
+    ve = dict.fromkeys(i if i < 0 else layer(i) for i in (int(v) for v in get("ve_layers").split(",") if v.strip()))
+    return {**values, **s, "shape": shape, "xsa_last_n": min(L, math.ceil(get("xsa_last_n") * L / L0)),
+            "bigram_buckets": min(get("bigram_buckets"), s["vocab_size"]), "ve_layers": ",".join(map(str, ve)),
+            "loop_layers": f"{layer(loop[0])}-{layer(loop[1])}" if loop else "", "swa_every": get("swa_every") and s["swa_every"],
+            "parallel_start": get("parallel_start") and max(1, layer(get("parallel_start"))),
+            "attn_gate_window": min(get("attn_gate_window"), s["model_dim"]),
+            "quant_spec": LAYERS_RE.sub(lambda m: f"layers{layer(int(m[1]))}" + (f"-{layer(int(m[2]))}" if m[2] else ""),
+                                        get("quant_spec"))}
 
 
 def parse_loop(spec: str, num_layers: int) -> tuple[int, int] | None:

@@ -1,4 +1,5 @@
 """Seed presets (issue 12): each builds its system, trains 3 steps at a reduced width on CPU, exports and reloads."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -39,3 +40,18 @@ def test_seed_preset_trains_exports_and_reloads(name, tmp_path, brown_data):
     if name == "turboquant_mixed":  # depth roles: blocks 0-1 and 9-10 at int5, V/O between at int4
         tags = {n: tag for n, _, tag in T.read_groups(res["artifact_path"])[0]["tensors"]}
         assert [tags[f"blocks.{i}.attn.v.weight"] for i in (0, 1, 2, 8, 9, 10)] == ["int5"] * 2 + ["int4"] * 2 + ["int5"] * 2
+
+
+def test_shape_tiny_puts_any_preset_at_the_cpu_proxy_size():
+    tiny, shaped = (dataclasses.asdict(T.load_hparams(e)) for e in ({"PRESET": "tiny"}, {"SHAPE": "tiny"}))
+    assert {k for k in tiny if tiny[k] != shaped[k]} == {"preset", "shape", "run_id"}  # tiny = default at SHAPE=tiny
+    hp = T.load_hparams({"PRESET": "frontier", "SHAPE": "tiny", "ITERATIONS": "50"})  # explicit variables still win
+    assert (hp.num_layers, hp.model_dim, hp.iterations, hp.vocab_size, hp.data_path) == (
+        4, 256, 50, 1024, "./data/datasets/brown_sp1024")
+    assert (hp.loop_layers, hp.parallel_start, hp.xsa_last_n, hp.bigram_buckets, hp.swa_every) == ("1-2", 3, 4, 0, 0)
+    assert hp.muon_polar and hp.quant_spec == T.PRESETS["frontier"]["quant_spec"]  # the recipe stays
+    spec = T.load_hparams({"PRESET": "turboquant_mixed", "SHAPE": "tiny"}).quant_spec  # 11 layers -> 4
+    assert spec.endswith("layers0-0:int5,layers3-3:int5")
+    assert T.load_hparams({"PRESET": "turboquant_13l", "SHAPE": "tiny"}).ve_layers == "3"  # 9,10 of 13
+    with pytest.raises(T.ConfigError, match="SHAPE='huge'"):
+        T.load_hparams({"SHAPE": "huge"})
