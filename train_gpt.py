@@ -927,7 +927,8 @@ class WeightAverager:
         if self.ema is not None:  # decay warms up so short runs do not average in the initialization
             decay = min(self.hp.ema_decay, (1 + step) / (10 + step))
             torch._foreach_lerp_(self.ema, [p.float() for p in self.params], 1 - decay)
-        if self.hp.swa_every and lr_mult < self.hp.swa_threshold and step % self.hp.swa_every == 0:
+        late = lr_mult < self.hp.swa_threshold and step >= self.hp.lr_warmup_steps  # LR warm-up is low too: not it
+        if self.hp.swa_every and late and step % self.hp.swa_every == 0:
             if self.swa is None:
                 self.swa = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
             torch._foreach_add_(self.swa, [p.float() for p in self.params])

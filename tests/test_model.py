@@ -161,6 +161,13 @@ def test_weight_averager_ema_and_swa():
     torch.testing.assert_close(model.weight, torch.full((2, 3), 3.0))  # only step 2 is both late and on the grid
     assert avg.apply("ema") == "ema"
     torch.testing.assert_close(model.weight, torch.full((2, 3), ema))
+    warm = T.WeightAverager(model, T.Hyperparameters(run_id="x", swa_every=2, swa_threshold=0.5, lr_warmup_steps=3))
+    with torch.no_grad():  # the LR multiplier is low in warm-up too: those steps are not SWA's
+        for step, v in enumerate([100.0, 1.0, 2.0, 3.0, 4.0]):
+            model.weight.fill_(v)
+            warm.update(step, lr_mult=(step + 1) / 3 if step < 3 else 0.1)
+    assert warm.apply("swa") == "swa"
+    torch.testing.assert_close(model.weight, torch.full((2, 3), 4.0))  # step 4 only, not step 0 (100) or 2
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and T.flash_attn_func is not None), reason="needs CUDA and flash-attn")
