@@ -24,7 +24,6 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,9 +56,8 @@ class Meter:
             codes, scales = T.quantize(w, key[0])
             groups = {f.name: codes.numpy().ravel(), "scales": scales.half().numpy()}
             meta, _ = T.encode_groups(groups, self.codec)
-            p = np.bincount(groups[f.name]) / codes.numel()
-            entropy = float(-(p[p > 0] * np.log2(p[p > 0])).sum())
-            self.cache[key] = (8 * meta[f.name]["len"] / codes.numel(), 8 * meta["scales"]["len"] / scales.numel(), entropy)
+            self.cache[key] = (8 * meta[f.name]["len"] / codes.numel(), 8 * meta["scales"]["len"] / scales.numel(),
+                               T.code_entropy(groups[f.name]))
         return self.cache[key]
 
 
