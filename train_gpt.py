@@ -1637,28 +1637,6 @@ def count_bytes(prev: np.ndarray | Tensor, tgt: np.ndarray | Tensor, luts) -> in
     return int((n + extra).sum())
 
 
-
-@torch.no_grad()
-def eval_plain(run: Run, model: nn.Module) -> tuple[float, float]:
-    """Non-overlapping EVAL_SEQ_LEN windows, split over ranks; returns (val_loss nats, val_bpb)."""
-    hp, toks = run.hp, run.val_tokens
-    n_seq, per_batch = (toks.size - 1) // hp.eval_seq_len, eval_rows(hp)
-    lo, hi = n_seq * run.rank // run.world_size, n_seq * (run.rank + 1) // run.world_size
-    nll = n_tok = n_bytes = 0.0
-    model.eval()
-    for s in range(lo, hi, per_batch):
-        e = min(s + per_batch, hi)
-        span = torch.from_numpy(toks[s * hp.eval_seq_len:e * hp.eval_seq_len + 1].astype(np.int64)).to(run.device)
-        x, y = span[:-1].view(-1, hp.eval_seq_len), span[1:].view(-1, hp.eval_seq_len)
-        with run.autocast():
-            nll += float(token_nll(model(x), y).double().sum())
-        n_tok += y.numel()
-        n_bytes += count_bytes(x, y, run.luts)
-    model.train()
-    nll, n_tok, n_bytes = run.all_reduce(nll, n_tok, n_bytes)
-    return nll / n_tok, nll / n_tok / math.log(2) * n_tok / n_bytes
-
-
 # Sliding windows, n-gram mixing, score-first TTT and the audit. Target p is
 # token p+1 given tokens 0..p. Neural stages return per-target statistics
 # (3, targets): NLL, model entropy, model log-prob of the n-gram hint; each
@@ -1715,6 +1693,27 @@ def eval_sliding(run: Run, model: nn.Module, toks: Tensor, hint: Tensor | None =
     if run.distributed:
         dist.all_reduce(stats)
     return stats
+
+
+def plain_windows(run: Run, model: nn.Module, toks: Tensor) -> Tensor:
+    """Statistics of the stream's whole EVAL_SEQ_LEN windows, scored without overlap: sliding with stride = context."""
+    L = run.hp.eval_seq_len
+    plain = dataclasses.replace(run, hp=dataclasses.replace(run.hp, eval_stride=L))
+    return eval_sliding(plain, model, toks[:(toks.numel() - 1) // L * L + 1])
+
+
+def score(run: Run, out: Tensor, toks: Tensor) -> tuple[float, float]:
+    """(val_loss nats, val_bpb) of a stage's statistics (3, m) or NLL (m,): its targets are tokens 1..m of toks."""
+    nll = out[0] if out.dim() == 2 else out
+    m = nll.numel()
+    loss = float(nll.double().sum()) / m
+    return loss, loss / math.log(2) * m / count_bytes(toks[:m], toks[1:m + 1], run.luts)
+
+
+def eval_plain(run: Run, model: nn.Module) -> tuple[float, float]:
+    """(val_loss, val_bpb) of the validation split's plain windows: the roundtrip stage's score."""
+    toks = torch.from_numpy(run.val_tokens.astype(np.int64)).to(run.device)
+    return score(run, plain_windows(run, model, toks), toks)
 
 
 def ngram_counts(toks: Tensor, order: int) -> tuple[list[tuple[Tensor, Tensor, Tensor]], Tensor, Tensor]:
@@ -1971,6 +1970,80 @@ def global_pass(run: Run, model: nn.Module, span: Tensor, scored: Tensor, docs: 
     run.log(f"ttt phased: global pass over {docs} documents ({n:,} targets, {chunks} steps)")
 
 
+def scoring_seconds(hp: Hyperparameters, M: int, roundtrip_s: float) -> tuple[float, float]:
+    """Estimated seconds to score M targets by sliding windows, and by TTT (full: the same windows; lora/phased: one
+    window per TTT_CHUNK_TOKENS chunk), from the roundtrip's seconds for M // EVAL_SEQ_LEN plain windows."""
+    L = hp.eval_seq_len
+    slide = roundtrip_s * len(sliding_plan(M, L, hp.eval_stride)[2]) / max(1, M // L)
+    return slide, slide if hp.ttt_mode == "full" else roundtrip_s * L / min(hp.ttt_chunk_tokens, L)
+
+
+@dataclass
+class Scoring:
+    """What the evaluation stages of one stream share: the model that scores, the one TTT adapts a copy of, the n-gram
+    counts the neural stages need (tilt mode's hint), the last sliding statistics (the n-gram stage mixes over them),
+    the n-gram's mixing logits z, and evaluate's time accounting (left(): seconds of the budget left)."""
+    run: Run
+    model: nn.Module
+    trained: nn.Module
+    toks: Tensor
+    left: Callable[[], float] = lambda: math.inf
+    pre: tuple | None = None
+    stats: Tensor | None = None
+    z: Tensor | None = None
+    box: float = math.inf
+    ngram_s: float = 0.0
+
+    def __post_init__(self):
+        hp = self.run.hp
+        if hp.ngram_order and hp.ngram_mode == "tilt":  # the counts themselves are not kept
+            self.pre = (None, *ngram_counts(self.toks, hp.ngram_order)[1:])
+
+    @property
+    def hint(self) -> Tensor | None:
+        return None if self.pre is None else self.pre[1][1:]
+
+    def estimates(self) -> tuple[float, float]:
+        """Seconds to score the stream by sliding windows and by TTT, from the roundtrip stage's time."""
+        return scoring_seconds(self.run.hp, self.toks.numel() - 1, self.run.results["stages"]["roundtrip"]["seconds"])
+
+
+@dataclass(frozen=True)
+class EvalStage:
+    """An evaluation stage: on(hp) says whether it runs, seconds(s) estimates its time, run(s) returns per-target
+    statistics (3, m) or NLL (m,). `sliding`: it scores every target by sliding windows, so its statistics feed the
+    n-gram stage; `instead_of`: evaluate skips that stage when this one has run (TTT scores the sliding windows itself)."""
+    name: str
+    on: Callable[[Hyperparameters], bool]
+    seconds: Callable[[Scoring], float]
+    run: Callable[[Scoring], Tensor]
+    sliding: bool = False
+    instead_of: str = ""
+
+
+def ttt_seconds(s: Scoring) -> float:
+    """TTT's estimate; it adapts for at most TTT_SECONDS and only while the scoring and the n-gram stage still fit."""
+    score_s = s.estimates()[1]
+    s.box = s.run.all_reduce(min(s.run.hp.ttt_seconds, s.left() - 1.1 * score_s - s.ngram_s), op=dist.ReduceOp.MIN)[0]
+    return score_s + s.box if s.box > 0 else math.inf
+
+
+def ngram_stage(s: Scoring) -> Tensor:
+    nll, s.z = ngram_nll(s.run.hp, s.toks, s.stats, s.pre)
+    return nll
+
+
+# The stages in order; evaluate and the audit both iterate this list. A new stage is one entry here.
+EVAL_STAGES = (
+    EvalStage("roundtrip", lambda hp: True, lambda s: 0.0, lambda s: plain_windows(s.run, s.model, s.toks)),
+    EvalStage("ttt", lambda hp: hp.ttt_enabled, ttt_seconds,
+              lambda s: eval_ttt(s.run, s.trained, s.toks, s.hint, s.box), sliding=True),
+    EvalStage("sliding", lambda hp: True, lambda s: 1.1 * s.estimates()[0],
+              lambda s: eval_sliding(s.run, s.model, s.toks, s.hint), sliding=True, instead_of="ttt"),
+    EvalStage("ngram", lambda hp: hp.ngram_order > 0, lambda s: math.inf if s.stats is None else s.ngram_s, ngram_stage),
+)
+
+
 def audit(run: Run, model: nn.Module, n_pos: int = 2) -> dict:
     """EVAL_AUDIT: the four conditions, checked on the first 4 * EVAL_SEQ_LEN + 1 tokens of the split at n_pos
     sampled targets p. norm_*: |sum over the vocabulary - 1| of the distribution at p: the model's softmax row
@@ -1986,17 +2059,14 @@ def audit(run: Run, model: nn.Module, n_pos: int = 2) -> dict:
     toks = torch.from_numpy(run.val_tokens[:n_tokens].astype(np.int64)).to(run.device)
     M, W, first, ends = toks.numel() - 1, *sliding_plan(toks.numel() - 1, hp.eval_seq_len, hp.eval_stride)
     gen = torch.Generator().manual_seed(0)
-    hint = lambda tk: ngram_counts(tk, K)[1][1:] if K and hp.ngram_mode == "tilt" else None  # noqa: E731
 
-    def scores(tk: Tensor) -> tuple[dict[str, Tensor], Tensor | None]:  # per-target NLL of each stage; n-gram z
-        h = hint(tk)
-        stats = eval_sliding(sub, model, tk, h)
-        out, z = dict(sliding=stats[0]), None
-        if K:
-            out["ngram"], z = ngram_nll(hp, tk, stats)
-        if hp.ttt_enabled:
-            out["ttt"] = eval_ttt(observed if tk is toks else sub, model, tk, h)[0]
-        return out, z
+    def scores(tk: Tensor) -> tuple[dict[str, Tensor], Tensor | None]:  # per-target NLL of every stage on; n-gram z
+        s, out = Scoring(observed if tk is toks else sub, model, model, tk), {}
+        for st in (st for st in EVAL_STAGES if st.on(hp)):  # all of them: sliding too when TTT stands in for it
+            res = st.run(s)
+            s.stats = res if st.sliding else s.stats
+            out[st.name] = res[0] if res.dim() == 2 else res
+        return out, s.z
 
     def row(tk: Tensor, p: int) -> Tensor:  # the model's log-prob row at target p, from the window that scores it
         k = int(np.searchsorted(ends, p, side="right"))
@@ -2351,72 +2421,46 @@ def account_time(run: Run, export_s: float):
                     f"set EXPORT_RESERVE_SECONDS to at least {math.ceil(after * 1.2)}")
 
 
-def scoring_seconds(hp: Hyperparameters, M: int, roundtrip_s: float) -> tuple[float, float]:
-    """Estimated seconds to score M targets by sliding windows, and by TTT (full: the same windows; lora/phased: one
-    window per TTT_CHUNK_TOKENS chunk), from the roundtrip's seconds for M // EVAL_SEQ_LEN plain windows."""
-    L = hp.eval_seq_len
-    slide = roundtrip_s * len(sliding_plan(M, L, hp.eval_stride)[2]) / max(1, M // L)
-    return slide, slide if hp.ttt_mode == "full" else roundtrip_s * L / min(hp.ttt_chunk_tokens, L)
-
-
 def evaluate(run: Run):
-    """Evaluation stages in order: roundtrip (plain windows), ttt if on (it scores the sliding windows itself, so they
-    are not scored twice), else sliding, then ngram (over the last neural stage's statistics). A stage runs only if
-    its estimated time fits what is left of EVAL_BUDGET_SECONDS on every rank (the ranks decide together: a rank alone
-    in a stage would meet the others' collectives); the last stage that ran gives the reported, legal score. EVAL_AUDIT=1 then audits the stages into results["audit"]."""
+    """EVAL_STAGES in order: roundtrip (plain windows), ttt if on, sliding unless ttt ran, ngram (over the last sliding
+    statistics). A stage runs only if its estimated time fits what is left of EVAL_BUDGET_SECONDS on every rank (the
+    ranks decide together: a rank alone in a stage would meet the others' collectives); the last stage that ran gives
+    the reported, legal score. EVAL_AUDIT=1 then audits the stages into results["audit"]."""
     hp, t0, stages = run.hp, time.perf_counter(), run.results["stages"]
-    model = run.eval_model or run.model
     toks = torch.from_numpy(run.val_tokens.astype(np.int64)).to(run.device)
-    M, n_bytes = toks.numel() - 1, count_bytes(run.val_tokens[:-1], run.val_tokens[1:], run.luts)
-    left = lambda: hp.eval_budget_seconds - (time.perf_counter() - t0)  # noqa: E731
-
-    def stage(name: str, est: float, fn):
-        if stages and run.all_reduce(float(est > left()), op=dist.ReduceOp.MAX)[0]:  # the first stage always runs
-            run.log(f"WARNING: eval {name} skipped: needs ~{est:.0f}s, {left():.0f}s of EVAL_BUDGET_SECONDS left")
-            return None
-        s, out = time.perf_counter(), fn()
-        if isinstance(out, tuple):
-            loss, bpb = out
-        else:
-            loss = float((out[0] if out.dim() == 2 else out).double().sum()) / M
-            bpb = loss / math.log(2) * M / n_bytes
-        sec = max(time.perf_counter() - s, 1e-9)
-        rate = M / sec / run.world_size  # targets/s per device: what a projection to other hardware starts from
-        stages[name] = dict(val_loss=loss, val_bpb=bpb, seconds=round(sec, 3), targets_per_s=round(rate))
-        if run.distributed:  # every rank must hold the same score
-            stages[name]["rank_spread"] = spread = sum(run.all_reduce(loss, -loss, op=dist.ReduceOp.MAX))
-            if spread:
-                run.log(f"WARNING: eval {name}: val_loss differs across ranks by {spread:.3g}")
-        run.results.update(val_loss=loss, val_bpb=bpb, eval_seconds=round(time.perf_counter() - t0, 3))
-        run.log(f"eval {name}: val_loss {loss:.4f} val_bpb {bpb:.4f} ({sec:.1f}s, {rate:,.0f} targets/s per device)")
-        return out
-
-    if model is not run.model:  # compile now, not inside the roundtrip's timing that sizes the later stages
-        with torch.no_grad(), run.autocast():
-            model(toks[None, :hp.eval_seq_len])
-    stage("roundtrip", 0.0, lambda: eval_plain(run, model))
-    slide_s, score_s = scoring_seconds(hp, M, stages["roundtrip"]["seconds"])
-    ngram_s, pre, hint = 0.0, None, None
+    s = Scoring(run, run.eval_model or run.model, run.model, toks,
+                left=lambda: hp.eval_budget_seconds - (time.perf_counter() - t0))
     if hp.ngram_order:  # time the counting on a prefix to estimate the stage
-        s, k = time.perf_counter(), min(M, 1 << 18)
+        t, k = time.perf_counter(), min(toks.numel() - 1, 1 << 18)
         ngram_counts(toks[:k + 1], hp.ngram_order)
-        ngram_s = 2 * (time.perf_counter() - s) * M / k
-        if hp.ngram_mode == "tilt":  # the hint is needed by the neural stages; the counts themselves are not kept
-            pre = (None, *ngram_counts(toks, hp.ngram_order)[1:])
-            hint = pre[1][1:]
-    stats = None
-    if hp.ttt_enabled:  # its scoring is the sliding scoring of the adapted model, so sliding runs only in its stead
-        box = run.all_reduce(min(hp.ttt_seconds, left() - 1.1 * score_s - ngram_s), op=dist.ReduceOp.MIN)[0]
-        stats = stage("ttt", score_s + box if box > 0 else math.inf, lambda: eval_ttt(run, run.model, toks, hint, box))
-    if stats is None:
-        stats = stage("sliding", 1.1 * slide_s, lambda: eval_sliding(run, model, toks, hint))
-    if hp.ngram_order:
-        stage("ngram", math.inf if stats is None else ngram_s, lambda: ngram_nll(hp, toks, stats, pre)[0])
+        s.ngram_s = 2 * (time.perf_counter() - t) * (toks.numel() - 1) / k
+    if s.model is not run.model:  # compile now, not inside the roundtrip's timing that sizes the later stages
+        with torch.no_grad(), run.autocast():
+            s.model(toks[None, :hp.eval_seq_len])
+    for st in EVAL_STAGES:
+        if not st.on(hp) or st.instead_of in stages:
+            continue
+        est = st.seconds(s)
+        if stages and run.all_reduce(float(est > s.left()), op=dist.ReduceOp.MAX)[0]:  # the first stage always runs
+            run.log(f"WARNING: eval {st.name} skipped: needs ~{est:.0f}s, {s.left():.0f}s of EVAL_BUDGET_SECONDS left")
+            continue
+        t, out = time.perf_counter(), st.run(s)
+        s.stats = out if st.sliding else s.stats
+        loss, bpb = score(run, out, toks)
+        sec = max(time.perf_counter() - t, 1e-9)
+        rate = out.shape[-1] / sec / run.world_size  # targets/s per device: what a projection to other hardware starts from
+        stages[st.name] = dict(val_loss=loss, val_bpb=bpb, seconds=round(sec, 3), targets_per_s=round(rate))
+        if run.distributed:  # every rank must hold the same score
+            stages[st.name]["rank_spread"] = spread = sum(run.all_reduce(loss, -loss, op=dist.ReduceOp.MAX))
+            if spread:
+                run.log(f"WARNING: eval {st.name}: val_loss differs across ranks by {spread:.3g}")
+        run.results.update(val_loss=loss, val_bpb=bpb, eval_seconds=round(time.perf_counter() - t0, 3))
+        run.log(f"eval {st.name}: val_loss {loss:.4f} val_bpb {bpb:.4f} ({sec:.1f}s, {rate:,.0f} targets/s per device)")
     run.results["eval_seconds"] = round(time.perf_counter() - t0, 3)
     if hp.eval_audit:
-        s, res = time.perf_counter(), audit(run, run.model)
+        t, res = time.perf_counter(), audit(run, run.model)
         run.results["audit"] = res
-        run.log(f"eval audit: {'passed' if res['passed'] else 'FAILED'} in {time.perf_counter() - s:.0f}s: "
+        run.log(f"eval audit: {'passed' if res['passed'] else 'FAILED'} in {time.perf_counter() - t:.0f}s: "
                 + ", ".join(f"{k} {v:.2g}" for k, v in res["checks"].items()))
 
 

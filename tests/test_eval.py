@@ -53,11 +53,18 @@ def test_sliding_plan_scores_every_target_once_with_full_windows(n, seq_len, str
     assert (ends[1:] - first[1:] <= min(stride, W)).all()
 
 
-def test_sliding_with_stride_equal_to_context_is_plain_eval(tiny_run):
-    r = sub_run(tiny_run, 8 * tiny_run.hp.eval_seq_len + 1, eval_stride=tiny_run.hp.eval_seq_len)
-    loss, _ = T.eval_plain(r, r.model)
-    stats = T.eval_sliding(r, r.model, stream(r))
-    assert float(stats[0].double().mean()) == pytest.approx(loss, rel=1e-6)
+def test_plain_eval_scores_the_whole_windows_without_overlap(tiny_run):
+    L = tiny_run.hp.eval_seq_len
+    r = sub_run(tiny_run, 8 * L + 50)  # 8 whole windows and a tail of 49 targets that plain evaluation leaves out
+    toks = stream(r)
+    stats = T.plain_windows(r, r.model, toks)
+    with torch.no_grad():
+        nll = T.token_nll(r.model(toks[:8 * L].view(8, L)), toks[1:8 * L + 1].view(8, L)).flatten()
+    assert stats.shape == (3, 8 * L) and torch.allclose(stats[0], nll, atol=1e-5)
+    loss, bpb = T.eval_plain(r, r.model)
+    n_bytes = T.count_bytes(r.val_tokens[:8 * L], r.val_tokens[1:8 * L + 1], r.luts)
+    assert loss == pytest.approx(float(nll.double().mean()), rel=1e-6)
+    assert bpb == pytest.approx(loss / np.log(2) * 8 * L / n_bytes, rel=1e-9)
 
 
 def test_sliding_counts_every_token_and_byte_once_and_beats_plain(tiny_run, monkeypatch):
@@ -270,6 +277,21 @@ def test_audit_passes_phased_ttt_and_catches_a_pass_over_unscored_documents(tiny
     monkeypatch.setattr(T, "global_pass", leaky)
     res = T.audit(r, tiny_run.model, n_pos=1)
     assert not res["passed"] and res["checks"]["ttt_weights"] > 0, res
+
+
+def test_a_stage_added_to_the_registry_is_evaluated_and_audited(tiny_run, monkeypatch):
+    short = lambda s: dataclasses.replace(s.run, hp=dataclasses.replace(s.run.hp, eval_seq_len=128))  # noqa: E731
+    peek = lambda s: T.eval_sliding(s.run, s.model, torch.cat((s.toks[1:], s.toks[-1:])))  # noqa: E731  target p sees p+2
+    stages = T.EVAL_STAGES
+    for name, run, passed in (("sliding_128", lambda s: T.eval_sliding(short(s), s.model, s.toks), True),
+                              ("peeking", peek, False)):
+        monkeypatch.setattr(T, "EVAL_STAGES", stages + (T.EvalStage(name, lambda hp: True, lambda s: 0.0, run),))
+        r = sub_run(tiny_run, 3001, ttt_enabled=False, ngram_order=0, eval_audit=True)
+        T.evaluate(r)
+        assert list(r.results["stages"]) == ["roundtrip", "sliding", name]
+        assert r.results["val_bpb"] == r.results["stages"][name]["val_bpb"]
+        checks = r.results["audit"]["checks"]
+        assert r.results["audit"]["passed"] == passed and (checks[f"causal_{name}"] <= 1e-5) == passed, checks
 
 
 def test_evaluate_runs_the_stages_and_keeps_the_last_score_within_budget(tiny_run):
