@@ -1340,9 +1340,9 @@ def fd_neighbours(even: Tensor, n_odd: int, n_levels: int) -> tuple[Tensor, Tens
     return c[:, :n_odd], torch.cat((c[:, 1:], c[:, -1:]), 1)[:, :n_odd]
 
 
-def fd_predict(even: Tensor, coef: Tensor, n_odd: int, n_levels: int) -> Tensor:
-    """FREEZE_DRY's fit of the odd columns, in float64 on the CPU: export and load must round identically."""
-    left, right = fd_neighbours(even, n_odd, n_levels)
+def fd_predict(left: Tensor, right: Tensor, coef: Tensor, n_levels: int) -> Tensor:
+    """FREEZE_DRY's fit of the odd columns from fd_neighbours, in float64 on the CPU: export and load must round
+    identically."""
     return (coef[0].double() * left + coef[1].double() * right + (n_levels - 1) / 2).round().clamp(0, n_levels - 1)
 
 
@@ -1354,14 +1354,14 @@ def freeze_dry(codes: Tensor, n_levels: int, tol: int) -> list[Tensor]:
     left, right = fd_neighbours(codes[:, 0::2], odd.size(1), n_levels)
     design = torch.stack((left, right), -1).transpose(0, 1)  # [odd column, row, 2]
     coef = (torch.linalg.pinv(design) @ (odd - (n_levels - 1) / 2).T[..., None])[..., 0].T.half()
-    res = odd - fd_predict(codes[:, 0::2], coef, odd.size(1), n_levels)
+    res = odd - fd_predict(left, right, coef, n_levels)
     res[res.abs() <= tol] = 0
     return [codes[:, 0::2], (res.long() % 256).to(torch.uint8), coef]
 
 
 def thaw(even: Tensor, res: Tensor, coef: Tensor, n_levels: int) -> Tensor:
     """freeze_dry's inverse: the codes, with the fit where the residual is 0."""
-    odd = (fd_predict(even, coef, res.size(1), n_levels).long() + res.cpu().long()) % 256
+    odd = (fd_predict(*fd_neighbours(even, res.size(1), n_levels), coef, n_levels).long() + res.cpu().long()) % 256
     codes = torch.empty(even.size(0), even.size(1) + res.size(1), dtype=torch.uint8)
     codes[:, 0::2], codes[:, 1::2] = even.cpu(), odd.to(torch.uint8)
     return codes.to(even.device)
@@ -1523,10 +1523,11 @@ def export_artifact(model: nn.Module, hp: Hyperparameters, path: str | Path, hes
         stored = parts[name]
         if f.fd >= 0:  # what the loader restores (the tolerance moves codes) is what is scored and reported
             stored = [*freeze_dry(parts[name][0], len(grid(f)), f.fd), *parts[name][1:]]
-            parts[name] = [thaw(*stored[:3], len(grid(f))), *parts[name][1:]]
             fd["values"] += stored[1].numel()
             fd["fitted"] += int((stored[1] == 0).sum())
-            fd["changed"] += int((parts[name][0] != cache[name, f][0]).sum())
+            if f.fd:  # tolerance 0 restores every code
+                parts[name] = [thaw(*stored[:3], len(grid(f))), *parts[name][1:]]
+                fd["changed"] += int((parts[name][0] != cache[name, f][0]).sum())
         if role:
             r = roles.setdefault(f"{role}:{f.tag}", dict(params=0, err=0.0, norm=0.0))
             deq = t.half().float() if f.kind == "fp16" else dequantize(parts[name], f)
