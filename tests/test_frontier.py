@@ -11,7 +11,7 @@ import train_gpt as T
 from conftest import ROOT
 
 TINY = dict(PRESET="tiny", MODEL_DIM="64", NUM_LAYERS="3", NUM_HEADS="4", NUM_KV_HEADS="2", BIGRAM_DIM="16",
-            VE_DIM="16", VOCAB_SIZE="64")
+            VE_DIM="16", VOCAB_SIZE="64", UNET_SKIPS="1", LN_SCALE="1")  # the default recipe's skips and scale
 
 
 def model(**env) -> T.GPT:

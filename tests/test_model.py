@@ -7,7 +7,7 @@ import torch
 import train_gpt as T
 
 SMALL = dict(PRESET="tiny", NUM_LAYERS="4", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", BIGRAM_DIM="16",
-             VE_DIM="16", BIGRAM_BUCKETS="64")
+             VE_DIM="16", BIGRAM_BUCKETS="64", UNET_SKIPS="1", LN_SCALE="1")  # the default recipe's skips and scale
 
 
 def small_hp(**overrides) -> T.Hyperparameters:

@@ -649,7 +649,7 @@ def test_predict_size_fits_and_quant_fit_fallback(monkeypatch, capsys):
     monkeypatch.setenv("PRESET", "tiny")
     assert predict_size.main(["--codec", "zstd", "--spec", "mlp_up:int5,embed:int8"]) == 0
     out = capsys.readouterr().out
-    assert "2,413,331 parameters" in out and ": fits" in out and "QUANT_FIT" not in out
+    assert "2,412,819 parameters" in out and ": fits" in out and "QUANT_FIT" not in out
     readable = int(out.split("| code (train_gpt.py) | | | ")[1].split(" ")[0].replace(",", ""))
     assert predict_size.main(["--codec", "zstd", "--spec", "mlp_up:int5,embed:int8", "--packed"]) == 0
     packed = int(capsys.readouterr().out.split("| code (train_gpt.py, packed) | | | ")[1].split(" ")[0].replace(",", ""))
