@@ -2014,7 +2014,8 @@ class Scoring:
 class EvalStage:
     """An evaluation stage: on(hp) says whether it runs, seconds(s) estimates its time, run(s) returns per-target
     statistics (3, m) or NLL (m,). `sliding`: it scores every target by sliding windows, so its statistics feed the
-    n-gram stage; `instead_of`: evaluate skips that stage when this one has run (TTT scores the sliding windows itself)."""
+    n-gram stage; `instead_of`: it runs only in that stage's place, skipped once that one has run (TTT scores the
+    sliding windows itself)."""
     name: str
     on: Callable[[Hyperparameters], bool]
     seconds: Callable[[Scoring], float]
