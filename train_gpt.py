@@ -899,6 +899,10 @@ class Schedule:
         """Fraction of training done: of the wall clock under a cap, else of the iterations."""
         return elapsed_s / self.wallclock_s if self.wallclock_s > 0 else step / max(self.iterations, 1)
 
+    def warmdown_mult(self, step: int, lr_mult: float) -> float:
+        """lr_mult for the SWA and QAT thresholds: inf in LR warm-up, whose low multipliers are not warmdown."""
+        return lr_mult if step >= self.lr_warmup_steps else math.inf
+
     def lr_mult(self, step: int, elapsed_s: float) -> float:
         warm = min(1.0, (step + 1) / self.lr_warmup_steps) if self.lr_warmup_steps else 1.0
         if self.warmdown_frac > 0:
@@ -924,12 +928,11 @@ class WeightAverager:
         self.swa, self.swa_count, self.hp = None, 0, hp
 
     @torch.no_grad()
-    def update(self, step: int, lr_mult: float):
+    def update(self, step: int, lr_mult: float):  # lr_mult: Schedule.warmdown_mult
         if self.ema is not None:  # decay warms up so short runs do not average in the initialization
             decay = min(self.hp.ema_decay, (1 + step) / (10 + step))
             torch._foreach_lerp_(self.ema, [p.float() for p in self.params], 1 - decay)
-        late = lr_mult < self.hp.swa_threshold and step >= self.hp.lr_warmup_steps  # LR warm-up is low too: not it
-        if self.hp.swa_every and late and step % self.hp.swa_every == 0:
+        if self.hp.swa_every and lr_mult < self.hp.swa_threshold and step % self.hp.swa_every == 0:
             if self.swa is None:
                 self.swa = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
             torch._foreach_add_(self.swa, [p.float() for p in self.params])
@@ -1024,10 +1027,10 @@ def refresh_qat(model: nn.Module):
 
 
 def on_train_step(run, step: int, lr_mult: float):
-    """Progressive QAT: once the LR multiplier is at or below QAT_THRESHOLD, weights are fake-quantized at their
-    QUANT_SPEC format; QAT_STEPS=n starts n-1 bits wider and drops a bit per equal LR interval."""
+    """Progressive QAT: once the LR multiplier (Schedule.warmdown_mult) is at or below QAT_THRESHOLD, weights are
+    fake-quantized at their QUANT_SPEC format; QAT_STEPS=n starts n-1 bits wider and drops a bit per equal LR interval."""
     hp = run.hp
-    if hp.qat_threshold and lr_mult <= hp.qat_threshold and step >= hp.lr_warmup_steps:
+    if hp.qat_threshold and lr_mult <= hp.qat_threshold:
         extra = min(int(lr_mult / hp.qat_threshold * hp.qat_steps), hp.qat_steps - 1)
         stages = run.results.setdefault("qat_stages", [])
         if not stages or stages[-1][1] != extra:
@@ -2281,8 +2284,9 @@ def train(run: Run):
     while step < hp.iterations and not stop:
         lr_mult, loader.progress = sched.lr_mult(step, train_s), sched.progress(step, train_s)
         loss = train_step(run, loader, optimizers, ga, lr_mult, step)
-        averager.update(step, lr_mult)
-        on_train_step(run, step, lr_mult)
+        late_mult = sched.warmdown_mult(step, lr_mult)
+        averager.update(step, late_mult)
+        on_train_step(run, step, late_mult)
         step += 1
         train_s = time.perf_counter() - t0
         loop_due = bool(run.model.loop) and not run.model.looping and (

@@ -162,11 +162,13 @@ def test_weight_averager_ema_and_swa():
     assert avg.apply("ema") == "ema"
     torch.testing.assert_close(model.weight, torch.full((2, 3), ema))
     warm = T.WeightAverager(model, T.Hyperparameters(run_id="x", swa_every=2, swa_threshold=0.5, lr_warmup_steps=3))
+    sched = T.Schedule(iterations=5, warmdown_iters=0, lr_warmup_steps=3, wallclock_s=0.0, warmdown_frac=1.0)
+    mults = [sched.lr_mult(step, 0.0) for step in range(5)]  # 1/3, 2/3, 0.6, 0.4, 0.2
     with torch.no_grad():  # the LR multiplier is low in warm-up too: those steps are not SWA's
         for step, v in enumerate([100.0, 1.0, 2.0, 3.0, 4.0]):
             model.weight.fill_(v)
-            warm.update(step, lr_mult=(step + 1) / 3 if step < 3 else 0.1)
-    assert warm.apply("swa") == "swa"
+            warm.update(step, sched.warmdown_mult(step, mults[step]))
+    assert mults[0] < 0.5 and warm.apply("swa") == "swa"
     torch.testing.assert_close(model.weight, torch.full((2, 3), 4.0))  # step 4 only, not step 0 (100) or 2
 
 
