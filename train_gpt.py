@@ -1707,18 +1707,21 @@ def plain_windows(run: Run, model: nn.Module, toks: Tensor) -> Tensor:
     return eval_sliding(plain, model, toks[:(toks.numel() - 1) // L * L + 1])
 
 
-def score(run: Run, out: Tensor, toks: Tensor) -> tuple[float, float]:
-    """(val_loss nats, val_bpb) of a stage's statistics (3, m) or NLL (m,): its targets are tokens 1..m of toks."""
+def score(run: Run, out: Tensor) -> tuple[float, float]:
+    """(val_loss nats, val_bpb) of a stage's statistics (3, m) or NLL (m,): its targets are tokens 1..m of the
+    validation stream, whose bytes are counted once per m."""
     nll = out[0] if out.dim() == 2 else out
     m = nll.numel()
+    if ("bytes", m) not in run.cache:
+        toks = run.val_stream()
+        run.cache["bytes", m] = count_bytes(toks[:m], toks[1:m + 1], run.luts)
     loss = float(nll.double().sum()) / m
-    return loss, loss / math.log(2) * m / count_bytes(toks[:m], toks[1:m + 1], run.luts)
+    return loss, loss / math.log(2) * m / run.cache["bytes", m]
 
 
 def eval_plain(run: Run, model: nn.Module) -> tuple[float, float]:
     """(val_loss, val_bpb) of the validation split's plain windows: the roundtrip stage's score."""
-    toks = torch.from_numpy(run.val_tokens.astype(np.int64)).to(run.device)
-    return score(run, plain_windows(run, model, toks), toks)
+    return score(run, plain_windows(run, model, run.val_stream()))
 
 
 def ngram_counts(toks: Tensor, order: int) -> tuple[list[tuple[Tensor, Tensor, Tensor]], Tensor, Tensor]:
@@ -2151,6 +2154,7 @@ class Run:
     val_tokens: np.ndarray | None = None
     results: dict = field(default_factory=dict)
     observe: Callable | None = None  # the audit's hook: observe(kind, key, value) from inside the TTT loops
+    cache: dict = field(default_factory=dict, init=False, repr=False)  # val_stream's copy, score's byte counts
 
     @property
     def master(self) -> bool:
@@ -2159,6 +2163,12 @@ class Run:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+    def val_stream(self) -> Tensor:
+        """The validation tokens (int64) on the device, copied once for the VAL_LOSS_EVERY checks and evaluate."""
+        if "val" not in self.cache:
+            self.cache["val"] = torch.from_numpy(self.val_tokens.astype(np.int64)).to(self.device)
+        return self.cache["val"]
 
     def log(self, msg: str):
         if self.master:
@@ -2433,8 +2443,7 @@ def evaluate(run: Run):
     statistics). A stage runs only if its estimated time fits what is left of EVAL_BUDGET_SECONDS on every rank (the
     ranks decide together: a rank alone in a stage would meet the others' collectives); the last stage that ran gives
     the reported, legal score. EVAL_AUDIT=1 then audits the stages into results["audit"]."""
-    hp, t0, stages = run.hp, time.perf_counter(), run.results["stages"]
-    toks = torch.from_numpy(run.val_tokens.astype(np.int64)).to(run.device)
+    hp, t0, stages, toks = run.hp, time.perf_counter(), run.results["stages"], run.val_stream()
     s = Scoring(run, run.eval_model or run.model, run.model, toks,
                 left=lambda: hp.eval_budget_seconds - (time.perf_counter() - t0))
     if hp.ngram_order:  # time the counting on a prefix to estimate the stage
@@ -2453,7 +2462,7 @@ def evaluate(run: Run):
             continue
         t, out = time.perf_counter(), st.run(s)
         s.stats = out if st.sliding else s.stats
-        loss, bpb = score(run, out, toks)
+        loss, bpb = score(run, out)
         sec = max(time.perf_counter() - t, 1e-9)
         rate = out.shape[-1] / sec / run.world_size  # targets/s per device: what a projection to other hardware starts from
         stages[st.name] = dict(val_loss=loss, val_bpb=bpb, seconds=round(sec, 3), targets_per_s=round(rate))
