@@ -8,7 +8,9 @@ The rules: a new record must beat the best by at least 0.005 nats with p < 0.01 
 The margin is in nats, so the test uses val_loss (mean token cross-entropy in nats, which every
 result JSON carries); val_bpb (bits per byte, the leaderboard metric) is reported beside it,
 with the margin converted at the runs' own bits-per-nat x tokens-per-byte ratio. The two only
-rank runs identically when both groups use the same tokenizer (a warning says when they don't).
+rank runs identically when both groups use the same tokenizer (a warning says when they don't);
+--metric val_bpb tests bits per byte instead (the margin and --base-loss are then in bpb), the one
+measure that compares runs with different tokenizers.
 
 Test: one-sided Welch t-test of H0: mean_base - mean_new <= margin (default 0.005) against
 H1: mean_base - mean_new > margin; t = (mean_base - mean_new - margin) / sqrt(s_b^2/n_b + s_n^2/n_n)
@@ -124,10 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     base = p.add_mutually_exclusive_group(required=True)
     base.add_argument("--base", nargs="+", metavar="JSON", help="result JSONs (paths or globs) of the current best")
     base.add_argument("--base-loss", metavar="L1,L2,...",
-                      help="the current best's per-seed val_loss values in nats (when you only have its README)")
+                      help="the current best's per-seed values of --metric (when you only have its README)")
     p.add_argument("--new", nargs="+", required=True, metavar="JSON", help="result JSONs (paths or globs) of the candidate")
+    p.add_argument("--metric", choices=("val_loss", "val_bpb"), default="val_loss",
+                   help="what the test compares: val_loss in nats (the rules') or val_bpb (across tokenizers)")
     p.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
-                   help=f"required improvement of mean val_loss in nats (default {DEFAULT_MARGIN})")
+                   help=f"required improvement of the mean, in the metric's unit (default {DEFAULT_MARGIN})")
     p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help=f"significance level (default {DEFAULT_ALPHA})")
     p.add_argument("--skip-bad", action="store_true",
                    help="drop runs that failed or are over the cap (listed) instead of refusing")
@@ -151,20 +155,21 @@ def load_group(items: list[str], what: str, skip_bad: bool) -> list[dict]:
     return runs
 
 
-def parse_losses(text: str) -> list[float]:
+def parse_losses(text: str, metric: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise UserError(f"--base-loss {text!r}: expected comma-separated numbers (nats)") from None
+        raise UserError(f"--base-loss {text!r}: expected comma-separated numbers ({metric})") from None
     if not values or not all(math.isfinite(v) and v > 0 for v in values):
-        raise UserError(f"--base-loss {text!r}: expected positive finite val_loss values in nats")
+        raise UserError(f"--base-loss {text!r}: expected positive finite {metric} values")
     return values
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    metric, unit = args.metric, {"val_loss": "nats", "val_bpb": "bpb"}[args.metric]
     if not (math.isfinite(args.margin) and args.margin >= 0):
-        raise UserError(f"--margin {args.margin}: expected a number >= 0 (nats)")
+        raise UserError(f"--margin {args.margin}: expected a number >= 0 ({unit})")
     if not 0 < args.alpha < 1:
         raise UserError(f"--alpha {args.alpha}: expected a number in (0, 1)")
     new = load_group(args.new, "--new", args.skip_bad)
@@ -173,10 +178,10 @@ def main(argv: list[str] | None = None) -> int:
         both = {Path(r["_path"]).resolve() for r in base} & {Path(r["_path"]).resolve() for r in new}
         if both:
             raise UserError(f"{', '.join(sorted(map(str, both)))}: given in both --base and --new")
-        base_loss = [r["val_loss"] for r in base]
+        base_loss = [r[metric] for r in base]
     else:
-        base, base_loss = [], parse_losses(args.base_loss)
-    new_loss = [r["val_loss"] for r in new]
+        base, base_loss = [], parse_losses(args.base_loss, metric)
+    new_loss = [r[metric] for r in new]
     for what, group in (("--base", base), ("--new", new)):
         seeds = [r.get("seed") for r in group]
         dup = sorted({s for s in seeds if seeds.count(s) > 1}, key=str)
@@ -186,41 +191,44 @@ def main(argv: list[str] | None = None) -> int:
     if base:
         keys = ("vocab_size", "tokenizer_path", "data_path")
         differ = [k for k in keys if {str(r.get("config", {}).get(k)) for r in base} != {str(r.get("config", {}).get(k)) for r in new}]
-        if differ:
+        if differ and metric == "val_loss":
             print(f"warning: the groups differ in {', '.join(differ)}: val_loss per token is only comparable with the "
-                  "same tokenizer and validation data; compare val_bpb instead", file=sys.stderr)
+                  "same tokenizer and validation data; compare val_bpb instead (--metric val_bpb)", file=sys.stderr)
 
     rows = []
-    for label, runs, losses in (("base", base, base_loss), ("new", new, new_loss)):
-        lm, ls = mean_std(losses)
-        bm, bs = mean_std([r["val_bpb"] for r in runs]) if runs else (math.nan, math.nan)
-        rows.append((label, len(losses), lm, ls, bm, bs, max((r["artifact_bytes"] for r in runs), default=None)))
+    for label, runs, values in (("base", base, base_loss), ("new", new, new_loss)):
+        cols = {m: mean_std([r[m] for r in runs]) if runs else (math.nan, math.nan) for m in ("val_loss", "val_bpb")}
+        cols[metric] = mean_std(values)
+        rows.append((label, len(values), *cols["val_loss"], *cols["val_bpb"],
+                     max((r["artifact_bytes"] for r in runs), default=None)))
     print(table(("group", "n", "val_loss mean", "val_loss std", "val_bpb mean", "val_bpb std", "max artifact"), rows))
     for label, runs in (("base", base), ("new", new)):
         if runs:
             print(f"  {label}: " + ", ".join(f"seed {r.get('seed')} {r['val_loss']:.5f} nats / {r['val_bpb']:.5f} bpb" for r in runs))
 
-    diff_bpb = rows[0][4] - rows[1][4]
+    diff = {"val_loss": rows[0][2] - rows[1][2], "val_bpb": rows[0][4] - rows[1][4]}
+    other = "val_bpb" if metric == "val_loss" else "val_loss"
     ratio = rows[1][4] / rows[1][2]  # bpb per nat of val_loss, from the new runs (tokens/byte / ln 2)
-    print(f"difference (base - new): val_loss {rows[0][2] - rows[1][2]:+.5f} nats (required >= {args.margin} nats)"
-          + (f", val_bpb {diff_bpb:+.5f}" if math.isfinite(diff_bpb) else "")
-          + f"; the margin is ~{args.margin * ratio:.5f} bpb at the new runs' {ratio:.4f} bpb per nat")
+    print(f"difference (base - new): {metric} {diff[metric]:+.5f} {unit} (required >= {args.margin} {unit})"
+          + (f", {other} {diff[other]:+.5f}" if math.isfinite(diff[other]) else "")
+          + (f"; the margin is ~{args.margin * ratio:.5f} bpb at the new runs' {ratio:.4f} bpb per nat"
+             if metric == "val_loss" else ""))
 
     if len(base_loss) < 2 or len(new_loss) < 2:
         print(f"NOT SIGNIFICANT: cannot test with n_base={len(base_loss)}, n_new={len(new_loss)}; "
               "each group needs at least 2 seeds (the rules usually ask for 3)")
         return 0
     res = welch_one_sided(base_loss, new_loss, args.margin)
-    print(f"Welch one-sided test of H0: mean_base - mean_new <= {args.margin}: t = {res['t']:.4f}, "
+    print(f"Welch one-sided test on {metric} of H0: mean_base - mean_new <= {args.margin}: t = {res['t']:.4f}, "
           f"df = {res['df']:.2f}, p = {res['p']:.3g}")
     if res["p"] < args.alpha:
-        print(f"RECORD: new mean val_loss {res['mean_new']:.5f} beats base {res['mean_base']:.5f} by "
-              f"{res['diff']:.5f} nats (>= {args.margin}) with p = {res['p']:.3g} < {args.alpha}")
+        print(f"RECORD: new mean {metric} {res['mean_new']:.5f} beats base {res['mean_base']:.5f} by "
+              f"{res['diff']:.5f} {unit} (>= {args.margin}) with p = {res['p']:.3g} < {args.alpha}")
     elif res["diff"] < args.margin:
-        print(f"NOT SIGNIFICANT: the improvement {res['diff']:+.5f} nats is below the required {args.margin} nats "
+        print(f"NOT SIGNIFICANT: the improvement {res['diff']:+.5f} {unit} is below the required {args.margin} {unit} "
               f"(p = {res['p']:.3g})")
     else:
-        print(f"NOT SIGNIFICANT: the improvement {res['diff']:.5f} nats clears the {args.margin} margin on average, "
+        print(f"NOT SIGNIFICANT: the improvement {res['diff']:.5f} {unit} clears the {args.margin} margin on average, "
               f"but p = {res['p']:.3g} >= {args.alpha}; more seeds or a larger gain are needed")
     return 0
 

@@ -85,11 +85,12 @@ def make_result(folder: Path, run_id: str, seed: int, val_loss: float, status: s
     cfg = dict(preset="tiny", num_layers=4, model_dim=256, matrix_lr=0.025, compile=False, log_dir=str(folder))
     cfg.update(config or {})
     cfg.update(seed=seed, run_id=run_id)
+    bpb = extra.pop("val_bpb", val_loss * 0.6)
     res = dict(run_id=run_id, seed=seed, status=status, config=cfg, steps=400, train_seconds=55.5,
                eval_seconds=4.25, code_bytes=code_bytes, model_bytes=artifact_bytes - code_bytes,
                artifact_bytes=artifact_bytes, artifact_path=str(folder / f"{run_id}.artifact"), params=2_400_000,
-               stages={"roundtrip": dict(val_loss=val_loss, val_bpb=val_loss * 0.6, seconds=4.0)},
-               val_loss=val_loss, val_bpb=val_loss * 0.6, **extra)
+               stages={"roundtrip": dict(val_loss=val_loss, val_bpb=bpb, seconds=4.0)},
+               val_loss=val_loss, val_bpb=bpb, **extra)
     if status != "ok":
         res["error"] = "train loss is nan at step 20"
     folder.mkdir(parents=True, exist_ok=True)
@@ -202,6 +203,22 @@ def test_compare_base_values_and_single_runs(tmp_path, capsys):
     assert code == 0 and "RECORD:" in out
     code, out, _ = output_of(compare_runs.main, ["--base-loss", "2.10", "--new", str(tmp_path / "n_*.json")], capsys)
     assert code == 0 and "NOT SIGNIFICANT: cannot test" in out
+
+
+def test_compare_on_bpb_across_tokenizers(tmp_path, capsys):
+    # a larger vocabulary: more nats per token, fewer bits per byte; only val_bpb ranks the two
+    for s in (1, 2, 3):
+        make_result(tmp_path, f"sp1024_seed{s}", s, 2.0 + 0.001 * s)
+        make_result(tmp_path, f"sp4096_seed{s}", s, 3.0 + 0.001 * s, val_bpb=1.0 + 0.001 * s,
+                    config=dict(vocab_size=4096, data_path="brown_sp4096"))
+    args = ["--base", str(tmp_path / "sp1024_*.json"), "--new", str(tmp_path / "sp4096_*.json"), "--margin", "0"]
+    code, out, err = output_of(compare_runs.main, args, capsys)
+    assert code == 0 and "NOT SIGNIFICANT" in out and "--metric val_bpb" in err  # per token it looks worse
+    code, out, err = output_of(compare_runs.main, [*args, "--metric", "val_bpb"], capsys)
+    assert code == 0 and "RECORD: new mean val_bpb 1.00200 beats base 1.20120 by 0.19920 bpb" in out and not err
+    code, out, _ = output_of(compare_runs.main, ["--base-loss", "1.0,1.001", "--new", str(tmp_path / "sp4096_*.json"),
+                                                 "--metric", "val_bpb", "--margin", "0"], capsys)
+    assert "NOT SIGNIFICANT: the improvement -0.00150 bpb is below the required 0.0 bpb" in out
 
 
 def test_compare_refuses_failed_and_over_cap_runs(tmp_path, capsys):
