@@ -9,8 +9,9 @@ The margin is in nats, so the test uses val_loss (mean token cross-entropy in na
 result JSON carries); val_bpb (bits per byte, the leaderboard metric) is reported beside it,
 with the margin converted at the runs' own bits-per-nat x tokens-per-byte ratio. The two only
 rank runs identically when both groups use the same tokenizer (a warning says when they don't);
---metric val_bpb tests bits per byte instead (the margin and --base-loss are then in bpb), the one
-measure that compares runs with different tokenizers.
+--metric val_bpb tests bits per byte instead (--margin and --base-loss are then in bpb; the default
+margin is the rules' 0.005 nats at the new runs' ratio), the one measure that compares runs with
+different tokenizers.
 
 Test: one-sided Welch t-test of H0: mean_base - mean_new <= margin (default 0.005) against
 H1: mean_base - mean_new > margin; t = (mean_base - mean_new - margin) / sqrt(s_b^2/n_b + s_n^2/n_n)
@@ -130,8 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new", nargs="+", required=True, metavar="JSON", help="result JSONs (paths or globs) of the candidate")
     p.add_argument("--metric", choices=("val_loss", "val_bpb"), default="val_loss",
                    help="what the test compares: val_loss in nats (the rules') or val_bpb (across tokenizers)")
-    p.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
-                   help=f"required improvement of the mean, in the metric's unit (default {DEFAULT_MARGIN})")
+    p.add_argument("--margin", type=float, default=None,
+                   help=f"required improvement of the mean, in the metric's unit (default {DEFAULT_MARGIN} nats, "
+                        "converted to bpb at the new runs' ratio for --metric val_bpb)")
     p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help=f"significance level (default {DEFAULT_ALPHA})")
     p.add_argument("--skip-bad", action="store_true",
                    help="drop runs that failed or are over the cap (listed) instead of refusing")
@@ -168,7 +170,7 @@ def parse_losses(text: str, metric: str) -> list[float]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     metric, unit = args.metric, {"val_loss": "nats", "val_bpb": "bpb"}[args.metric]
-    if not (math.isfinite(args.margin) and args.margin >= 0):
+    if args.margin is not None and not (math.isfinite(args.margin) and args.margin >= 0):
         raise UserError(f"--margin {args.margin}: expected a number >= 0 ({unit})")
     if not 0 < args.alpha < 1:
         raise UserError(f"--alpha {args.alpha}: expected a number in (0, 1)")
@@ -178,10 +180,10 @@ def main(argv: list[str] | None = None) -> int:
         both = {Path(r["_path"]).resolve() for r in base} & {Path(r["_path"]).resolve() for r in new}
         if both:
             raise UserError(f"{', '.join(sorted(map(str, both)))}: given in both --base and --new")
-        base_loss = [r[metric] for r in base]
+        base_values = [r[metric] for r in base]
     else:
-        base, base_loss = [], parse_losses(args.base_loss, metric)
-    new_loss = [r[metric] for r in new]
+        base, base_values = [], parse_losses(args.base_loss, metric)
+    new_values = [r[metric] for r in new]
     for what, group in (("--base", base), ("--new", new)):
         seeds = [r.get("seed") for r in group]
         dup = sorted({s for s in seeds if seeds.count(s) > 1}, key=str)
@@ -196,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                   "same tokenizer and validation data; compare val_bpb instead (--metric val_bpb)", file=sys.stderr)
 
     rows = []
-    for label, runs, values in (("base", base, base_loss), ("new", new, new_loss)):
+    for label, runs, values in (("base", base, base_values), ("new", new, new_values)):
         cols = {m: mean_std([r[m] for r in runs]) if runs else (math.nan, math.nan) for m in ("val_loss", "val_bpb")}
         cols[metric] = mean_std(values)
         rows.append((label, len(values), *cols["val_loss"], *cols["val_bpb"],
@@ -209,26 +211,29 @@ def main(argv: list[str] | None = None) -> int:
     diff = {"val_loss": rows[0][2] - rows[1][2], "val_bpb": rows[0][4] - rows[1][4]}
     other = "val_bpb" if metric == "val_loss" else "val_loss"
     ratio = rows[1][4] / rows[1][2]  # bpb per nat of val_loss, from the new runs (tokens/byte / ln 2)
-    print(f"difference (base - new): {metric} {diff[metric]:+.5f} {unit} (required >= {args.margin} {unit})"
+    margin = args.margin if args.margin is not None else round(DEFAULT_MARGIN * (ratio if metric == "val_bpb" else 1), 6)
+    print(f"difference (base - new): {metric} {diff[metric]:+.5f} {unit} (required >= {margin} {unit})"
           + (f", {other} {diff[other]:+.5f}" if math.isfinite(diff[other]) else "")
-          + (f"; the margin is ~{args.margin * ratio:.5f} bpb at the new runs' {ratio:.4f} bpb per nat"
-             if metric == "val_loss" else ""))
+          + (f"; the margin is ~{margin * ratio:.5f} bpb at the new runs' {ratio:.4f} bpb per nat"
+             if metric == "val_loss" else "")
+          + (f"; the rules' {DEFAULT_MARGIN} nats at the new runs' {ratio:.4f} bpb per nat"
+             if metric == "val_bpb" and args.margin is None else ""))
 
-    if len(base_loss) < 2 or len(new_loss) < 2:
-        print(f"NOT SIGNIFICANT: cannot test with n_base={len(base_loss)}, n_new={len(new_loss)}; "
+    if len(base_values) < 2 or len(new_values) < 2:
+        print(f"NOT SIGNIFICANT: cannot test with n_base={len(base_values)}, n_new={len(new_values)}; "
               "each group needs at least 2 seeds (the rules usually ask for 3)")
         return 0
-    res = welch_one_sided(base_loss, new_loss, args.margin)
-    print(f"Welch one-sided test on {metric} of H0: mean_base - mean_new <= {args.margin}: t = {res['t']:.4f}, "
+    res = welch_one_sided(base_values, new_values, margin)
+    print(f"Welch one-sided test on {metric} of H0: mean_base - mean_new <= {margin}: t = {res['t']:.4f}, "
           f"df = {res['df']:.2f}, p = {res['p']:.3g}")
     if res["p"] < args.alpha:
         print(f"RECORD: new mean {metric} {res['mean_new']:.5f} beats base {res['mean_base']:.5f} by "
-              f"{res['diff']:.5f} {unit} (>= {args.margin}) with p = {res['p']:.3g} < {args.alpha}")
-    elif res["diff"] < args.margin:
-        print(f"NOT SIGNIFICANT: the improvement {res['diff']:+.5f} {unit} is below the required {args.margin} {unit} "
+              f"{res['diff']:.5f} {unit} (>= {margin}) with p = {res['p']:.3g} < {args.alpha}")
+    elif res["diff"] < margin:
+        print(f"NOT SIGNIFICANT: the improvement {res['diff']:+.5f} {unit} is below the required {margin} {unit} "
               f"(p = {res['p']:.3g})")
     else:
-        print(f"NOT SIGNIFICANT: the improvement {res['diff']:.5f} {unit} clears the {args.margin} margin on average, "
+        print(f"NOT SIGNIFICANT: the improvement {res['diff']:.5f} {unit} clears the {margin} margin on average, "
               f"but p = {res['p']:.3g} >= {args.alpha}; more seeds or a larger gain are needed")
     return 0
 

@@ -219,6 +219,11 @@ def test_compare_on_bpb_across_tokenizers(tmp_path, capsys):
     code, out, _ = output_of(compare_runs.main, ["--base-loss", "1.0,1.001", "--new", str(tmp_path / "sp4096_*.json"),
                                                  "--metric", "val_bpb", "--margin", "0"], capsys)
     assert "NOT SIGNIFICANT: the improvement -0.00150 bpb is below the required 0.0 bpb" in out
+    # no --margin: the rules' 0.005 nats at the new runs' bpb per nat (1.002 / 3.002)
+    code, out, _ = output_of(compare_runs.main, ["--base-loss", "1.0055,1.0065", "--new", str(tmp_path / "sp4096_*.json"),
+                                                 "--metric", "val_bpb"], capsys)
+    assert "(required >= 0.001669 bpb); the rules' 0.005 nats at the new runs' 0.3338 bpb per nat" in out
+    assert "NOT SIGNIFICANT: the improvement 0.00400 bpb clears the 0.001669 margin" in out  # 0.005 bpb would not
 
 
 def test_compare_refuses_failed_and_over_cap_runs(tmp_path, capsys):
