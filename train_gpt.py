@@ -1168,7 +1168,7 @@ def nearest(x: Tensor, levels: Tensor) -> tuple[Tensor, Tensor]:
     if levels.numel() % 2:
         v = x.round().clamp(levels[0], levels[-1])
         return v - levels[0], v
-    i = torch.bucketize(x, (levels[1:] + levels[:-1]) / 2)
+    i = torch.bucketize(x.contiguous(), (levels[1:] + levels[:-1]) / 2)
     return i, levels[i]
 
 
