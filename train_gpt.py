@@ -146,6 +146,7 @@ class Hyperparameters:
     qat_steps: int = 1  # QAT stages: start QAT_STEPS-1 bits above QUANT_SPEC, one bit less per stage
     codec: str = "auto"  # auto (smallest per group) | zstd | lzma | brotli | ac (adaptive range coder)
     freeze_dry: int = -1  # >= 0: odd columns' codes stored as residuals of a fit on their neighbours, 0 within this many steps
+    mlp_sort: bool = True  # hidden units in order of down-projection column RMS, int down codes stored column by column
     quant_fit: bool = True  # over the cap: re-export with roles a bit narrower (MLP first, down to int4)
     artifact_path: str = ""  # empty: LOG_DIR/RUN_ID.artifact
     resume_from: str = ""  # a LOG_DIR/RUN_ID.ckpt of trained weights: skip training, export and evaluate them
@@ -652,6 +653,14 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down(F.leaky_relu(self.up(x), self.slope).square())
+
+    @torch.no_grad()
+    def sort_units(self):
+        """Order the hidden units by their down-projection column RMS: the same function (the activation is
+        elementwise), but stored column by column the down codes' spread drifts smoothly, which ac follows."""
+        order = self.down.weight.square().sum(0).argsort()
+        self.up.weight.copy_(self.up.weight[order])
+        self.down.weight.copy_(self.down.weight[:, order])
 
 
 class Block(nn.Module):
@@ -1506,6 +1515,11 @@ def lqer_topk(state: dict, fmts: dict, parts: dict, hessians: dict, hp: Hyperpar
     return out
 
 
+def column_major(hp: Hyperparameters, fmts: dict) -> list[str]:
+    """MLP_SORT: the int mlp_down matrices whose codes are stored column by column, one hidden unit after another."""
+    return [n for n, (role, f) in fmts.items() if hp.mlp_sort and role == "mlp_down" and f.kind == "int" and f.fd < 0]
+
+
 @torch.no_grad()
 def export_artifact(model: nn.Module, hp: Hyperparameters, path: str | Path, hessians: dict | None = None,
                     cache: dict | None = None) -> dict:
@@ -1521,6 +1535,7 @@ def export_artifact(model: nn.Module, hp: Hyperparameters, path: str | Path, hes
                 t, f, hessians.get(name[:-7]), hp, notes.setdefault(name, []))
         parts[name] = cache[name, f]
     lqer = lqer_topk(state, fmts, parts, hessians, hp, cache) if hp.lqer_top and hp.lqer_rank else {}
+    colmajor = column_major(hp, fmts)
     fd = dict(tol=hp.freeze_dry, values=0, fitted=0, changed=0)
     for name, t in state.items():
         (role, f), t = fmts[name], t.detach().float()
@@ -1538,12 +1553,13 @@ def export_artifact(model: nn.Module, hp: Hyperparameters, path: str | Path, hes
             r["params"] += t.numel()
             r["err"] += float((deq - t).square().sum())
             r["norm"] += float(t.square().sum())
-        for (g, _), p in zip(layout(list(t.shape), f), stored):
+        for i, ((g, _), p) in enumerate(zip(layout(list(t.shape), f), stored)):
+            p = p.T if i == 0 and name in colmajor else p  # MLP_SORT: one hidden unit's codes after another
             groups.setdefault(g, []).append((p.half() if g in FP16_GROUPS else p).cpu().numpy().ravel())
         tensors.append([name, list(t.shape), f.tag])
     groups = {g: np.concatenate(a) for g, a in groups.items()}
     meta, bufs = encode_groups(groups, hp.codec)
-    header, data = frame(ARTIFACT_MAGIC, dict(seed=hp.quant_seed, groups=meta, tensors=tensors), bufs)
+    header, data = frame(ARTIFACT_MAGIC, dict(seed=hp.quant_seed, groups=meta, tensors=tensors, colmajor=colmajor), bufs)
     write_atomic(path, data)
     for g, m in meta.items():
         m["bits_per_value"] = round(8 * m["len"] / m["n"], 4)
@@ -1591,13 +1607,13 @@ def read_groups(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
 def load_artifact(path: str | Path) -> dict[str, Tensor]:
     """Artifact -> state dict of dequantized float32 tensors; refuses foreign, corrupt or truncated files."""
     header, arrays = read_groups(path)
-    cursor, state = dict.fromkeys(arrays, 0), {}
+    cursor, state, colmajor = dict.fromkeys(arrays, 0), {}, header.get("colmajor", [])
     for name, shape, tag in header["tensors"]:
         f, parts = parse_fmt(tag, seed=header["seed"]), []
-        for g, shp in layout(shape, f):
-            k = math.prod(shp)
-            parts.append(torch.from_numpy(arrays[g][cursor[g]:cursor[g] + k].reshape(shp).copy()))
-            cursor[g] += k
+        for i, (g, shp) in enumerate(layout(shape, f)):
+            a = arrays[g][cursor[g]:cursor[g] + math.prod(shp)]
+            parts.append(torch.from_numpy((a.reshape(shp[::-1]).T if i == 0 and name in colmajor else a.reshape(shp)).copy()))
+            cursor[g] += a.size
         if f.fd >= 0:
             parts = [thaw(*parts[:3], len(grid(f))), *parts[3:]]
         state[name] = parts[0].float() if f.kind == "fp16" else dequantize(parts, f)
@@ -2378,6 +2394,10 @@ def export(run: Run):
     hp, t0 = run.hp, time.perf_counter()
     path = Path(hp.artifact_path or Path(hp.log_dir) / f"{hp.run_id}.artifact")
     set_qat(run, None)  # QAT's weights are of the raw weights; export takes the averaged ones
+    sort = column_major(hp, quant_formats(hp, run.model))
+    for name, m in run.model.named_modules():  # before calibration: the Hessians see the sorted units
+        if f"{name}.down.weight" in sort:
+            m.sort_units()
     hessians = collect_hessians(run) if hp.gptq else None
     if hessians is not None:
         run.results["gptq_calib_seconds"] = calib_s = round(time.perf_counter() - t0, 3)
