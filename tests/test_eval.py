@@ -327,6 +327,7 @@ def _worker(rank, port, model, hp, luts, toks, out):
               T.eval_ttt(phase, model, toks))
     if rank == 0:
         torch.save(result, out)
+    dist.barrier()  # no rank tears gloo down while its peer still talks to it (an intermittent SIGABRT)
     dist.destroy_process_group()
 
 
