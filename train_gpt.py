@@ -1604,16 +1604,24 @@ def read_groups(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
     return header, arrays
 
 
-def load_artifact(path: str | Path) -> dict[str, Tensor]:
-    """Artifact -> state dict of dequantized float32 tensors; refuses foreign, corrupt or truncated files."""
-    header, arrays = read_groups(path)
-    cursor, state, colmajor = dict.fromkeys(arrays, 0), {}, header.get("colmajor", [])
+def stored_parts(header: dict, arrays: dict):
+    """Each tensor of an artifact as (name, format, [(group, values shaped as layout gives)]), MLP_SORT's
+    column-by-column codes back in row order."""
+    cursor, colmajor = dict.fromkeys(arrays, 0), header.get("colmajor", [])
     for name, shape, tag in header["tensors"]:
         f, parts = parse_fmt(tag, seed=header["seed"]), []
         for i, (g, shp) in enumerate(layout(shape, f)):
             a = arrays[g][cursor[g]:cursor[g] + math.prod(shp)]
-            parts.append(torch.from_numpy((a.reshape(shp[::-1]).T if i == 0 and name in colmajor else a.reshape(shp)).copy()))
+            parts.append((g, a.reshape(shp[::-1]).T if i == 0 and name in colmajor else a.reshape(shp)))
             cursor[g] += a.size
+        yield name, f, parts
+
+
+def load_artifact(path: str | Path) -> dict[str, Tensor]:
+    """Artifact -> state dict of dequantized float32 tensors; refuses foreign, corrupt or truncated files."""
+    state = {}
+    for name, f, parts in stored_parts(*read_groups(path)):
+        parts = [torch.from_numpy(a.copy()) for _, a in parts]
         if f.fd >= 0:
             parts = [thaw(*parts[:3], len(grid(f))), *parts[3:]]
         state[name] = parts[0].float() if f.kind == "fp16" else dequantize(parts, f)

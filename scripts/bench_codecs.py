@@ -37,15 +37,12 @@ def context_bound(T, header: dict, arrays: dict, g: str, axis: int, strength: fl
     with its own adaptive model (Dirichlet prior: strength x its tensor's histogram), plus ~10 bits per table entry."""
     a, K = arrays[g], int(arrays[g].max()) + 1
     lg = lambda x: torch.lgamma(torch.as_tensor(x, dtype=torch.float64))  # noqa: E731
-    pos, bits = 0, 0.0
-    for name, shape, tag in header["tensors"]:
-        for i, (part, shp) in enumerate(T.layout(shape, T.parse_fmt(tag, seed=header["seed"]))):
+    bits = 0.0
+    for _, _, parts in T.stored_parts(header, arrays):
+        for part, codes in parts:
             if part != g:
                 continue
-            codes = a[pos:pos + math.prod(shp)]
-            pos += codes.size
-            by_column = i == 0 and name in header.get("colmajor", [])  # MLP_SORT stored these transposed
-            lines = torch.from_numpy((codes.reshape(shp[::-1]).T if by_column else codes.reshape(shp[0], -1)).astype(np.int64))
+            lines = torch.from_numpy(codes.reshape(codes.shape[0], -1).astype(np.int64))
             lines = lines if axis == 0 else lines.T
             alpha = strength * (torch.bincount(lines.flatten(), minlength=K) + 0.5) / (lines.numel() + 0.5 * K)
             counts = torch.zeros(lines.shape[0], K, dtype=torch.float64).scatter_add_(
