@@ -72,6 +72,7 @@ class Hyperparameters:
     grad_accum_steps: int = 0  # 0: 8 // world_size, so the global batch is independent of world size
     curriculum_buckets: int = 0  # >= 2: sample training sequences easy-to-hard by entropy bucket (seed 004); 0 = in order
     curriculum_floor: float = 0.02  # curriculum: the least sampling weight of any bucket
+    curriculum_pilot_steps: int = 0  # curriculum: > 0 scores sequences by a pilot model trained this many steps
     train_log_every: int = 100
     val_loss_every: int = 0
     val_batch_tokens: int = 524288
@@ -132,6 +133,9 @@ class Hyperparameters:
     # quantization
     quant_spec: str = "attn_qk:int6,attn_vo:int6,mlp_up:int5,mlp_down:int5,embed:int8,aux:int6,head:int8"
     quant_clip_sigmas: float = 0.0  # 0: per-row clip searched for least MSE; > 0: clip at this many row RMS
+    quant_clip_quantile: float = 0.0  # > 0: the least-MSE clip is searched among the row's |w| quantiles from this to 1
+    quant_prune: float = 0.0  # export: this fraction of each quantized matrix's smallest weights set to 0 first
+    quant_dedup_step: int = 0  # >= 2: int codes floored to multiples of it after rounding (seed 004's value dedup)
     quant_seed: int = 0  # seed of the TurboQuant rotations (rebuilt at load, not stored)
     gptq: bool = True
     gptq_tokens: int = 524288  # training tokens for the Hessians (never validation)
@@ -163,12 +167,14 @@ class Hyperparameters:
     ttt_mode: str = "lora"  # lora: per-document adapters, reset per document batch | full: all weights, carried on
     # | phased: lora, plus global SGD passes over the scored documents at TTT_PHASES boundaries in TTT_PREFIX_DOCS
     ttt_chunk_tokens: int = 256  # lora: targets per document chunk (at most EVAL_SEQ_LEN) | full: per stream chunk
-    ttt_lr: float = 0.01  # lora/phased: AdamW | full: SGD (e.g. 0.002 with TTT_CHUNK_TOKENS=32768, TTT_EPOCHS=3)
-    ttt_momentum: float = 0.9  # full, and phased's global passes: SGD momentum
+    ttt_lr: float = 0.01  # lora/phased: AdamW | full: TTT_OPTIMIZER (e.g. SGD 0.002 with TTT_CHUNK_TOKENS=32768, TTT_EPOCHS=3)
+    ttt_momentum: float = 0.9  # full (sgd), and phased's global passes: SGD momentum
+    ttt_optimizer: str = "sgd"  # full: sgd (momentum TTT_MOMENTUM) | adamw (betas 0.9, TTT_BETA2; decay TTT_WD)
+    ttt_blocks: int = 0  # full: 0 adapts every weight; N only the last N blocks' weights
     ttt_epochs: int = 1
     ttt_lora_rank: int = 8
-    ttt_beta2: float = 0.999  # lora/phased: AdamW beta2
-    ttt_wd: float = 0.0  # lora/phased: AdamW (decoupled) weight decay
+    ttt_beta2: float = 0.999  # AdamW beta2 (lora/phased, full with adamw)
+    ttt_wd: float = 0.0  # AdamW (decoupled) weight decay (lora/phased, full with adamw)
     ttt_phases: int = 3  # phased: global passes, after documents P/k, 2P/k, .., P (P = TTT_PREFIX_DOCS)
     ttt_prefix_docs: int = 2500
     ttt_global_lr: float = 0.001  # phased: SGD lr of the global passes (momentum TTT_MOMENTUM)
@@ -222,10 +228,10 @@ PRESETS: dict[str, dict[str, object]] = {
         qat_threshold=0.0, ngram_order=0, ttt_enabled=False,
         quant_spec="attn_qk:int8,attn_vo:int8,mlp_up:int8,mlp_down:int8,embed:int8,head:int8",
     ),
-    "turboquant_mixed": dict(  # seed 000: int5 boundary blocks {0,1,9,10}, int4 V/O and MLP between, full TTT
+    "turboquant_mixed": dict(  # seed 000: int5 boundary blocks {0,1,9,10}, int4 V/O and MLP between, 5% pruned, TTT
         num_kv_heads=8, mlp_mult=3.5, mlp_act="relu2", bigram_buckets=8192, xsa_last_n=11, qat_threshold=0.5,
-        gptq_embed=False, codec="zstd", ngram_order=0, ttt_mode="full", ttt_lr=1e-4, ttt_epochs=3,
-        ttt_chunk_tokens=131072,
+        gptq_embed=False, codec="zstd", ngram_order=0, ttt_mode="full", ttt_optimizer="adamw", ttt_blocks=2,
+        ttt_lr=1e-4, ttt_epochs=3, ttt_chunk_tokens=131072, quant_prune=0.05, quant_clip_quantile=0.999,
         quant_spec="attn_qk:int5,attn_vo:int4,mlp_up:int4,mlp_down:int4,embed:int8,aux:int8,layers0-1:int5,"
                    "layers9-10:int5",
     ),
@@ -234,17 +240,19 @@ PRESETS: dict[str, dict[str, object]] = {
         quant_spec="attn_qk:tq3,attn_vo:tq3,mlp_up:tq2,mlp_down:tq3,embed:tq4,aux:tq4", qat_threshold=0.5,
         qat_steps=3, ngram_order=0, ttt_enabled=False,
     ),
-    "int5_qat_576": dict(  # seed 002: 9L x 576, 9 heads / 3 kv, relu^2, int5 everywhere, QAT from LR mult 0.5, SWA
+    # seed 002: 9L x 576, 9 heads / 3 kv, relu^2, int5 (-16..15, row max) everywhere, QAT from LR mult 0.5, SWA
+    "int5_qat_576": dict(
         num_layers=9, model_dim=576, num_heads=9, num_kv_heads=3, mlp_act="relu2", bigram_buckets=4096, ve_layers="",
-        ln_scale=False, matrix_lr=0.04, scalar_lr=0.04, tied_embed_lr=0.05, ema_decay=0.0, weight_avg="swa",
-        swa_every=200, swa_threshold=0.5, qat_threshold=0.5, gptq=False, ngram_order=0, ttt_enabled=False,
-        quant_spec="attn_qk:int5,attn_vo:int5,mlp_up:int5,mlp_down:int5,embed:int8,aux:int8",
+        ln_scale=False, matrix_lr=0.04, scalar_lr=0.04, tied_embed_lr=0.05, muon_momentum=0.95,
+        muon_momentum_warmup_start=0.85, muon_momentum_warmup_steps=500, muon_wd=0.02, adam_wd=0.01, ema_decay=0.0,
+        weight_avg="swa", swa_every=200, swa_threshold=0.5, qat_threshold=0.5, gptq=False, ngram_order=0,
+        ttt_enabled=False, quant_clip_quantile=1.0, quant_spec="attn_qk:a5,attn_vo:a5,mlp_up:a5,mlp_down:a5,embed:int8,aux:int8",
     ),
-    "int5_mlp_12l": dict(  # seed 003: 12L, int5 MLP + int6 attention, SmearGate, BigramHash, SWA
+    "int5_mlp_12l": dict(  # seed 003: 12L, int5 MLP + int6 attention (-16..15, -32..31, row max), SmearGate, SWA
         num_layers=12, mlp_act="relu2", rope_dims=0, ln_scale=False, xsa_last_n=0, ve_layers="", warmdown_iters=3000,
         iterations=9000, ema_decay=0.0, weight_avg="swa", swa_every=200, swa_threshold=0.5, gptq=False,
-        qat_threshold=1.0, ngram_order=0, ttt_enabled=False, val_loss_every=500,
-        quant_spec="attn_qk:int6,attn_vo:int6,mlp_up:int5,mlp_down:int5,embed:int8,aux:int8",
+        qat_threshold=1.0, ngram_order=0, ttt_enabled=False, val_loss_every=500, quant_clip_quantile=1.0,
+        quant_spec="attn_qk:a6,attn_vo:a6,mlp_up:a5,mlp_down:a5,embed:int8,aux:int8",
     ),
     "gptq_int6_ttt": dict(  # seed 004 as its log ran: SP8192, 11L MLP 4x, loops 4-5 x3, GPTQ int6, EMA 0.9965, TTT
         data_path="./data/datasets/fineweb10B_sp8192", vocab_size=8192, mlp_mult=4.0, xsa_last_n=11,
@@ -252,8 +260,8 @@ PRESETS: dict[str, dict[str, object]] = {
         loop_start=0.5, parallel_start=7, attn_gate_window=512, ema_decay=0.9965, swa_every=0, matrix_lr=0.022,
         scalar_lr=0.02, tied_embed_lr=0.03, muon_momentum=0.98, muon_backend_steps=3, muon_row_norm=True,
         muon_wd=0.12, adam_wd=0.095, warmdown_frac=0.72, train_batch_tokens=524288, qat_threshold=0.0, codec="zstd",
-        quant_spec="attn_qk:int6@12.85,attn_vo:int6@12.85,mlp_up:int6@12.85,mlp_down:int6@12.85,embed:int5@20,"
-                   "gate:fp16", ngram_order=0, ttt_mode="full", ttt_lr=0.005, ttt_epochs=3, ttt_chunk_tokens=32768,
+        quant_spec="attn_qk:int6@mean,attn_vo:int6@mean,mlp_up:int6@12.85,mlp_down:int6@mean,embed:int5@20,gate:fp16",
+        quant_dedup_step=2, ngram_order=0, ttt_mode="full", ttt_lr=0.005, ttt_epochs=3, ttt_chunk_tokens=32768,
         ttt_seconds=360.0,
     ),
 }
@@ -269,6 +277,7 @@ RULES = {  # field -> (predicate, what is expected); checked at start-up
     "iterations": (lambda v: v >= 0, "an int >= 0"),
     "curriculum_buckets": (lambda v: v == 0 or v >= 2, "0 (off) or an int >= 2"),
     "curriculum_floor": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "curriculum_pilot_steps": (lambda v: v >= 0, "an int >= 0 (0 = unigram surprisal)"),
     "warmdown_frac": (lambda v: 0 <= v <= 1, "a number in [0, 1] (0: WARMDOWN_ITERS)"),
     "min_lr": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "train_batch_tokens": (lambda v: v >= 1, "an int >= 1"),
@@ -281,6 +290,9 @@ RULES = {  # field -> (predicate, what is expected); checked at start-up
     "max_wallclock_seconds": (lambda v: v >= 0, "a number >= 0 (0 = no cap)"),
     "quant_spec": (lambda v: parse_spec(v) is not None, "comma-separated role:format pairs"),  # raises its own message
     "quant_clip_sigmas": (lambda v: v >= 0, "a number >= 0 (0 = least-MSE clip search)"),
+    "quant_clip_quantile": (lambda v: 0 <= v <= 1, "a number in [0, 1] (0 = fractions of the row max)"),
+    "quant_prune": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "quant_dedup_step": (lambda v: v >= 0, "an int >= 0 (0 or 1 = off)"),
     "gptq_tokens": (lambda v: v >= 1, "an int >= 1"),
     "gptq_damp": (lambda v: v > 0, "a number > 0"),
     "gptq_block": (lambda v: v >= 1, "an int >= 1"),
@@ -310,6 +322,8 @@ RULES = {  # field -> (predicate, what is expected); checked at start-up
     "ttt_chunk_tokens": (lambda v: v >= 1, "an int >= 1"),
     "ttt_lr": (lambda v: v >= 0, "a number >= 0"),
     "ttt_momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "ttt_optimizer": (lambda v: v in ("sgd", "adamw"), "sgd or adamw"),
+    "ttt_blocks": (lambda v: v >= 0, "an int >= 0 (0 = every weight)"),
     "ttt_epochs": (lambda v: v >= 1, "an int >= 1"),
     "ttt_lora_rank": (lambda v: v >= 1, "an int >= 1"),
     "ttt_seconds": (lambda v: v >= 0, "a number >= 0"),
@@ -362,6 +376,8 @@ def load_hparams(env: dict[str, str] | None = None) -> Hyperparameters:
         raise ConfigError("ROPE_YARN=1 with ROPE_DIMS=2: the scaled base needs at least 4 rotary dims")
     parse_layers(hp.ve_layers, hp.num_layers)
     parse_loop(hp.loop_layers, hp.num_layers)
+    if hp.ttt_blocks > hp.num_layers:
+        raise ConfigError(f"TTT_BLOCKS={hp.ttt_blocks}: expected at most NUM_LAYERS={hp.num_layers} (0 = every weight)")
     if bad := [k for k in parse_spec(hp.quant_spec) if (m := LAYERS_RE.fullmatch(k)) and not
                int(m[1]) <= int(m[2] or m[1]) < hp.num_layers]:
         raise ConfigError(f"QUANT_SPEC role {bad[0]!r}: expected layersA-B with 0 <= A <= B < NUM_LAYERS={hp.num_layers}")
@@ -373,14 +389,15 @@ def load_hparams(env: dict[str, str] | None = None) -> Hyperparameters:
 
 def at_shape(values: dict[str, object], shape: str) -> dict[str, object]:
     """SHAPE: a preset's values at a SHAPES size (its data, depth, width, steps and schedule); what names layers
-    moves with the depth (layer indices scale, XSA keeps its fraction of the layers, QUANT_SPEC's layersA-B),
-    BigramHash and the attention gate shrink to the vocabulary and width; the rest of the recipe stays."""
+    moves with the depth (layer indices scale, XSA and TTT_BLOCKS keep their fraction of the layers, QUANT_SPEC's
+    layersA-B), BigramHash and the attention gate shrink to the vocabulary and width; the rest of the recipe stays."""
     s, get = SHAPES[shape], lambda k: values.get(k, getattr(Hyperparameters, k))
     L0, L = get("num_layers"), s["num_layers"]
     layer = lambda i: min(L - 1, int(i * L / L0 + 0.5))  # noqa: E731
     loop = parse_loop(get("loop_layers"), L0)
     ve = dict.fromkeys(i if i < 0 else layer(i) for i in (int(v) for v in get("ve_layers").split(",") if v.strip()))
-    return {**values, **s, "shape": shape, "xsa_last_n": min(L, math.ceil(get("xsa_last_n") * L / L0)),
+    last_n = lambda k: min(L, math.ceil(get(k) * L / L0))  # noqa: E731
+    return {**values, **s, "shape": shape, "xsa_last_n": last_n("xsa_last_n"), "ttt_blocks": last_n("ttt_blocks"),
             "bigram_buckets": min(get("bigram_buckets"), s["vocab_size"]), "ve_layers": ",".join(map(str, ve)),
             "loop_layers": f"{layer(loop[0])}-{layer(loop[1])}" if loop else "", "swa_every": get("swa_every") and s["swa_every"],
             "parallel_start": get("parallel_start") and max(1, layer(get("parallel_start"))),
@@ -491,8 +508,7 @@ class DistributedTokenLoader:
 
 
 class CurriculumLoader(DistributedTokenLoader):
-    """CURRICULUM_BUCKETS=N (seed 004): a shard's worth of tokens is cut into sequences, scored by the mean unigram
-    surprisal of their tokens under that stretch's own counts (seed 004 scored with a pilot model's loss) and split
+    """CURRICULUM_BUCKETS=N (seed 004): a shard's worth of tokens is cut into sequences, scored (`scores`) and split
     into N quantile buckets, easy to hard. Each sequence's bucket b is drawn with weight max((1 - d)(1 - p) + d p,
     CURRICULUM_FLOOR), d = b / (N - 1), p = the training progress the loop sets, then a sequence uniformly within
     it; after as many draws as the stretch holds sequences, the next stretch. Every rank draws its own."""
@@ -501,6 +517,23 @@ class CurriculumLoader(DistributedTokenLoader):
         super().__init__(pattern, run.rank, run.world_size, run.device)
         self.n, self.floor, self.left = run.hp.curriculum_buckets, run.hp.curriculum_floor, 0
         self.rng = np.random.default_rng([run.hp.seed, run.rank])
+        self.pattern, self.run, self.pilot = pattern, run, None
+
+    def scores(self, k: int, seq_len: int) -> np.ndarray:
+        """Each of the stretch's k sequences: the mean unigram surprisal of its tokens under the stretch's own counts,
+        or with CURRICULUM_PILOT_STEPS (seed 004) a pilot model's mean loss on it (the pilot trained when first
+        needed, inside the timed training)."""
+        if not self.run.hp.curriculum_pilot_steps:
+            counts = np.maximum(np.bincount(self.toks), 1)  # unseen ids never get looked up
+            return np.log(self.toks.size / counts).astype(np.float32)[self.toks[:k * seq_len]].reshape(k, seq_len).mean(1)
+        self.pilot = self.pilot or train_pilot(self.pattern, self.run, seq_len)
+        toks, rows, out = torch.from_numpy(self.toks.astype(np.int64)), max(1, self.run.hp.val_batch_tokens // seq_len), []
+        with torch.no_grad(), self.run.autocast():
+            for i in range(0, k, rows):
+                n = min(rows, k - i)
+                span = toks[i * seq_len:(i + n) * seq_len + 1].to(self.device)
+                out.append(self.pilot(span[:-1].view(n, seq_len), span[1:].view(n, seq_len)).float().mean(1).cpu())
+        return torch.cat(out).numpy()
 
     def weights(self) -> np.ndarray:
         d = np.arange(self.n) / (self.n - 1)
@@ -511,14 +544,31 @@ class CurriculumLoader(DistributedTokenLoader):
         if self.left < rows:
             self.toks = self.stream.take(max(self.stream.tokens.size, rows * seq_len + 1))
             k = self.left = (self.toks.size - 1) // seq_len
-            counts = np.maximum(np.bincount(self.toks), 1)  # unseen ids never get looked up
-            surprisal = np.log(self.toks.size / counts).astype(np.float32)[self.toks[:k * seq_len]]
-            self.members = np.array_split(np.argsort(surprisal.reshape(k, seq_len).mean(1), kind="stable"), self.n)
+            self.members = np.array_split(np.argsort(self.scores(k, seq_len), kind="stable"), self.n)
         w = self.weights() * np.array([len(m) > 0 for m in self.members])
         picks = [m[self.rng.integers(len(m))] for m in (self.members[b] for b in self.rng.choice(self.n, rows, p=w / w.sum()))]
         self.left -= rows
         span = torch.from_numpy(np.stack([self.toks[i * seq_len:(i + 1) * seq_len + 1] for i in picks]).astype(np.int64))
         return span[:, :-1].to(self.device), span[:, 1:].to(self.device)
+
+
+PILOT = dict(num_layers=2, model_dim=128, num_heads=2, num_kv_heads=2, mlp_mult=2.0, bigram_buckets=0, ve_layers="",
+             loop_count=1, parallel_start=0, attn_gate_window=0, xsa_last_n=0, unet_skips=False)
+
+
+def train_pilot(pattern: str, run: Run, seq_len: int) -> nn.Module:
+    """The curriculum's pilot: the configured model at 2 layers x 128 (PILOT), trained CURRICULUM_PILOT_STEPS AdamW
+    steps (lr 3e-3) on 8 sequences at a time from the first training tokens."""
+    model = GPT(dataclasses.replace(run.hp, **PILOT)).to(run.device)
+    opt, stream = torch.optim.AdamW(model.parameters(), lr=3e-3), TokenStream(pattern)
+    for _ in range(run.hp.curriculum_pilot_steps):
+        span = torch.from_numpy(stream.take(8 * seq_len + 1).astype(np.int64)).to(run.device)
+        with run.autocast():
+            loss = model(span[:-1].view(8, seq_len), span[1:].view(8, seq_len)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
 
 
 # -----------------------------------------------------------------------------
@@ -1053,14 +1103,16 @@ def on_train_step(run, step: int, lr_mult: float):
 # -----------------------------------------------------------------------------
 # QUANTIZATION
 # -----------------------------------------------------------------------------
-# QUANT_SPEC maps weight roles to formats: intN (N=2..8: per-row symmetric grid -Q..Q, Q=2^(N-1)-1),
+# QUANT_SPEC maps weight roles to formats: intN (N=2..8: per-row symmetric grid -Q..Q, Q=2^(N-1)-1), aN (all
+# 2^N codes, -Q-1..Q: seeds 002/003's int5 -16..15 and int6 -32..31),
 # tqN (N=2..4, TurboQuant: a seeded random rotation, then the Lloyd-Max codebook of a unit Gaussian),
 # spN (2:4 sparse, seed 004: of each 4 weights along a row the 2 largest kept at intN, plus their pair's index)
 # or fp16; "+lrR" adds a rank-R int8 correction of the quantization error, "+lqR" (LQER) a rank-R
 # correction with int4 factors on the asymmetric grid -8..7; LQER_TOP=k gives +lqLQER_RANK to the k
 # matrices with the largest output error (error x input scale). Row scales take the
-# least-MSE clip among CLIP_RATIOS of the row's max |w|, or with "@K" (else QUANT_CLIP_SIGMAS) clip
-# at K row RMS. Codes are entropy-coded, so unused levels cost nothing: a wide grid with a set step
+# least-MSE clip among CLIP_RATIOS of the row's max |w| (QUANT_CLIP_QUANTILE: among its |w| quantiles), or with
+# "@K" (else QUANT_CLIP_SIGMAS) clip at K row RMS; "@mean" clips every row at the mean of its rows' least-MSE
+# clips in row RMS (seed 004). QUANT_DEDUP_STEP floors int codes to its multiples. Codes are entropy-coded, so unused levels cost nothing: a wide grid with a set step
 # (int7@12) has ~10% less MSE than a clipped narrow one (int5) at equal bytes on Gaussian weights.
 # GPTQ rounds column by column against the inverse Hessian of training-token activations. QAT uses
 # these same functions, so the trained forward is the exported one. Artifact: magic, u32 header
@@ -1081,6 +1133,9 @@ class Fmt(NamedTuple):
     seed: int = 0  # TurboQuant rotation seed
     lq: int = 0  # rank of the LQER correction (int4 factors, asymmetric grid)
     fd: int = -1  # >= 0: codes stored freeze-dried with this tolerance (FREEZE_DRY)
+    mean: bool = False  # "@mean": every row clipped at the mean least-MSE clip of the rows, in row RMS
+    quantile: float = 0.0  # > 0: clip candidates are the row's |w| quantiles from this one to 1 (QUANT_CLIP_QUANTILE)
+    dedup: int = 0  # >= 2: codes floored to multiples of it (QUANT_DEDUP_STEP)
 
     @property
     def name(self) -> str:  # its codes' group
@@ -1088,7 +1143,7 @@ class Fmt(NamedTuple):
 
     @property
     def tag(self) -> str:
-        return self.name + (f"@{self.clip:g}" if self.clip else "") + (f"+lr{self.rank}" if self.rank else "") + (
+        return self.name + (f"@{self.clip:g}" if self.clip else "@mean" * self.mean) + (f"+lr{self.rank}" if self.rank else "") + (
             f"+lq{self.lq}" if self.lq else "") + (f"+fd{self.fd}" if self.fd >= 0 else "")
 
     @property
@@ -1101,13 +1156,15 @@ class Fmt(NamedTuple):
 
 
 def parse_fmt(s: str, clip: float = 0.0, seed: int = 0, fd: int = -1) -> Fmt:
-    m = re.fullmatch(r"(?:(int|sp)([2-8])|(tq)([2-4]))(?:@(\d+\.?\d*))?(?:\+lr(\d+)|\+lq(\d+))?(?:\+fd(\d+))?|fp16",
+    m = re.fullmatch(r"(?:(int|sp|a)([2-8])|(tq)([2-4]))(?:@(\d+\.?\d*|mean))?(?:\+lr(\d+)|\+lq(\d+))?(?:\+fd(\d+))?|fp16",
                      s.strip())
     if not m or m[1] == "sp" and (m[6] or m[7]):
-        raise ConfigError(f"QUANT_SPEC format {s!r}: expected int2..int8, sp2..sp8 or tq2..tq4 [@clip in row RMS] "
-                          "[+lrRANK|+lqRANK (not with sp)] [+fdTOL] (e.g. int5, int7@12, tq4+lr8, int6+lq4, sp3) or fp16")
-    return Fmt("fp16") if m[0] == "fp16" else Fmt(m[1] or m[3], int(m[2] or m[4]), int(m[6] or 0), float(m[5] or clip), seed,
-                                                 int(m[7] or 0), int(m[8] or fd))
+        raise ConfigError(f"QUANT_SPEC format {s!r}: expected int2..int8, a2..a8, sp2..sp8 or tq2..tq4 [@clip in row RMS "
+                          "| @mean] [+lrRANK|+lqRANK (not with sp)] [+fdTOL] (e.g. int5, a5, int7@12, int6@mean, tq4+lr8, "
+                          "int6+lq4, sp3) or fp16")
+    mean = m[5] == "mean"
+    return Fmt("fp16") if m[0] == "fp16" else Fmt(m[1] or m[3], int(m[2] or m[4]), int(m[6] or 0),
+                                                 0.0 if mean else float(m[5] or clip), seed, int(m[7] or 0), int(m[8] or fd), mean)
 
 
 LAYERS_RE = re.compile(r"layers(\d+)(?:-(\d+))?")  # QUANT_SPEC depth override: every matrix of blocks a..b
@@ -1146,7 +1203,8 @@ def quant_formats(hp: Hyperparameters, model: nn.Module) -> dict[str, tuple[str,
     for name, role in matrix_roles(model).items():
         p = name.split(".")
         depth = p[0] == "blocks" and depth_override(spec, int(p[1]), hp.num_layers)
-        out[name] = role, parse_fmt(depth or spec.get(role, "int8"), hp.quant_clip_sigmas, hp.quant_seed, hp.freeze_dry)
+        f = parse_fmt(depth or spec.get(role, "int8"), hp.quant_clip_sigmas, hp.quant_seed, hp.freeze_dry)
+        out[name] = role, f._replace(quantile=hp.quant_clip_quantile, dedup=hp.quant_dedup_step)
     return out
 
 
@@ -1204,17 +1262,45 @@ def dense24(v: Tensor, pos: Tensor) -> Tensor:
     return v.new_zeros(*pos.shape, 4).scatter_(2, keep, v.view(*pos.shape, 2)).flatten(1)
 
 
-def quantize_rows(w: Tensor, levels: Tensor, clip: float = 0.0) -> tuple[Tensor, Tensor]:
-    """Per-row fp16-exact scales (least-MSE clip, vectorized over candidates) and nearest-level codes (uint8)."""
-    if clip:
-        s = clip * w.square().mean(1, keepdim=True).sqrt()[None] / levels[-1]
-    else:
-        s = clip_ratios(w.device)[:, None, None] * w.abs().amax(1, keepdim=True) / levels[-1]
-    s = s.clamp_min(1e-7).half().float()
+def row_clips(w: Tensor, f: Fmt) -> Tensor:
+    """Clip candidates per row ([candidates, rows, 1]): f.clip row RMS, else fractions of the row's max |w|, or with
+    f.quantile the row's |w| quantiles q, 1-(1-q)/2, 1-(1-q)/10, 1-(1-q)/100, 1 (seed 000's five at q=0.999)."""
+    if f.clip:
+        return f.clip * w.square().mean(1, keepdim=True).sqrt()[None]
+    if f.quantile:
+        q = 1 - (1 - f.quantile) * torch.tensor([1, 0.5, 0.1, 0.01, 0], device=w.device)
+        return torch.quantile(w.abs(), q, dim=1, keepdim=True)
+    return clip_ratios(w.device)[:, None, None] * w.abs().amax(1, keepdim=True)
+
+
+def quantize_rows(w: Tensor, levels: Tensor, f: Fmt = Fmt("int")) -> tuple[Tensor, Tensor]:
+    """Per-row fp16-exact scales (the least-MSE clip among row_clips, vectorized) and nearest-level codes (uint8);
+    f.mean: every row's clip is the mean of those clips in row RMS (seed 004's rule)."""
+    s = (row_clips(w, f) / levels[-1]).clamp_min(1e-7).half().float()
     codes, v = nearest(w / s, levels)
     best = (v * s - w).square().sum(-1).argmin(0)
     rows = torch.arange(w.size(0), device=w.device)
-    return codes[best, rows].to(torch.uint8), s[best, rows, 0]
+    codes, s = codes[best, rows], s[best, rows, 0]
+    if f.mean:
+        rms = w.square().mean(1).sqrt().clamp_min(1e-12)
+        s = ((s / rms).mean() * rms).clamp_min(1e-7).half().float()
+        codes = nearest(w / s[:, None], levels)[0]
+    return codes.to(torch.uint8), s
+
+
+def dedup(codes: Tensor, levels: Tensor, step: int) -> Tensor:
+    """QUANT_DEDUP_STEP (seed 004's value dedup): each code's level floored to a multiple of step, so the grid keeps
+    every step-th level; a floor below the grid (the seed stored -Q-1) moves up a step instead."""
+    v = (levels[codes.long()] / step).floor() * step
+    return (torch.where(v < levels[0], v + step, v) - levels[0]).to(torch.uint8)
+
+
+def prune(w: Tensor, frac: float) -> Tensor:
+    """QUANT_PRUNE (seed 000): the matrix with its int(frac * size) smallest |w| set to 0."""
+    k = int(frac * w.numel())
+    if not k:
+        return w
+    return w.flatten().index_fill(0, w.abs().flatten().topk(k, largest=False).indices, 0).view_as(w)
 
 
 def gptq_codes(w: Tensor, H: Tensor, levels: Tensor, s: Tensor, hp: Hyperparameters) -> tuple[Tensor | None, float]:
@@ -1256,12 +1342,14 @@ def quantize(w: Tensor, f: Fmt, H: Tensor | None = None, hp: Hyperparameters | N
     rot = rotation(w.size(1), f.seed, str(w.device)) if f.kind == "tq" else None
     x = w if rot is None else (w.double() @ rot).float()
     levels = grid(f, w.device)
-    parts = list(quantize_rows(x, levels, f.clip))
+    parts = list(quantize_rows(x, levels, f))
     if H is not None and pos is None:  # 2:4 rounds plainly
         codes, damp = gptq_codes(x, H if rot is None else rot.T @ H.double() @ rot, levels, parts[1], hp)
         parts[0] = parts[0] if codes is None else codes
         if notes is not None and (codes is None or damp != hp.gptq_damp):
             notes.append("plain rounding (Hessian not positive definite)" if codes is None else f"damping {damp:g}")
+    if f.dedup > 1 and f.kind in ("int", "a"):
+        parts[0] = dedup(parts[0], levels, f.dedup)
     return add_lowrank(w, parts, f, H) + ([] if pos is None else [pos])
 
 
@@ -1486,7 +1574,7 @@ def narrower_spec(hp: Hyperparameters, model: nn.Module, excess: int) -> str | N
         p = name.split(".")
         if not (p[0] == "blocks" and depth_override(given, int(p[1]), hp.num_layers)):
             params[role] = params.get(role, 0) + state[name].numel()
-    while saved < excess and (roles := [r for r in FIT_ORDER if params.get(r) and (f := parse_fmt(spec[r])).kind == "int"
+    while saved < excess and (roles := [r for r in FIT_ORDER if params.get(r) and (f := parse_fmt(spec[r])).kind in ("int", "a")
                                         and f.bits > 4]):
         for r in roles:
             if saved < excess:
@@ -1517,7 +1605,7 @@ def lqer_topk(state: dict, fmts: dict, parts: dict, hessians: dict, hp: Hyperpar
 
 def column_major(hp: Hyperparameters, fmts: dict) -> list[str]:
     """MLP_SORT: the int mlp_down matrices whose codes are stored column by column, one hidden unit after another."""
-    return [n for n, (role, f) in fmts.items() if hp.mlp_sort and role == "mlp_down" and f.kind == "int" and f.fd < 0]
+    return [n for n, (role, f) in fmts.items() if hp.mlp_sort and role == "mlp_down" and f.kind in ("int", "a") and f.fd < 0]
 
 
 @torch.no_grad()
@@ -1532,7 +1620,7 @@ def export_artifact(model: nn.Module, hp: Hyperparameters, path: str | Path, hes
         f = fmts.setdefault(name, (None, Fmt("fp16")))[1]
         if (name, f) not in cache:
             cache[name, f] = [t.half()] if f.kind == "fp16" else quantize(
-                t, f, hessians.get(name[:-7]), hp, notes.setdefault(name, []))
+                prune(t, hp.quant_prune), f, hessians.get(name[:-7]), hp, notes.setdefault(name, []))
         parts[name] = cache[name, f]
     lqer = lqer_topk(state, fmts, parts, hessians, hp, cache) if hp.lqer_top and hp.lqer_rank else {}
     colmajor = column_major(hp, fmts)
@@ -1852,7 +1940,8 @@ def note(run: Run, kind: str, key: tuple, params):
 def eval_ttt(run: Run, model: nn.Module, toks: Tensor, hint: Tensor | None = None, box: float = math.inf) -> Tensor:
     """Score-first test-time training on a copy of the model: the sliding windows in chunks of TTT_CHUNK_TOKENS
     targets, each chunk scored first, then adapted on (never re-scored), so chunk c is scored with the weights
-    adapted on chunks < c. full: every weight, SGD with momentum and a cosine LR over the chunks; every rank adapts
+    adapted on chunks < c. full: every weight (or the last TTT_BLOCKS blocks'), TTT_OPTIMIZER and a cosine LR over the
+    chunks; every rank adapts
     on the same chunk with all-reduced gradients, so all hold identical weights. Adapting stops once `box` seconds
     have passed; later chunks are only scored. The audit observes each chunk's weights when scored and adapted."""
     hp = run.hp
@@ -1862,7 +1951,7 @@ def eval_ttt(run: Run, model: nn.Module, toks: Tensor, hint: Tensor | None = Non
     W, first, ends = plan = sliding_plan(toks.numel() - 1, hp.eval_seq_len, hp.eval_stride)
     per, params = max(1, hp.ttt_chunk_tokens // hp.eval_stride), list(model.parameters())
     n_chunks = -(-len(ends) // per)
-    opt = torch.optim.SGD(params, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
+    opt = ttt_optimizer(hp, model)
     stats = torch.zeros(3, toks.numel() - 1, device=toks.device)
     t0, adapting = time.perf_counter(), True
     note(run, "adapt", (0, -1), params)
@@ -1880,12 +1969,23 @@ def eval_ttt(run: Run, model: nn.Module, toks: Tensor, hint: Tensor | None = Non
     return stats
 
 
+def ttt_optimizer(hp: Hyperparameters, model: nn.Module) -> torch.optim.Optimizer:
+    """Full TTT's optimizer over its scope: every weight, or with TTT_BLOCKS=N the last N blocks' (the rest frozen)."""
+    params = list(model.parameters() if not hp.ttt_blocks else model.blocks[-hp.ttt_blocks:].parameters())
+    model.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    if hp.ttt_optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=hp.ttt_lr, betas=(0.9, hp.ttt_beta2), weight_decay=hp.ttt_wd)
+    return torch.optim.SGD(params, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
+
+
 def adapt_full(run: Run, model: nn.Module, opt: torch.optim.Optimizer, span: Tensor, lr: float):
     """TTT_EPOCHS steps on a scored chunk, cut into EVAL_SEQ_LEN sequences shared out over ranks."""
     hp, L = run.hp, min(run.hp.eval_seq_len, span.numel() - 1)
     n = (span.numel() - 1) // L
     x, y = (s[:n * L].view(n, L)[run.rank::run.world_size] for s in (span[:-1], span[1:]))
-    per_batch = eval_rows(hp)
+    per_batch, params = eval_rows(hp), [p for g in opt.param_groups for p in g["params"]]
     for g in opt.param_groups:
         g["lr"] = lr
     for _ in range(hp.ttt_epochs):
@@ -1893,11 +1993,11 @@ def adapt_full(run: Run, model: nn.Module, opt: torch.optim.Optimizer, span: Ten
         for i in range(0, x.size(0), per_batch):
             with run.autocast():
                 (token_nll(model(x[i:i + per_batch]), y[i:i + per_batch]).sum() / (n * L)).backward()
-        for p in model.parameters():
+        for p in params:
             p.grad = torch.zeros_like(p) if p.grad is None else p.grad
             if run.distributed:
                 dist.all_reduce(p.grad)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
 
 

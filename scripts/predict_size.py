@@ -44,16 +44,17 @@ FORMATS = ["int8", "int7", "int6", "int5", "int4", "int3", "int2", "tq4", "tq3",
 
 
 class Meter:
-    """Measured compressed bits per code of (format, row length), and per fp16 scale, on Gaussian weights."""
+    """Measured compressed bits per code of (format, row length), and per fp16 scale, on Gaussian weights
+    (QUANT_PRUNE's fraction of them zeroed first, as export does)."""
 
-    def __init__(self, codec: str):
-        self.codec, self.cache = codec, {}
+    def __init__(self, codec: str, prune: float = 0.0):
+        self.codec, self.prune, self.cache = codec, prune, {}
 
     def __call__(self, f: T.Fmt, cols: int) -> tuple[float, float, float]:
         key = (f.base._replace(seed=0), cols)
         if key not in self.cache:
             w = torch.randn(max(64, 2 ** 19 // cols), cols, generator=torch.Generator().manual_seed(cols))
-            codes, scales = T.quantize(w, key[0])
+            codes, scales = T.quantize(T.prune(w, self.prune), key[0])
             groups = {f.name: codes.numpy().ravel(), "scales": scales.half().numpy()}
             meta, _ = T.encode_groups(groups, self.codec)
             self.cache[key] = (8 * meta[f.name]["len"] / codes.numel(), 8 * meta["scales"]["len"] / scales.numel(),
@@ -110,7 +111,7 @@ def main(argv=None) -> int:
     with torch.device("meta"):  # shapes only
         model = T.GPT(hp)
     state = model.state_dict()
-    meter = Meter(hp.codec)
+    meter = Meter(hp.codec, hp.quant_prune)
     n = sum(t.numel() for t in state.values())
     print(f"config: PRESET={hp.preset} {hp.num_layers}L d={hp.model_dim} MLP {hp.mlp_mult}x vocab {hp.vocab_size}: "
           f"{n:,} parameters; CODEC={hp.codec}; cap {T.ARTIFACT_CAP_BYTES:,} bytes\n")

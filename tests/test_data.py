@@ -797,3 +797,40 @@ def test_curriculum_samples_easy_sequences_first_and_hard_ones_last(tmp_path):
     assert easy[0.0] > 0.9 and 0.3 < easy[0.5] < 0.7 and easy[1.0] < 0.1, easy  # weights 1 vs 0.02 at the ends
     loader.n, loader.progress = 8, 0.0  # 8 buckets at the start: linear from 1 (easiest) down to the floor
     assert np.allclose(loader.weights(), [1, 6 / 7, 5 / 7, 4 / 7, 3 / 7, 2 / 7, 1 / 7, 0.02])
+
+
+class MarkedPilot(torch.nn.Module):
+    """A pilot whose loss on a sequence is its first input token: the buckets it yields are known."""
+
+    def forward(self, x, y):
+        return x[:, :1].float().expand(-1, x.size(1))
+
+
+def test_curriculum_pilot_model_scores_the_buckets_when_asked(tmp_path, monkeypatch):
+    rng = np.random.default_rng(1)  # 64 sequences of 16 tokens, each starting with a distinct token
+    seqs = np.concatenate([[rng.permutation(np.arange(100, 164))[i]] + [7] * 15 for i in range(64)])
+    header = np.zeros(train_gpt.HEADER_INTS, dtype="<i4")
+    header[:3] = train_gpt.SHARD_MAGIC, train_gpt.SHARD_VERSION, seqs.size
+    (tmp_path / "fineweb_train_000000.bin").write_bytes(header.tobytes() + seqs.astype("<u2").tobytes())
+    pattern = str(tmp_path / "fineweb_train_*.bin")
+    runs = {steps: train_gpt.Run(train_gpt.load_hparams({"CURRICULUM_BUCKETS": "4", "CURRICULUM_PILOT_STEPS": steps,
+                                                         "VAL_BATCH_TOKENS": "256"}), torch.device("cpu"))
+            for steps in ("0", "3")}
+    trained = []
+    monkeypatch.setattr(train_gpt, "train_pilot", lambda pat, run, seq_len: trained.append(
+        (pat, run.hp.curriculum_pilot_steps, seq_len)) or MarkedPilot())
+    loader = train_gpt.CurriculumLoader(pattern, runs["3"])
+    loader.next_batch(16 * 8, 16, 1)
+    assert trained == [(pattern, 3, 16)]  # trained once, when the first stretch is scored
+    firsts = seqs.reshape(64, 16)[:, 0]
+    want = np.array_split(np.argsort(firsts[:63], kind="stable"), 4)  # 63 full sequences (each needs its next token)
+    assert all(np.array_equal(a, b) for a, b in zip(loader.members, want))
+    plain = train_gpt.CurriculumLoader(pattern, runs["0"])  # unigram surprisal: every first token is seen once
+    plain.next_batch(16 * 8, 16, 1)
+    assert not all(np.array_equal(a, b) for a, b in zip(plain.members, want)) and len(trained) == 1
+    monkeypatch.undo()  # the real pilot: a small GPT that its steps taught something
+    pilot, untrained = (train_gpt.train_pilot(pattern, runs[k], 16) for k in ("3", "0"))
+    x = torch.from_numpy(seqs[:16 * 8].astype(np.int64)).view(8, 16)
+    assert sum(p.numel() for p in pilot.parameters()) < 500_000
+    with torch.no_grad():
+        assert float(pilot(x[:, :-1], x[:, 1:]).mean()) < float(untrained(x[:, :-1], x[:, 1:]).mean()) - 0.5

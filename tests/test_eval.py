@@ -219,6 +219,28 @@ def test_ttt_scores_once_and_chunk_weights_ignore_the_chunk(tiny_run, monkeypatc
     assert torch.equal(r.model.state_dict()["tok_emb.weight"], tiny_run.model.state_dict()["tok_emb.weight"])
 
 
+@pytest.mark.parametrize("optimizer,blocks", [("adamw", 1), ("sgd", 2), ("adamw", 0)])
+def test_ttt_scope_trains_only_the_named_blocks(tiny_run, monkeypatch, optimizer, blocks):
+    """TTT_BLOCKS=N: full TTT changes the last N blocks' weights and nothing else (0: every weight), with the
+    TTT_OPTIMIZER asked for."""
+    r = sub_run(tiny_run, 2049, ttt_mode="full", ttt_chunk_tokens=512, ttt_lr=0.01, ttt_optimizer=optimizer,
+                ttt_blocks=blocks)
+    seen, real = {}, T.adapt_full
+
+    def spy(run, model, opt, span, lr):
+        seen.update(model=model, opt=opt)
+        return real(run, model, opt, span, lr)
+    monkeypatch.setattr(T, "adapt_full", spy)
+    T.eval_ttt(r, r.model, stream(r))
+    assert type(seen["opt"]) is {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[optimizer]
+    before, after = r.model.state_dict(), seen["model"].state_dict()
+    n = r.hp.num_layers
+    named = {k for k in before if blocks and any(k.startswith(f"blocks.{i}.") for i in range(n - blocks, n))}
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == named if blocks else len(changed) > len(before) // 2, sorted(changed)
+    assert all(any(k.startswith(f"blocks.{i}.") and k in changed for k in before) for i in range(n - blocks, n))
+
+
 def test_ttt_with_zero_lr_is_sliding_eval(tiny_run):
     r = sub_run(tiny_run, 2049, ttt_mode="full", ttt_chunk_tokens=512, ttt_lr=0.0)
     assert torch.allclose(T.eval_ttt(r, r.model, stream(r)), T.eval_sliding(r, r.model, stream(r)), atol=1e-5)

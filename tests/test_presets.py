@@ -13,7 +13,7 @@ from conftest import ROOT
 
 SEEDS = {  # preset -> (parameters at full size, a format group its QUANT_SPEC must produce)
     "baseline": (17_059_912, "int8"), "turboquant_mixed": (33_580_123, "int4"), "turboquant_13l": (44_258_603, "tq2"),
-    "int5_qat_576": (27_090_066, "int5"), "int5_mlp_12l": (29_191_777, "int5"), "gptq_int6_ttt": (35_985_008, "int6"),
+    "int5_qat_576": (27_090_066, "a5"), "int5_mlp_12l": (29_191_777, "a5"), "gptq_int6_ttt": (35_985_008, "int6"),
 }
 
 

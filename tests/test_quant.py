@@ -51,7 +51,7 @@ def test_rotation_orthogonal_and_rebuilt_from_seed():
 
 def test_clip_sigmas_sets_the_clip():
     w = torch.randn(16, 256)
-    codes, s = T.quantize_rows(w, T.grid(T.Fmt("int", 4)), clip=2.5)
+    codes, s = T.quantize_rows(w, T.grid(T.Fmt("int", 4)), T.Fmt("int", 4, clip=2.5))
     assert torch.allclose(s, (2.5 * w.square().mean(1).sqrt() / 7).half().float())
 
 
@@ -242,6 +242,77 @@ def test_two_four_stores_half_the_codes_and_reloads_exactly(tmp_path):
     state, fmts = T.load_artifact(tmp_path / "s.artifact"), T.quant_formats(hp, model)
     for name, (_, f) in fmts.items():
         assert torch.equal(state[name], T.dequantize(T.quantize(model.state_dict()[name], f), f)), name
+
+
+def test_dedup_floors_codes_as_seed_004_and_reloads_exactly(tmp_path):
+    """QUANT_DEDUP_STEP=2: every code's level is its plain level floored to an even one (the seed's Q // 2 * 2),
+    except that -Q (odd, the grid's lowest) goes up to -Q+1; the artifact reloads those codes exactly."""
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(5))
+    w[0, 0] = -50.0  # a row whose clip leaves its minimum at -Q
+    for f in (T.parse_fmt("int6@12.85"), T.parse_fmt("a5"), T.parse_fmt("int5@3")):
+        levels = T.grid(f)
+        plain, dd = (levels[T.quantize(w, f._replace(dedup=d))[0].long()] for d in (0, 2))
+        want = torch.div(plain, 2, rounding_mode="floor") * 2
+        want = torch.where(want < levels[0], want + 2, want)
+        assert torch.equal(dd, want) and (dd % 2 == 0).all() and (plain % 2 != 0).any()
+    hp, model = small_model("attn_qk:int6,attn_vo:a6,mlp_up:int5@20,mlp_down:int6@mean,embed:int8", CODEC="zstd",
+                            QUANT_DEDUP_STEP="2")
+    T.export_artifact(model, hp, tmp_path / "d.artifact")
+    state, fmts = T.load_artifact(tmp_path / "d.artifact"), T.quant_formats(hp, model)
+    for name, (_, f) in fmts.items():
+        codes = T.quantize(model.state_dict()[name], f)
+        assert f.dedup == 2 and (T.grid(f)[codes[0].long()] % 2 == 0).all(), name
+        assert torch.equal(state[name], T.dequantize(codes, f)), name
+
+
+def test_32_level_grid_uses_every_code_and_round_trips(tmp_path):
+    """aN: all 2^N codes, -2^(N-1)..2^(N-1)-1 (seeds 002/003's int5 -16..15): a clip that cuts the tails uses the
+    extra -16; at the row max (QUANT_CLIP_QUANTILE=1, the seeds' scale max/15) it is never reached, as in their runs."""
+    f = T.parse_fmt("a5")
+    assert f.tag == "a5" and T.grid(f).tolist() == list(range(-16, 16)) and T.parse_fmt("a6@mean").mean
+    w = torch.randn(64, 512, generator=torch.Generator().manual_seed(2))
+    levels = T.grid(f)[T.quantize(w, f)[0].long()]
+    assert levels.min() == -16 and levels.max() == 15
+    assert T.grid(f)[T.quantize(w, f._replace(quantile=1.0))[0].long()].min() == -15
+    hp, model = small_model("attn_qk:a6,attn_vo:a5,mlp_up:a5+lr2,mlp_down:a4,embed:int8", CODEC="zstd")
+    rep = T.export_artifact(model, hp, tmp_path / "a.artifact")
+    assert {"a4", "a5", "a6"} <= set(rep["groups"])
+    state, fmts = T.load_artifact(tmp_path / "a.artifact"), T.quant_formats(hp, model)
+    for name, (_, f) in fmts.items():
+        assert torch.equal(state[name], T.dequantize(T.quantize(model.state_dict()[name], f), f)), name
+    assert T.narrower_spec(hp, model, 10 ** 9).startswith("mlp_up:a4+lr2,mlp_down:a4,attn_vo:a4")  # QUANT_FIT narrows aN
+
+
+def test_clip_rules_quantile_and_mean():
+    """QUANT_CLIP_QUANTILE=q: each row's clip is the least-MSE one among its |w| quantiles q..1 (1: the row max);
+    @mean: every row clipped at the mean over rows of their least-MSE clips, in row RMS (seed 004)."""
+    w = torch.randn(32, 512, generator=torch.Generator().manual_seed(4)) * torch.linspace(0.5, 2, 32)[:, None]
+    levels = T.grid(T.Fmt("int", 5))
+    _, s = T.quantize_rows(w, levels, T.Fmt("int", 5, quantile=1.0))
+    assert torch.equal(s, (w.abs().amax(1) / 15).half().float())
+    _, s = T.quantize_rows(w, levels, T.Fmt("int", 5, quantile=0.999))
+    cand = torch.quantile(w.abs(), torch.tensor([0.999, 0.9995, 0.9999, 0.99999, 1.0]), dim=1).T / 15
+    assert all(torch.isclose(cand[i].half().float(), s[i]).any() for i in range(32))
+    _, best = T.quantize_rows(w, levels)
+    rms = w.square().mean(1).sqrt()
+    codes, s = T.quantize_rows(w, levels, T.parse_fmt("int5@mean"))
+    assert torch.allclose(s, ((best / rms).mean() * rms).half().float()) and not torch.allclose(s, best)
+    assert torch.equal(codes.long(), T.nearest(w / s[:, None], levels)[0])
+
+
+def test_prune_zeroes_the_stated_fraction_of_each_matrix(tmp_path):
+    w = torch.randn(96, 200, generator=torch.Generator().manual_seed(6))
+    p = T.prune(w, 0.05)
+    zero = p == 0
+    assert int(zero.sum()) == int(0.05 * w.numel()) and torch.equal(p[~zero], w[~zero])
+    assert w[zero].abs().max() <= w[~zero].abs().min()  # the smallest ones
+    assert T.prune(w, 0.0) is w
+    hp, model = small_model("attn_qk:int8,attn_vo:int8,mlp_up:int8,mlp_down:int8,embed:int8", CODEC="zstd",
+                            QUANT_PRUNE="0.05", QUANT_CLIP_QUANTILE="1")  # int8 steps of max/127: only pruned ones round to 0
+    T.export_artifact(model, hp, tmp_path / "p.artifact")
+    state = T.load_artifact(tmp_path / "p.artifact")
+    for name in T.quant_formats(hp, model):
+        assert float((state[name] == 0).float().mean()) == pytest.approx(0.05, abs=1 / state[name].numel()), name
 
 
 @pytest.mark.parametrize("spec", [SPEC, "mlp_up:sp4,mlp_down:tq3"])
