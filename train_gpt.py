@@ -557,9 +557,12 @@ PILOT = dict(num_layers=2, model_dim=128, num_heads=2, num_kv_heads=2, mlp_mult=
 
 
 def train_pilot(pattern: str, run: Run, seq_len: int) -> nn.Module:
-    """The curriculum's pilot: the configured model at 2 layers x 128 (PILOT), trained CURRICULUM_PILOT_STEPS AdamW
-    steps (lr 3e-3) on 8 sequences at a time from the first training tokens."""
-    model = GPT(dataclasses.replace(run.hp, **PILOT)).to(run.device)
+    """The curriculum's pilot: the configured model at 2 layers x 128 (PILOT), initialized from SEED (the run's own
+    random state untouched) and trained CURRICULUM_PILOT_STEPS AdamW steps (lr 3e-3) on 8 sequences at a time from
+    the first training tokens: every rank, and a resumed run, trains the same one."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(run.hp.seed)
+        model = GPT(dataclasses.replace(run.hp, **PILOT)).to(run.device)
     opt, stream = torch.optim.AdamW(model.parameters(), lr=3e-3), TokenStream(pattern)
     for _ in range(run.hp.curriculum_pilot_steps):
         span = torch.from_numpy(stream.take(8 * seq_len + 1).astype(np.int64)).to(run.device)

@@ -832,5 +832,7 @@ def test_curriculum_pilot_model_scores_the_buckets_when_asked(tmp_path, monkeypa
     pilot, untrained = (train_gpt.train_pilot(pattern, runs[k], 16) for k in ("3", "0"))
     x = torch.from_numpy(seqs[:16 * 8].astype(np.int64)).view(8, 16)
     assert sum(p.numel() for p in pilot.parameters()) < 500_000
+    again = train_gpt.train_pilot(pattern, runs["3"], 16).state_dict()  # seeded: every rank and a resume agree
+    assert all(torch.equal(t, again[k]) for k, t in pilot.state_dict().items())
     with torch.no_grad():
         assert float(pilot(x[:, :-1], x[:, 1:]).mean()) < float(untrained(x[:, :-1], x[:, 1:]).mean()) - 0.5
