@@ -1237,14 +1237,18 @@ def gptq_codes(w: Tensor, H: Tensor, levels: Tensor, s: Tensor, hp: Hyperparamet
         return None, damp
     U, w, s = U.float(), w[:, perm].clone(), s[:, None]
     codes = torch.empty_like(w, dtype=torch.uint8)
-    for i in range(0, w.size(1), hp.gptq_block):
-        j = min(i + hp.gptq_block, w.size(1))
-        err = torch.empty_like(w[:, i:j])
-        for c in range(i, j):
-            codes[:, c:c + 1], v = nearest(w[:, c:c + 1] / s, levels)
-            err[:, c - i:c - i + 1] = e = (w[:, c:c + 1] - v * s) / U[c, c]
-            w[:, c:j] -= e * U[c, c:j]
-        w[:, j:] -= err @ U[i:j, j:]
+    tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False  # setup() allows TF32:
+    try:  # the block updates need full fp32, or rounding errors pile up over the columns
+        for i in range(0, w.size(1), hp.gptq_block):
+            j = min(i + hp.gptq_block, w.size(1))
+            err = torch.empty_like(w[:, i:j])
+            for c in range(i, j):
+                codes[:, c:c + 1], v = nearest(w[:, c:c + 1] / s, levels)
+                err[:, c - i:c - i + 1] = e = (w[:, c:c + 1] - v * s) / U[c, c]
+                w[:, c:j] -= e * U[c, c:j]
+            w[:, j:] -= err @ U[i:j, j:]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     return codes[:, torch.argsort(perm)], damp
 
 

@@ -411,3 +411,19 @@ def test_quant_fit_reexports_narrower_until_under_the_cap(tiny_run, brown_data, 
     run = dataclasses.replace(tiny_run, hp=hp, results=dict(status="running"))
     T.export(run)
     assert run.results["status"] == "over_cap" and set(run.results["quant"]["groups"]) <= {"int4", "scales", "fp16"}
+
+
+def test_gptq_block_updates_run_without_tf32(monkeypatch):
+    """setup() allows TF32 for training matmuls on CUDA; GPTQ turns it off for its rounding and block updates and
+    restores it after (on CPU the flag changes nothing)."""
+    seen, nearest, g = [], T.nearest, torch.Generator().manual_seed(0)
+    x, w, levels = torch.randn(512, 64, generator=g), torch.randn(32, 64, generator=g), T.grid(T.Fmt("int", 4))
+    scales, hp, before = T.quantize_rows(w, levels)[1], T.load_hparams({"GPTQ_BLOCK": "16"}), torch.backends.cuda.matmul.allow_tf32
+    monkeypatch.setattr(T, "nearest", lambda x, levels: seen.append(torch.backends.cuda.matmul.allow_tf32) or
+                        nearest(x, levels))
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        codes, _ = T.gptq_codes(w, x.T @ x, levels, scales, hp)
+        assert codes is not None and len(seen) == 64 and not any(seen) and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
