@@ -145,6 +145,7 @@ class Hyperparameters:
     qat_threshold: float = 0.15  # QAT once the LR multiplier is at or below this (1: from the start); 0 = off
     qat_steps: int = 1  # QAT stages: start QAT_STEPS-1 bits above QUANT_SPEC, one bit less per stage
     codec: str = "auto"  # auto (smallest per group) | zstd | lzma | brotli | ac (adaptive range coder)
+    codec_sample_bytes: int = 1048576  # auto picks each group's codec on this many bytes of it; 0: tries all on all
     freeze_dry: int = -1  # >= 0: odd columns' codes stored as residuals of a fit on their neighbours, 0 within this many steps
     mlp_sort: bool = True  # hidden units in order of down-projection column RMS, int down codes stored column by column
     quant_fit: bool = True  # over the cap: re-export with roles a bit narrower (MLP first, down to int4)
@@ -291,6 +292,7 @@ RULES = {  # field -> (predicate, what is expected); checked at start-up
     "qat_threshold": (lambda v: 0 <= v <= 1, "a number in [0, 1] (0 = off)"),
     "qat_steps": (lambda v: 1 <= v <= 6, "an int in [1, 6]"),
     "codec": (lambda v: v == "auto" or v in CODEC_MODULES, "auto, zstd, lzma, brotli or ac"),
+    "codec_sample_bytes": (lambda v: v >= 0, "an int >= 0 (0: every codec on every whole group)"),
     "freeze_dry": (lambda v: v >= -1, "an int >= -1 (-1 = off, 0 = lossless, k = within k code steps)"),
     "eval_stride": (lambda v: v >= 1, "an int >= 1"),
     "eval_batch_seqs": (lambda v: v >= 0, "an int >= 0 (0 = from VAL_BATCH_TOKENS)"),
@@ -1452,23 +1454,40 @@ def codecs() -> dict:
     return {c: fns for c, fns in table.items() if mods[c]}
 
 
-def encode_groups(groups: dict[str, np.ndarray], codec: str) -> tuple[dict, list[bytes]]:
+def sample_values(a: np.ndarray, n: int, slices: int = 16) -> np.ndarray:
+    """About n values of a in evenly spaced slices, so statistics that drift along it are all seen; a if n covers it."""
+    if n >= a.size:
+        return a
+    k = max(1, n // slices)
+    return np.concatenate([a[i:i + k] for i in np.linspace(0, a.size - k, slices).astype(np.int64)])
+
+
+def encode_groups(groups: dict[str, np.ndarray], codec: str, sample: int = 0) -> tuple[dict, list[bytes], dict]:
     """Each group's smallest (packing, codec) among the installed codecs (auto) or of CODEC; dense bit packing is
-    only tried at <= 4 bits, where it can help."""
-    cs, jobs = codecs(), {}
+    only tried at <= 4 bits, where it can help. auto with sample > 0 picks on ~sample bytes of each group
+    (sample_values), then only the pick compresses the whole group. Returns (header meta, buffers, per group the
+    values sampled and each candidate's bytes on them)."""
+    cs, jobs, meta, bufs, seen = codecs(), {}, {}, [], {}
     bits = {g: 16 if g in FP16_GROUPS else {"fd": 8, "pos": 3}.get(g) or int(g.lstrip("intqasp")) for g in groups}
-    packed = {(g, p): pack(a, p, bits[g]) for g, a in groups.items()
-              for p in (["shuffle"] if bits[g] == 16 else ["u8", "bits"][:1 + (bits[g] <= 4)])}
+    part = {g: sample_values(a, sample // a.itemsize) if codec == "auto" and sample else a for g, a in groups.items()}
     with ThreadPoolExecutor(os.cpu_count()) as pool:
-        for (g, p), b in packed.items():
-            for c in cs if codec == "auto" else [codec]:
-                jobs[g, p, c] = pool.submit(cs[c][0], b)
-    meta, bufs = {}, []
-    for g, a in groups.items():
-        (_, p, c), best = min(((k, j.result()) for k, j in jobs.items() if k[0] == g), key=lambda kv: len(kv[1]))
-        meta[g] = dict(codec=c, pack=p, bits=bits[g], n=a.size, raw=len(packed[g, p]), len=len(best))
-        bufs.append(best)
-    return meta, bufs
+        for g, a in part.items():
+            for p in ["shuffle"] if bits[g] == 16 else ["u8", "bits"][:1 + (bits[g] <= 4)]:
+                b = pack(a, p, bits[g])
+                for c in cs if codec == "auto" else [codec]:
+                    jobs[g, p, c] = len(b), pool.submit(cs[c][0], b)
+        tried = {g: {(p, c): len(j.result()) for (h, p, c), (_, j) in jobs.items() if h == g} for g in groups}
+        picks = {g: min(t, key=t.get) for g, t in tried.items()}
+        for g, (p, c) in picks.items():  # a sampled group: only its pick runs on all of it
+            if part[g] is not groups[g]:
+                b = pack(groups[g], p, bits[g])
+                jobs[g, p, c] = len(b), pool.submit(cs[c][0], b)
+        for g, a in groups.items():
+            raw, job = jobs[(g, *picks[g])]
+            bufs.append(job.result())
+            meta[g] = dict(codec=picks[g][1], pack=picks[g][0], bits=bits[g], n=a.size, raw=raw, len=len(bufs[-1]))
+            seen[g] = dict(values=part[g].size, bytes={"/".join(k): n for k, n in tried[g].items()})
+    return meta, bufs, seen
 
 
 def code_entropy(a: np.ndarray) -> float:
@@ -1562,11 +1581,11 @@ def export_artifact(model: nn.Module, hp: Hyperparameters, path: str | Path, hes
             groups.setdefault(g, []).append((p.half() if g in FP16_GROUPS else p).cpu().numpy().ravel())
         tensors.append([name, list(t.shape), f.tag])
     groups = {g: np.concatenate(a) for g, a in groups.items()}
-    meta, bufs = encode_groups(groups, hp.codec)
+    meta, bufs, seen = encode_groups(groups, hp.codec, hp.codec_sample_bytes)
     header, data = frame(ARTIFACT_MAGIC, dict(seed=hp.quant_seed, groups=meta, tensors=tensors, colmajor=colmajor), bufs)
     write_atomic(path, data)
     for g, m in meta.items():
-        m["bits_per_value"] = round(8 * m["len"] / m["n"], 4)
+        m.update(bits_per_value=round(8 * m["len"] / m["n"], 4), sampled=seen[g])
         if g not in FP16_GROUPS:
             m["entropy_bits"] = round(code_entropy(groups[g]), 4)
     for r in roles.values():
@@ -2433,8 +2452,9 @@ def export(run: Run):
         run.results["quant"] = report
         for g, m in report["groups"].items():
             ent = f", code entropy {m['entropy_bits']:.3f}" if "entropy_bits" in m else ""
+            pick = f" (picked on {m['sampled']['values']:,} sampled values)" * (m["sampled"]["values"] < m["n"])
             run.log(f"quant {g}: {m['n']:,} values -> {m['len']:,} bytes ({m['bits_per_value']:.3f} bits/value{ent}) "
-                    f"{m['codec']}/{m['pack']}")
+                    f"{m['codec']}/{m['pack']}{pick}")
         run.log("quant rel. MSE: " + ", ".join(f"{k} {r['rel_mse']:.2e}" for k, r in report["roles"].items())
                 + f"; quantized and compressed in {report['seconds']:.1f}s")
         for name, how in report["gptq_fallbacks"].items():

@@ -55,7 +55,7 @@ class Meter:
             w = torch.randn(max(64, 2 ** 19 // cols), cols, generator=torch.Generator().manual_seed(cols))
             codes, scales = T.quantize(w, key[0])
             groups = {f.name: codes.numpy().ravel(), "scales": scales.half().numpy()}
-            meta, _ = T.encode_groups(groups, self.codec)
+            meta, _, _ = T.encode_groups(groups, self.codec)
             self.cache[key] = (8 * meta[f.name]["len"] / codes.numel(), 8 * meta["scales"]["len"] / scales.numel(),
                                T.code_entropy(groups[f.name]))
         return self.cache[key]
