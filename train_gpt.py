@@ -148,7 +148,8 @@ class Hyperparameters:
     codec_sample_bytes: int = 1048576  # auto picks each group's codec on this many bytes of it; 0: tries all on all
     freeze_dry: int = -1  # >= 0: odd columns' codes stored as residuals of a fit on their neighbours, 0 within this many steps
     mlp_sort: bool = True  # hidden units in order of down-projection column RMS, int down codes stored column by column
-    quant_fit: bool = True  # over the cap: re-export with roles a bit narrower (MLP first, down to int4)
+    quant_fit: bool = True  # over the cap: re-export with set steps (intN@K) wider, else roles a bit narrower
+    quant_fit_margin: int = 50000  # QUANT_FIT on set steps lands 1-2x this many bytes under the cap
     artifact_path: str = ""  # empty: LOG_DIR/RUN_ID.artifact
     resume_from: str = ""  # a LOG_DIR/RUN_ID.ckpt of trained weights: skip training, export and evaluate them
     # evaluation
@@ -293,6 +294,7 @@ RULES = {  # field -> (predicate, what is expected); checked at start-up
     "qat_steps": (lambda v: 1 <= v <= 6, "an int in [1, 6]"),
     "codec": (lambda v: v == "auto" or v in CODEC_MODULES, "auto, zstd, lzma, brotli or ac"),
     "codec_sample_bytes": (lambda v: v >= 0, "an int >= 0 (0: every codec on every whole group)"),
+    "quant_fit_margin": (lambda v: v >= 0, "an int >= 0 (bytes)"),
     "freeze_dry": (lambda v: v >= -1, "an int >= -1 (-1 = off, 0 = lossless, k = within k code steps)"),
     "eval_stride": (lambda v: v >= 1, "an int >= 1"),
     "eval_batch_seqs": (lambda v: v >= 0, "an int >= 0 (0 = from VAL_BATCH_TOKENS)"),
@@ -1518,6 +1520,51 @@ def narrower_spec(hp: Hyperparameters, model: nn.Module, excess: int) -> str | N
     return ",".join(f"{r}:{t}" for r, t in spec.items()) if saved else None
 
 
+def set_step_params(hp: Hyperparameters, model: nn.Module) -> int:
+    """Weights in set-step formats (intN@K: step K row RMS / Q) if they are most of the quantized ones, else 0."""
+    state, n = model.state_dict(), [0, 0]
+    for name, (_, f) in quant_formats(hp, model).items():
+        if f.kind != "fp16":
+            n[f.kind == "int" and f.clip > 0] += state[name].numel()
+    return n[1] if n[1] >= n[0] else 0
+
+
+def widened(hp: Hyperparameters, factor: float) -> str:
+    """QUANT_SPEC with each intN@K entry's step (or QUANT_CLIP_SIGMAS's) factor times wider: intN@(K x factor)."""
+    spec = {r: parse_fmt(t, hp.quant_clip_sigmas) for r, t in parse_spec(hp.quant_spec).items()}
+    return ",".join(f"{r}:{f._replace(clip=round(f.clip * factor, 3)).tag if f.kind == 'int' and f.clip else f.tag}"
+                    for r, f in spec.items())
+
+
+QUANT_FIT_TRIALS = 4  # re-exports the set-step search may spend
+
+
+def fit_spec(hp: Hyperparameters, model: nn.Module, tried: list[list], room: int) -> tuple[str, float] | None:
+    """QUANT_FIT: the next (QUANT_SPEC, step factor) to export after those tried ([spec, model bytes, factor] each,
+    the first at QUANT_SPEC), or None to keep the last. Model bytes over room (the cap less the code): where set
+    steps hold most weights, all widen by one factor, each next one a secant of bytes on log factor through the
+    nearest trials (first: a doubled step saves 1 bit a weight), until one lands within QUANT_FIT_MARGIN..2x that
+    under room or QUANT_FIT_TRIALS re-exports are spent; then the largest that fit is kept. Else narrower_spec."""
+    (spec, size, factor), margin, params = tried[-1], hp.quant_fit_margin, set_step_params(hp, model)
+    if not params:
+        nxt = size > room and narrower_spec(dataclasses.replace(hp, quant_spec=spec), model, size - room)
+        return (nxt, 1.0) if nxt else None
+    if tried[0][1] <= room:
+        return None
+    target = room - 1.5 * margin
+    over = sorted((t for t in tried if t[1] > target), key=lambda t: t[1])  # holds tried[0]
+    under = sorted((t for t in tried if t[1] <= target), key=lambda t: -t[1])
+    a, b, slope = over[0], (under or over[1:] or [None])[0], -params / 8 / math.log(2)  # bytes per unit log factor
+    if b and b[2] != a[2] and (sec := (b[1] - a[1]) / math.log(b[2] / a[2])) < 0:
+        slope = sec
+    f = round(a[2] * math.exp((target - a[1]) / slope), 4)
+    if room - 2 * margin <= size <= room - margin or len(tried) > QUANT_FIT_TRIALS or widened(hp, f) in (
+            t[0] for t in tried):
+        best = max((t for t in reversed(tried) if t[1] <= room), key=lambda t: t[1], default=tried[-1])
+        return None if best[0] == spec else (best[0], best[2])
+    return widened(hp, f), f
+
+
 def lqer_topk(state: dict, fmts: dict, parts: dict, hessians: dict, hp: Hyperparameters, cache: dict) -> dict:
     """LQER: the LQER_TOP matrices with the largest output error (squared error x input scale^2) get a rank-LQER_RANK
     int4 correction; fmts and parts are updated in place. Returns {name: rank, output error before and after}."""
@@ -2434,18 +2481,18 @@ def export(run: Run):
         run.results["gptq_calib_seconds"] = calib_s = round(time.perf_counter() - t0, 3)
         run.log(f"gptq: Hessians of {len(hessians)} layers from {run.results['gptq_tokens_used']:,} train tokens "
                 f"in {calib_s:.1f}s")
-    qhp, tried, cache = hp, [], {}
-    while True:  # QUANT_FIT: every rank sees the same byte count, so all take the same narrower spec
+    qhp, tried, cache, fit, room = hp, [], {}, (hp.quant_spec, 1.0), ARTIFACT_CAP_BYTES - CODE_BYTES
+    while True:  # QUANT_FIT: every rank sees the same byte count, so all take the same next spec
         report = export_artifact(run.model, qhp, path, hessians, cache) if run.master else dict(bytes=0)
         if run.distributed:
             dist.barrier()
         model_bytes = int(run.all_reduce(report["bytes"])[0])
-        tried.append([qhp.quant_spec, model_bytes])
-        excess = CODE_BYTES + model_bytes - ARTIFACT_CAP_BYTES
-        if excess <= 0 or not hp.quant_fit or not (spec := narrower_spec(qhp, run.model, excess)):
+        tried.append([qhp.quant_spec, model_bytes, fit[1]])
+        if not hp.quant_fit or not (fit := fit_spec(hp, run.model, tried, room)):
             break
-        qhp = dataclasses.replace(hp, quant_spec=spec)
-        run.log(f"export: {excess:,} bytes over the cap; QUANT_FIT re-exports with QUANT_SPEC={spec}")
+        qhp = dataclasses.replace(hp, quant_spec=fit[0])
+        run.log(f"export: {model_bytes - room:+,} bytes against the cap; QUANT_FIT re-exports with QUANT_SPEC={fit[0]}")
+    excess = CODE_BYTES + model_bytes - ARTIFACT_CAP_BYTES
     if len(tried) > 1:
         run.results["quant_fit"] = tried
     if run.master:
@@ -2466,7 +2513,7 @@ def export(run: Run):
     account_time(run, time.perf_counter() - t0)
     if excess > 0:
         run.results["status"] = "over_cap"
-        run.log(f"ERROR: artifact is {excess:,} bytes over the cap{' at the QUANT_FIT floor (int4)' * hp.quant_fit}; "
+        run.log(f"ERROR: artifact is {excess:,} bytes over the cap{' after QUANT_FIT' * hp.quant_fit}; "
                 "use lower-bit formats or a smaller model")
     fresh = GPT(hp).to(run.device)
     fresh.load_state_dict(load_artifact(path))

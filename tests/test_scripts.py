@@ -628,8 +628,20 @@ def test_bench_export_times_every_codec_job(tmp_path, capsys, monkeypatch):
     every = list(importlib.import_module("train_gpt").CODEC_MODULES)  # CI installs every codec
     assert codecs == set(every)  # each once per group
     assert sorted(line.split()[0] for line in lines if " group (" in line) == sorted(["int5", "int6", "int8"] * len(every))
-    assert [line.split()[2] for line in lines if "whole export" in line] == [f"CODEC={c}" for c in [*every, "auto"]]
+    assert [line.split()[2] for line in lines if "whole export" in line] == [f"CODEC={c}" for c in [*every, "auto", "auto"]]
+    assert [line.split()[3] for line in lines if "whole export, CODEC=auto" in line] == [
+        "CODEC_SAMPLE_BYTES=0", "CODEC_SAMPLE_BYTES=1048576"]  # every codec on every group, then picked on samples
     assert "whole export, CODEC=auto" in (tmp_path / "B.md").read_text()
+    monkeypatch.setenv("QUANT_SPEC", "attn_qk:int6@12,attn_vo:int6@12,mlp_up:int6@12,mlp_down:int6@12,embed:int8@24,aux:int6@12")
+    monkeypatch.setenv("QUANT_FIT_MARGIN", "500")
+    left = lambda out: [int(line.split(" to the cap")[0].split()[-1].replace(",", ""))  # noqa: E731
+                        for line in out.splitlines() if "QUANT_FIT export" in line]
+    code, out, _ = output_of(bench_export.main, ["--auto-only", "--fit", "--cap", "99000000"], capsys)
+    assert code == 0 and len(left(out)) == 1 and "whole export" in out and " group (" not in out  # fits: one export
+    cap = 99000000 - left(out)[0] - 3000  # 3,000 bytes less than the model at QUANT_SPEC: QUANT_FIT widens the steps
+    code, out, _ = output_of(bench_export.main, ["--auto-only", "--fit", "--cap", str(cap)], capsys)
+    assert left(out)[0] == -3000 and 500 <= left(out)[-1] <= 1000, out  # landed within QUANT_FIT_MARGIN..2x
+    assert float(out.split("QUANT_FIT keeps QUANT_SPEC=attn_qk:int6@")[1].split(",")[0]) > 12  # wider steps
     monkeypatch.setenv("NUM_HEADS", "x")
     with pytest.raises(UserError, match="NUM_HEADS"):
         bench_export.main([])
