@@ -676,27 +676,81 @@ def test_every_script_has_help(name, capsys):
     assert "usage:" in capsys.readouterr().out
 
 
-def test_predict_size_fits_and_quant_fit_fallback(monkeypatch, capsys):
-    """Meta-device parameter counts: the tiny config fits; a 16-layer d=512 model at int8 does not, and the
-    script names the narrower spec QUANT_FIT would export (MLP-up first) with its predicted size."""
+def test_predict_size_fits_and_quant_fit_fallback(monkeypatch, capsys, tmp_path):
+    """Meta-device parameter counts, the verdict first: the tiny config fits at its own spec (exit 0); a 16-layer
+    d=512 model at int8 does not, and QUANT_FIT's narrower spec (MLP-up first) does (exit 1); with QUANT_FIT=0
+    nothing fits (exit 3). Rates measured once come from the disk cache the next time."""
     predict_size = importlib.import_module("predict_size")
     monkeypatch.setenv("PRESET", "tiny")
-    assert predict_size.main(["--codec", "zstd", "--spec", "mlp_up:int5,embed:int8"]) == 0
-    out = capsys.readouterr().out
+    cache = ["--cache", str(tmp_path / "rates.json")]
+    assert predict_size.main(["--codec", "zstd", "--spec", "mlp_up:int5,embed:int8", *cache]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("verdict: FITS at its own QUANT_SPEC: predicted ") and "measuring int5 on rows of 256" in err
     assert "2,412,819 parameters" in out and ": fits" in out and "QUANT_FIT" not in out
     readable = int(out.split("| code (train_gpt.py) | | | ")[1].split(" ")[0].replace(",", ""))
-    assert predict_size.main(["--codec", "zstd", "--spec", "mlp_up:int5,embed:int8", "--packed"]) == 0
-    packed = int(capsys.readouterr().out.split("| code (train_gpt.py, packed) | | | ")[1].split(" ")[0].replace(",", ""))
+    assert predict_size.main(["--codec", "zstd", "--spec", "mlp_up:int5,embed:int8", "--packed", *cache]) == 0
+    out, err = capsys.readouterr()
+    assert "measuring" not in err  # every rate from the cache
+    packed = int(out.split("| code (train_gpt.py, packed) | | | ")[1].split(" ")[0].replace(",", ""))
     assert packed == len(pack_code.pack((ROOT / "train_gpt.py").read_bytes())[0]) < readable // 2
     monkeypatch.setenv("NUM_LAYERS", "16")
     monkeypatch.setenv("MODEL_DIM", "512")
-    assert predict_size.main(["--codec", "zstd", "--spec", "attn_qk:int8,attn_vo:int8,mlp_up:int8,mlp_down:int8"]) == 1
-    line = capsys.readouterr().out.split("QUANT_FIT=1 would re-export it as QUANT_SPEC=")[1].split("\n")[0]
+    assert predict_size.main(["--codec", "zstd", "--spec", "attn_qk:int8,attn_vo:int8,mlp_up:int8,mlp_down:int8", *cache]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("verdict: FITS after QUANT_FIT, at QUANT_SPEC=")
+    line = out.split("QUANT_FIT=1 would re-export it as QUANT_SPEC=")[1].split("\n")[0]
     bits = {r: int(f[3]) for r, f in (x.split(":") for x in line.split(" ")[0].rstrip(":").split(","))}
     assert line.endswith("(fits)") and bits["mlp_up"] <= bits["mlp_down"] <= bits["attn_vo"] <= bits["attn_qk"] < 8, line
     monkeypatch.setenv("QUANT_FIT", "0")
-    assert predict_size.main(["--codec", "zstd", "--spec", "mlp_up:int8"]) == 1
-    assert "QUANT_FIT" not in capsys.readouterr().out
+    assert predict_size.main(["--codec", "zstd", "--spec", "mlp_up:int8", *cache]) == 3
+    out = capsys.readouterr().out
+    assert out.startswith("verdict: DOES NOT FIT: ") and "would re-export" not in out
+
+
+def test_predict_size_quant_fit_widens_set_steps(monkeypatch, capsys, tmp_path):
+    """A set-step spec over the cap: QUANT_FIT (train_gpt.fit_spec on predicted bytes) widens every intN@K step by one
+    factor and the prediction lands QUANT_FIT_MARGIN..2x that under the cap."""
+    predict_size = importlib.import_module("predict_size")
+    for k, v in dict(PRESET="tiny", NUM_LAYERS="16", MODEL_DIM="512", QUANT_FIT_MARGIN="20000").items():
+        monkeypatch.setenv(k, v)
+    spec = "attn_qk:int8@24,attn_vo:int8@24,mlp_up:int8@24,mlp_down:int8@24,embed:int8"
+    assert predict_size.main(["--codec", "zstd", "--spec", spec, "--no-cache"]) == 1
+    out = capsys.readouterr().out
+    total = int(out.split("\n")[0].split("predicted ")[1].split(" ")[0].replace(",", ""))
+    assert 16_000_000 - 40_000 <= total <= 16_000_000 - 20_000, out.split("\n")[0]
+    final = out.split("QUANT_FIT=1 would re-export it as QUANT_SPEC=")[1].split(":")[0:3]
+    assert final[0] == "attn_qk" and float(final[1].split("@")[1].split(",")[0]) > 24
+
+
+def test_predict_size_prices_a_checkpoints_weights(monkeypatch, capsys, tmp_path):
+    """--ckpt draws each role's rows from a checkpoint's matrices: Gaussian matrices price like the Gaussian proxy,
+    heavier-tailed (Laplace) ones at the same row RMS cost fewer bytes at a set clip; a bad path is exit 2."""
+    import torch
+    T = importlib.import_module("train_gpt")
+    predict_size = importlib.import_module("predict_size")
+    monkeypatch.setenv("PRESET", "tiny")
+    spec = ["--codec", "zstd", "--no-cache", "--spec", "attn_qk:int6@12,attn_vo:int6@12,mlp_up:int6@12,mlp_down:int6@12"]
+    totals = {}
+    for name, draw in [("gauss", torch.randn), ("laplace", lambda *s: torch.distributions.Laplace(0, 1).sample(s))]:
+        hp = T.load_hparams({"PRESET": "tiny", "LOG_DIR": str(tmp_path), "RUN_ID": name})
+        run = T.Run(hp, torch.device("cpu"), model=T.GPT(hp))
+        with torch.no_grad():
+            torch.manual_seed(0)
+            for n, p in run.model.named_parameters():
+                if p.dim() == 2:
+                    p.copy_(draw(*p.shape) * torch.rand(p.shape[0], 1) * 0.05)  # rows of different spread
+        T.save_checkpoint(run)
+        capsys.readouterr()  # its log line
+        assert predict_size.main([*spec, "--ckpt", str(tmp_path / f"{name}.ckpt")]) == 0
+        out, err = capsys.readouterr()
+        assert f"from {tmp_path / name}.ckpt per role" in out.split("\n")[0] and "mlp_up rows of the checkpoint" in err
+        totals[name] = int(out.split("**total** | | | **")[1].split("*")[0].replace(",", ""))
+    predict_size.main(spec)
+    totals["proxy"] = int(capsys.readouterr().out.split("**total** | | | **")[1].split("*")[0].replace(",", ""))
+    model = {k: v - T.CODE_BYTES for k, v in totals.items()}  # measured: Laplace 0.96 of Gaussian
+    assert abs(model["gauss"] - model["proxy"]) < 0.01 * model["proxy"] and model["laplace"] < 0.975 * model["gauss"], totals
+    with pytest.raises(UserError, match="--ckpt"):
+        predict_size.main([*spec, "--ckpt", str(tmp_path / "missing.ckpt")])
 
 
 def test_predict_size_prices_lqer():
