@@ -1546,11 +1546,11 @@ def fit_spec(hp: Hyperparameters, model: nn.Module, tried: list[list], room: int
     steps hold most weights, all widen by one factor, each next one a secant of bytes on log factor through the
     nearest trials (first: a doubled step saves 1 bit a weight), until one lands within QUANT_FIT_MARGIN..2x that
     under room or QUANT_FIT_TRIALS re-exports are spent; then the largest that fit is kept. Else narrower_spec."""
-    (spec, size, factor), margin, params = tried[-1], hp.quant_fit_margin, set_step_params(hp, model)
+    (spec, size, _), margin, params = tried[-1], hp.quant_fit_margin, set_step_params(hp, model)
     if not params:
         nxt = size > room and narrower_spec(dataclasses.replace(hp, quant_spec=spec), model, size - room)
         return (nxt, 1.0) if nxt else None
-    if tried[0][1] <= room:
+    if tried[0][1] <= room or room - 2 * margin <= size <= room - margin:
         return None
     target = room - 1.5 * margin
     over = sorted((t for t in tried if t[1] > target), key=lambda t: t[1])  # holds tried[0]
@@ -1559,8 +1559,7 @@ def fit_spec(hp: Hyperparameters, model: nn.Module, tried: list[list], room: int
     if b and b[2] != a[2] and (sec := (b[1] - a[1]) / math.log(b[2] / a[2])) < 0:
         slope = sec
     f = round(a[2] * math.exp((target - a[1]) / slope), 4)
-    if room - 2 * margin <= size <= room - margin or len(tried) > QUANT_FIT_TRIALS or widened(hp, f) in (
-            t[0] for t in tried):
+    if len(tried) > QUANT_FIT_TRIALS or widened(hp, f) in (t[0] for t in tried):
         best = max((t for t in reversed(tried) if t[1] <= room), key=lambda t: t[1], default=tried[-1])
         return None if best[0] == spec else (best[0], best[2])
     return widened(hp, f), f

@@ -455,6 +455,9 @@ def test_fit_spec_lands_in_the_window_or_keeps_the_largest_fit():
     fits = [t for t in cliff if t[1] <= 1_000_000]
     assert len(cliff) <= 2 + T.QUANT_FIT_TRIALS and cliff[-1][1] == max(t[1] for t in fits), cliff
     assert fit_trials(lambda f: 999_999) == [[SET_STEPS, 999_999, 1.0]]  # under the cap: nothing to do
+    hp = T.load_hparams({"PRESET": "tiny", "QUANT_SPEC": SET_STEPS, "QUANT_FIT_MARGIN": "1000"})
+    short, landed = [T.widened(hp, 1.2), 999_950, 1.2], [T.widened(hp, 1.25), 998_400, 1.25]
+    assert T.fit_spec(hp, T.GPT(hp), [[SET_STEPS, 1_200_000, 1.0], short, landed], 1_000_000) is None  # kept, not short
     mixed = T.load_hparams({"PRESET": "tiny", "QUANT_SPEC": "mlp_up:int6@12,mlp_down:int6"})  # set steps: a minority
     assert T.set_step_params(mixed, T.GPT(mixed)) == 0
 
