@@ -52,7 +52,7 @@ PEAK_FLOPS = 989e12  # H100 SXM bf16 dense tensor-core peak
 HBM_BPS = 0.8 * 3.35e12  # ESTIMATE: 80% of the H100 SXM's 3.35 TB/s, what unfused elementwise kernels reach
 WORLD = 8
 
-# --- CALIBRATED on the records' logs (--calibration shows each fit and the checks; --fit recomputes them) --------------
+# --- CALIBRATED on the records' logs (--calibration shows each fit and the checks; --fit recomputes them) ----------
 EFF_TRAIN = 0.2695  # fraction of PEAK for training FLOPs (model fwd+bwd, Newton-Schulz): record 1's 84.5 ms/step
 EFF_EVAL = 0.2750  # fraction of PEAK for evaluation forwards: record 1's sliding (73.1 s) with its roundtrip (5.8 s)
 EVAL_COMPILE_S = 3.62  # compiling an evaluation forward (warm caches): record 1's roundtrip less its forwards
@@ -81,6 +81,11 @@ DOC_KNOTS = ((0, 27), (63, 83), (127, 89), (319, 99), (831, 114), (1407, 126), (
              (49920, 17258), (49984, 30339), (49999, 97114))
 VAL_DOCS = 50_000
 VAL_TOKENS = {"sp1024": 62_021_632, "sp8192": 40_540_160, "caseops": 47_851_520}  # the records' logged val_tokens
+
+
+def config_key(hp) -> str:
+    """The configuration as a cache key (without the run's name)."""
+    return json.dumps(dataclasses.asdict(dataclasses.replace(hp, run_id="-")), sort_keys=True, default=str)
 
 
 def stand_in_lengths(total: int, seed: int = 0) -> np.ndarray:
@@ -166,7 +171,7 @@ _FORWARDS: dict = {}
 
 def forward_profile(T, hp, width: int, looping: bool) -> Forward:
     """Run the configured model's forward on the meta device (nothing computed) at one row of `width` tokens."""
-    key = (id(T), json.dumps(dataclasses.asdict(hp), sort_keys=True, default=str), width, looping)
+    key = (id(T), config_key(hp), width, looping)
     if key in _FORWARDS:
         return _FORWARDS[key]
     with torch.device("meta"):
@@ -196,7 +201,8 @@ def newton_schulz(T, hp, world: int) -> dict:
     FLOPs, eager ops and bytes, counted on meta tensors of each matrix's shape."""
     with torch.device("meta"):
         model = T.GPT(hp)
-    shapes = [tuple(m.weight.shape) for m in model.modules() if isinstance(m, T.CastedLinear) and m is not model.lm_head]
+    shapes = [tuple(m.weight.shape) for m in model.modules()
+              if isinstance(m, T.CastedLinear) and m is not model.lm_head]
     per_rank = [Tally() for _ in range(world)]
     for i, shape in enumerate(shapes):
         with per_rank[i % world]:
@@ -219,7 +225,8 @@ RECORD_1 = dict(
     logged=dict(ms_unlooped=84.52, steps=7099.3, sliding_s=73.15, roundtrip_s=5.79),
 )
 RECORD_2 = dict(
-    name="2026-04-27 SP8192 LQER SparseGate (1.0611)", folder="2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_9HpStack_1.0611",
+    name="2026-04-27 SP8192 LQER SparseGate (1.0611)",
+    folder="2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_9HpStack_1.0611",
     env=dict(PRESET="frontier"),  # our frontier preset is this record's stack
     val="caseops", doc_mask=True, loop_from=0.35, train_s=599.5,  # GPTQ_RESERVE_SECONDS=0.5
     # train_seed{42,0,1234}.log: cumulative tok/s at step 2000 (unlooped) 8,167,705/8,198,088/8,151,701 -> 96.23 ms;
@@ -319,7 +326,8 @@ def record_ttt(T, rec, lengths: np.ndarray | None = None) -> dict:
             chunks.append(-(-int((n[docs] + 1).sum()) // t["global_chunk"]))
             pauses.append((clock, done))
             clock += (chunks[-1] - 1) * GLOBAL_STEP_S
-            running = [(clock + seconds(batches[b]), r, b) for r, b in enumerate(queue.pop() for _ in range(min(WORLD, len(queue))))]
+            starts = [queue.pop() for _ in range(min(WORLD, len(queue)))]
+            running = [(clock + seconds(batches[b]), r, b) for r, b in enumerate(starts)]
             heapq.heapify(running)
     return dict(ttt_s=clock, ttt_pause1_s=pauses[0][0] if pauses else math.nan,
                 ttt_pause_docs=tuple(d for _, d in pauses), ttt_global_chunks=tuple(chunks))
@@ -330,24 +338,21 @@ def record_ttt(T, rec, lengths: np.ndarray | None = None) -> dict:
 # -----------------------------------------------------------------------------
 
 def qat_refresh(T, hp) -> dict:
-    """One QAT refresh (refresh_qat: every quantized matrix quantized and dequantized, outside the graph), counted on
-    CPU at SHAPE=tiny and scaled to the configured model's matrix weights: eager ops and bytes per step."""
-    env = {f.name.upper(): str(getattr(hp, f.name)) for f in dataclasses.fields(hp) if f.name not in ("shape", "preset")}
-    tiny = T.load_hparams({**{k: v for k, v in env.items() if k in ("QUANT_SPEC", "QAT_STEPS", "QUANT_CLIP_SIGMAS")},
-                           "PRESET": hp.preset, "SHAPE": "tiny"})
+    """One QAT refresh (refresh_qat: every quantized matrix quantized and dequantized, outside the graph): its eager
+    ops and bytes per step, counted on CPU for the preset at SHAPE=tiny and scaled to the configured model (ops by
+    matrices, bytes by weights)."""
+    tiny = T.load_hparams({"PRESET": hp.preset, "SHAPE": "tiny"})
     small, tally = T.GPT(tiny), Tally()
-    run = mock.Mock(hp=tiny, model=small)
-    T.set_qat(run, 0)
+    T.set_qat(mock.Mock(hp=tiny, model=small), 0)
     with torch.no_grad(), tally:
         T.refresh_qat(small)
     with torch.device("meta"):
         full = T.GPT(hp)
-    weights = lambda m: sum(p.numel() for n, (_, f) in T.quant_formats(m.hp, m).items() if f.kind != "fp16"  # noqa: E731
-                            for p in [m.get_parameter(n)])
-    scale = weights(full) / max(1, weights(small))
-    ops = tally.ops * len([1 for n, (_, f) in T.quant_formats(hp, full).items() if f.kind != "fp16"]) / max(
-        1, len([1 for n, (_, f) in T.quant_formats(tiny, small).items() if f.kind != "fp16"]))
-    return dict(ops=ops, bytes=tally.bytes * scale)
+
+    def quantized(m) -> list[int]:  # weights of each quantized matrix
+        return [m.get_parameter(n).numel() for n, (_, f) in T.quant_formats(m.hp, m).items() if f.kind != "fp16"]
+    a, b = quantized(full), quantized(small)
+    return dict(ops=tally.ops * len(a) / max(1, len(b)), bytes=tally.bytes * sum(a) / max(1, sum(b)))
 
 
 def step_overheads(T, hp, probe: dict | None, looping: bool) -> dict[str, float]:
@@ -401,8 +406,11 @@ def our_train(T, hp, lengths: np.ndarray, probe: dict | None) -> dict:
     cut = dataclasses.replace(hp, max_wallclock_seconds=max(hp.max_wallclock_seconds - lost, 1.0)
                               if hp.max_wallclock_seconds else 0.0)
     ours = lambda lp, q: base[lp] + sum(over[lp].values()) + q * qat_s  # noqa: E731
+    bare = lambda lp, q: base[lp]  # noqa: E731
+    whole = dataclasses.replace(hp, export_reserve_seconds=0.0)  # the records' loops ran the whole 600 s
     return dict(ms_unlooped=1e3 * ours(False, False), ms_looped=1e3 * ours(True, False), ms_qat=1e3 * qat_s,
-                steps=simulate_training(T, cut, ours), steps_bare=simulate_training(T, hp, lambda lp, q: base[lp]),
+                steps=simulate_training(T, cut, ours), steps_bare=simulate_training(T, hp, bare),
+                steps_whole=simulate_training(T, whole, bare),
                 overheads={**{k: 1e3 * v for k, v in over[False].items()}, "QAT refresh (QAT steps)": 1e3 * qat_s},
                 recompile_s=lost, budget=T.train_budget(hp))
 
@@ -459,21 +467,20 @@ def ttt_chunks(f: Forward, n_max: int, rows: int, c: int, L: int, E: int, lora: 
                 launch=np.maximum(host - gpu, 0).sum(), seconds=np.maximum(gpu, host).sum(), chunks=len(w))
 
 
-def stream_order_positions(T, hp, lengths: np.ndarray) -> float:
-    """Forward token-positions of one pass of TTT as commit 8661491 planned it (before ttt_plan): phased, documents in
-    stream order, a batch of VAL_BATCH_TOKENS / (8 EVAL_SEQ_LEN) consecutive documents per rank per round (rounds do
-    not straddle a phase boundary), each batch as long as its longest document."""
+def old_plan_positions(T, hp, lengths: np.ndarray, world: int = WORLD) -> float:
+    """Forward token-positions of one pass of TTT as commit 8661491 planned it (before ttt_plan), in batches of
+    VAL_BATCH_TOKENS / (8 EVAL_SEQ_LEN) documents, each as long as its longest document. phased: in stream order, a
+    batch per rank per round, rounds not straddling a phase boundary; lora: each rank's contiguous share, longest
+    first."""
     c, L = min(hp.ttt_chunk_tokens, hp.eval_seq_len), hp.eval_seq_len
-    per = hp.eval_batch_seqs or max(1, hp.val_batch_tokens // (8 * L))
-    D = len(lengths)
-    bounds = sorted({min(D, hp.ttt_prefix_docs) * (i + 1) // hp.ttt_phases for i in range(hp.ttt_phases)} - {0, D})
-    total, lo = 0, 0
-    for hi in bounds + [D]:
-        for s in range(lo, hi, per):
-            b = lengths[s:min(hi, s + per)]
-            total += len(b) * int(T.doc_positions(int(b.max()), c, L))
-        lo = hi
-    return float(total)
+    per, D = hp.eval_batch_seqs or max(1, hp.val_batch_tokens // (8 * L)), len(lengths)
+    if hp.ttt_mode == "lora":
+        shares = [-np.sort(-lengths[D * r // world:D * (r + 1) // world]) for r in range(world)]
+    else:
+        cuts = sorted({min(D, hp.ttt_prefix_docs) * (i + 1) // hp.ttt_phases for i in range(hp.ttt_phases)} - {0, D})
+        shares = np.split(lengths, cuts)
+    return float(sum(len(b) * int(T.doc_positions(int(b.max()), c, L))
+                     for share in shares for b in np.split(share, range(per, len(share), per))))
 
 
 def our_ttt(T, hp, lengths: np.ndarray, world: int = WORLD) -> dict:
@@ -499,7 +506,7 @@ def our_ttt(T, hp, lengths: np.ndarray, world: int = WORLD) -> dict:
     plain_s = plain.max() * f.flops((L + 1) / 2) / (PEAK_FLOPS * EFF_EVAL) + plain.max() * f.bytes / HBM_BPS
     busiest = max(range(world), key=lambda r: adapt[r])
     return dict(seconds=sum(phases) + steps * GLOBAL_STEP_S, global_s=steps * GLOBAL_STEP_S, global_steps=steps,
-                pass_positions=float(adapt.sum()) / (3 * E), pass_before=stream_order_positions(T, hp, lengths),
+                pass_positions=float(adapt.sum()) / (3 * E), pass_before=old_plan_positions(T, hp, lengths),
                 positions=float(adapt.sum()), positions_busiest=float(adapt[busiest]), plain_s=float(plain_s),
                 parts={k: v / world for k, v in parts.items()}, phases=len(plan))
 
@@ -531,7 +538,8 @@ def codec_rates(T, kinds: list[str], path: Path | None = CODEC_CACHE) -> dict:
                 t1 = time.thread_time()
                 dec(packed, len(raw))
                 t2 = time.thread_time()
-                disk[key], new = [(t1 - t0) * 2**20 / len(raw), (t2 - t1) * 2**20 / len(raw), len(packed) / len(raw)], True
+                mb = len(raw) / 2**20
+                disk[key], new = [(t1 - t0) / mb, (t2 - t1) / mb, len(packed) / len(raw)], True
             out[kind, name] = tuple(disk[key])
     if new and path:
         T.write_atomic(path, json.dumps(disk, indent=0))
@@ -655,20 +663,25 @@ def flash_stand_ins():
     return flash, varlen
 
 
+def probe_hp(T, hp, log_dir: Path, data: Path | None, steps: int):
+    """The configured recipe at SHAPE=tiny, compiled, with its warm-up (at most 6 steps), then `steps` uncapped steps
+    (preflight's short run: QAT, if on, for the last third; looping from LOOP_START of them)."""
+    from preflight import short_run_hp
+    tiny = T.load_hparams({"PRESET": hp.preset, "SHAPE": "tiny", "COMPILE": "1", "TRAIN_BATCH_TOKENS": "2048",
+                           "WARMUP_STEPS": str(min(hp.warmup_steps, 6)), "RUN_ID": "probe",
+                           "DATA_PATH": str(data or ROOT / "data/datasets/brown_sp1024")})
+    if not (Path(tiny.data_path) / "manifest.json").is_file():
+        raise UserError(f"--probe needs the Brown data at {tiny.data_path} (python scripts/prepare_data.py local)")
+    return short_run_hp(tiny, steps, log_dir)
+
+
 def probe(T, hp, log_dir: Path, data: Path | None = None) -> dict:
     """The configured recipe at SHAPE=tiny on CPU, torch.compile'd with a backend that counts the graphs it is given
     (and runs them uncompiled): warm-up (as configured), then steps through the loop switch and QAT. Returns graph
     breaks per forward, graphs compiled in the timed loop, host syncs (all_reduce / item) per step."""
-    steps = 6
-    env = {"PRESET": hp.preset, "SHAPE": "tiny", "COMPILE": "1", "WARMUP_STEPS": str(min(hp.warmup_steps, 6)),
-           "ITERATIONS": str(steps), "LOG_DIR": str(log_dir), "RUN_ID": "probe", "MAX_WALLCLOCK_SECONDS": "0",
-           "LR_WARMUP_STEPS": "0", "WARMDOWN_FRAC": "0", "WARMDOWN_ITERS": "3", "VAL_LOSS_EVERY": "0",
-           "TRAIN_BATCH_TOKENS": "2048", "TRAIN_LOG_EVERY": str(steps), "DATA_PATH": str(data or ROOT / "data/datasets/brown_sp1024")}
-    tiny = T.load_hparams(env)
-    if not (Path(tiny.data_path) / "manifest.json").is_file() and not list(Path(tiny.data_path).glob("*val*.bin")):
-        raise UserError(f"--probe needs the Brown data at {tiny.data_path} (scripts/prepare_data.py)")
-    graphs, syncs, marks = [0], [0], []
-    real_compile, real_reduce, real_item = torch.compile, T.Run.all_reduce, torch.Tensor.item
+    tiny = probe_hp(T, hp, log_dir, data, steps=6)
+    graphs, syncs, marks, first = [0], [0], [], []
+    real_compile, real_reduce, real_item, real_step = torch.compile, T.Run.all_reduce, torch.Tensor.item, T.train_step
 
     def backend(gm, example_inputs):
         graphs[0] += 1
@@ -684,34 +697,33 @@ def probe(T, hp, log_dir: Path, data: Path | None = None) -> dict:
         marks.append((graphs[0], syncs[0]))
         return inner(run, step, lr_mult)
 
+    def train_step(*a, **k):  # the graphs the first forward (and its backward) is cut into; the timed loop's start
+        if len(first) == tiny.warmup_steps:
+            marks.append((graphs[0], syncs[0]))
+        g = graphs[0]
+        out = real_step(*a, **k)
+        first.append(graphs[0] - g)
+        return out
+
     flash, varlen = flash_stand_ins()
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     with contextlib.ExitStack() as stack, contextlib.redirect_stdout(io.StringIO()):
-        stack.enter_context(mock.patch.object(torch, "compile", lambda m, **k: real_compile(m, backend=backend, dynamic=k.get("dynamic"))))
-        stack.enter_context(mock.patch.object(T.Run, "all_reduce", counted(real_reduce)))
-        stack.enter_context(mock.patch.object(torch.Tensor, "item", counted(real_item)))
-        stack.enter_context(mock.patch.object(T, "on_train_step", on_step))
+        patch = lambda *a, **k: stack.enter_context(mock.patch.object(*a, **k))  # noqa: E731
+        patch(torch, "compile", lambda m, **k: real_compile(m, backend=backend, dynamic=k.get("dynamic")))
+        patch(T.Run, "all_reduce", counted(real_reduce))
+        patch(torch.Tensor, "item", counted(real_item))
+        patch(T, "on_train_step", on_step)
+        patch(T, "train_step", train_step)
         if tiny.attn_kernel != "sdpa":
             stack.enter_context(mock.patch.multiple(T, flash_attn_func=flash, flash_attn_varlen_func=varlen,
                                                     use_flash=lambda kernel, dtype: kernel != "sdpa"))
         run = T.setup(tiny)
-        first = [None]
-        step = T.train_step
-
-        def first_step(*a, **k):  # the graphs one forward (and its backward) is cut into
-            g = graphs[0]
-            out = step(*a, **k)
-            first[0] = first[0] if first[0] is not None else graphs[0] - g
-            return out
-        with mock.patch.object(T, "train_step", first_step):
-            T.train(run)
-    marks.append((graphs[0], syncs[0]))
-    per_step = np.diff(np.array(marks), axis=0)
-    return dict(breaks_per_forward=max(0, (first[0] or 1) - 1), layer_apps=len(run.model.layer_order(False)),
-                recompiles_in_loop=int(per_step[:, 0].sum()),
-                syncs_per_step=float(np.median(per_step[:, 1])), eager_fallback=bool(per_step[-2:, 0].all()),
-                break_reasons=sum(torch._dynamo.utils.counters["graph_break"].values()), steps=len(per_step))
+        T.train(run)
+    per_step = np.diff(np.array(marks), axis=0)  # step k's body and step k-1's loop tail
+    return dict(breaks_per_forward=max(0, first[0] - 1), layer_apps=len(run.model.layer_order(False)),
+                recompiles_in_loop=int(per_step[:, 0].sum()), syncs_per_step=float(np.median(per_step[:, 1])),
+                eager_fallback=bool(per_step[-2:, 0].all()), steps=len(per_step))
 
 
 PROBE_CACHE = CODEC_CACHE.with_name("clock_probe.json")
@@ -720,7 +732,7 @@ PROBE_CACHE = CODEC_CACHE.with_name("clock_probe.json")
 def probe_cached(T, hp, run: bool) -> tuple[dict | None, str]:
     """The probe's counts for this train_gpt.py and configuration: measured now (run), else from the cache."""
     import hashlib
-    key = hashlib.sha256(T.CODE + json.dumps(dataclasses.asdict(hp), sort_keys=True, default=str).encode()).hexdigest()
+    key = hashlib.sha256(T.CODE + config_key(hp).encode()).hexdigest()
     disk = {}
     if PROBE_CACHE.is_file():
         with contextlib.suppress(ValueError):
@@ -823,7 +835,8 @@ def our_eval(T, hp, lengths: np.ndarray) -> dict:
         sliding = windows_s(T, hp, n_windows * min(L, M) / WORLD, M / WORLD, looping)
         if hp.ttt_enabled and hp.ttt_mode == "full":  # every target adapted on: TTT_EPOCHS forward + backward, eager
             f = forward_profile(T, hp, L, looping)
-            adapt = 3 * hp.ttt_epochs * M / WORLD * (f.flops((L + 1) / 2) / (PEAK_FLOPS * EFF_TRAIN) + f.bytes / HBM_BPS)
+            per = f.flops((L + 1) / 2) / (PEAK_FLOPS * EFF_TRAIN) + f.bytes / HBM_BPS
+            adapt = 3 * hp.ttt_epochs * M / WORLD * per
             stages["ttt"] = sliding + adapt
         else:
             stages["sliding"] = sliding
@@ -852,7 +865,8 @@ def report(T, hp, args) -> int:
     over = "; ".join(f"{k} {x:.2f} ms/step" for k, x in tr["overheads"].items() if x) or "none counted"
     print(f"train: {tr['ms_unlooped']:.1f} ms/step unlooped, {tr['ms_looped']:.1f} looped (+{tr['ms_qat']:.1f} in QAT "
           f"steps); {tr['steps']:,} steps in {tr['budget']:.0f}s, {lost:.1%} fewer than the same recipe without our "
-          f"overheads ({tr['steps_bare']:,}) [{v}]\n  overheads: {over}; recompiles in the loop "
+          f"overheads ({tr['steps_bare']:,}; in the whole {hp.max_wallclock_seconds:g}s, as the records' loops ran: "
+          f"{tr['steps_whole']:,}) [{v}]\n  overheads: {over}; recompiles in the loop "
           f"{(probed or {}).get('recompiles_in_loop', 0)} x {RECOMPILE_S:.0f}s")
     if v != "ok":
         flags.append(f"train: our overheads cost {lost:.0%} of the steps (> {m:.0%}): {over}")
@@ -890,15 +904,18 @@ def eval_lines(T, hp, lengths: np.ndarray, margin: float) -> list[str]:
             t = ev["ttt"]
             limit = min(ev["deadline"], hp.ttt_seconds)
             p = t["parts"]
-            note = (f" ({t['phases']} phase(s): {t['pass_positions'] / 1e9:.2f}G token-positions a pass (stream-order "
-                    f"batches, as in 8661491: {t['pass_before'] / 1e9:.2f}G), {t['positions_busiest'] / 1e9:.3f}G "
+            note = (f" ({t['phases']} phase(s): {t['pass_positions'] / 1e9:.2f}G token-positions a pass (8661491's "
+                    f"plan: {t['pass_before'] / 1e9:.2f}G), {t['positions_busiest'] / 1e9:.3f}G "
                     f"forward-equivalents on the busiest rank; global passes {t['global_s']:.0f}s "
                     f"({t['global_steps']} steps); uncompiled: unfused traffic {p['eager']:.0f}s, launch-bound chunks "
                     f"{p['launch']:.0f}s a rank; adapting must end within min(TTT_SECONDS, what the budget leaves) = "
                     f"{limit:.0f}s; scoring plainly instead: {t['plain_s']:.0f}s)")
-            if s > limit:
-                flags.append(f"eval ttt: adapting every document needs ~{s:.0f}s, {limit:.0f}s available: TTT would "
-                             f"stop adapting after ~{max(0.0, limit / s):.0%} of its work and score the rest plainly")
+            v = verdict(s, limit, margin)
+            note += f" [{v}]"
+            if v != "ok":
+                flags.append(f"eval ttt: adapting every document needs ~{s:.0f}s of {limit:.0f}s" + (
+                    f": TTT would stop adapting after ~{limit / s:.0%} of its work and score the rest plainly"
+                    if s > limit else f" (less than {margin:.0%} to spare)"))
         print(f"eval {name}: {s:.1f}s{note}")
     total = sum(ev["stages"].values())
     v = verdict(total, budget, margin)
