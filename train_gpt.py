@@ -588,18 +588,34 @@ def use_flash(kernel: str, dtype: torch.dtype) -> bool:
     return kernel != "sdpa" and flash_attn_func is not None and dtype in (torch.bfloat16, torch.float16)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, kernel: str = "auto", docs: Tensor | None = None) -> Tensor:
-    """Causal GQA attention on (B, T, H, D) tensors of one dtype: flash-attn when use_flash, else SDPA. docs (B, T):
-    document ids; a query then sees only keys of its own document (flash-attn: each row cut into documents)."""
+DOC_MIN_TOKENS = 64  # flash-attn varlen cuts a row into at most T // 64 + 1 pieces (see doc_spans)
+
+
+def doc_spans(idx: Tensor) -> tuple[Tensor, Tensor]:
+    """DOC_MASK's documents of token rows (B, T), computed once per forward in fixed shapes with no host sync (so the
+    compiled graph stays whole): each token's document id (B, T), for SDPA's mask, and flash-attn varlen's cu_seqlens
+    ((B * K + 1,) int32): each row cut before every BOS into K = T // DOC_MIN_TOKENS + 1 pieces, the unused ones empty;
+    a row of more documents keeps its last ones in one piece (causal still, only not cut)."""
+    B, T = idx.shape
+    docs = torch.cumsum(idx == BOS_ID, 1)
+    pieces = docs - docs[:, :1] + 1  # pieces of the row up to each token: its first token starts one, every BOS after
+    nth = torch.arange(1, T // DOC_MIN_TOKENS + 2, device=idx.device).repeat(B, 1)
+    row = torch.arange(B, device=idx.device, dtype=torch.int32)[:, None]
+    starts = torch.searchsorted(pieces, nth, out_int32=True) + T * row  # nth piece's first token, or the row's end
+    return docs, F.pad(starts.flatten(), (0, 1), value=B * T)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, kernel: str = "auto", docs: tuple | None = None) -> Tensor:
+    """Causal GQA attention on (B, T, H, D) tensors of one dtype: flash-attn when use_flash, else SDPA. docs: doc_spans;
+    a query then sees only keys of its own document (flash-attn: the rows cut into documents)."""
     B, T, H, D = q.shape
     if use_flash(kernel, q.dtype) and docs is None:
         out = flash_attn_func(q, k, v, causal=True)
     elif use_flash(kernel, q.dtype) and flash_attn_varlen_func is not None:
-        starts = F.pad(docs[:, 1:] != docs[:, :-1], (1, 0), value=True).flatten()
-        cu = F.pad(torch.nonzero(starts)[:, 0], (0, 1), value=B * T).int()
+        cu = docs[1]
         out = flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, T, T, causal=True)
     else:
-        mask = None if docs is None else (docs[:, None, :, None] == docs[:, None, None, :]) & torch.ones(
+        mask = None if docs is None else (docs[0][:, None, :, None] == docs[0][:, None, None, :]) & torch.ones(
             T, T, dtype=torch.bool, device=q.device).tril()
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
                                            is_causal=docs is None, enable_gqa=k.size(2) != q.size(2))
@@ -624,7 +640,7 @@ class Attention(nn.Module):
             nn.init.zeros_(self.gate.weight)
             self.gate_scale = hp.attn_gate_scale
 
-    def forward(self, x: Tensor, ve: Tensor | None, docs: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, ve: Tensor | None, docs: tuple | None = None) -> Tensor:
         B, T, _ = x.shape
         q = self.q(x).view(B, T, self.h, self.d)
         k = self.k(x).view(B, T, self.kv, self.d)
@@ -675,13 +691,13 @@ class Block(nn.Module):
         parallel = 0 < hp.parallel_start <= layer  # lane mix: row 0 keeps each lane, rows 1-2 add attention and MLP
         self.lanes = nn.Parameter(torch.tensor([[1.1, 1.1], [1.0, 1.0], [1.0, 1.0]])) if parallel else None
 
-    def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None, docs: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None, docs: tuple | None = None) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.norm_scale, ve, docs)
         return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale)
 
-    def parallel(self, lanes: list[Tensor], x0: Tensor, ve: Tensor | None, docs: Tensor | None) -> list[Tensor]:
+    def parallel(self, lanes: list[Tensor], x0: Tensor, ve: Tensor | None, docs: tuple | None) -> list[Tensor]:
         """Parallel residual lanes: attention reads lane 0 (mixed with x0), the MLP lane 1, both at once; each lane
         keeps itself and takes both outputs through the learned 3x2 lane mix."""
         mix, w = self.resid_mix.to(x0.dtype), self.lanes.to(x0.dtype)
@@ -756,7 +772,7 @@ class GPT(nn.Module):
             g = torch.sigmoid(self.smear.to(x.dtype)) * (idx != BOS_ID)[..., None]
             x = (1 - g) * x + g * F.pad(x[:, :-1], (0, 0, 1, 0))
         x0, skips = x, []
-        docs = torch.cumsum(idx == BOS_ID, 1) if self.hp.doc_mask else None
+        docs = doc_spans(idx) if self.hp.doc_mask else None
         ve = self.ve_proj(self.ve_embed(idx)) if self.ve_layers else None
         order, lanes = self.layer_order(self.looping), None
         n_enc = len(order) // 2 if self.skip_weights is not None else 0
