@@ -127,7 +127,7 @@ class Hyperparameters:
     swa_every: int = 50  # 0 = off
     swa_threshold: float = 0.2  # SWA collects while the LR multiplier is below this
     weight_avg: str = "ema"  # which weights are exported: ema | swa | none
-    compile: bool = True  # torch.compile of the training and evaluation forward
+    compile: bool = True  # torch.compile of the training and evaluation forward, and on CUDA of Newton-Schulz
     attn_kernel: str = "auto"  # auto: flash-attn when importable and the activations are bf16 | flash: required | sdpa
     # quantization
     quant_spec: str = "attn_qk:int6,attn_vo:int6,mlp_up:int5,mlp_down:int5,embed:int8,aux:int6,head:int8"
@@ -850,13 +850,16 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, eps: float = 1e-7, po
 class Muon(torch.optim.Optimizer):
     """Nesterov momentum, orthogonalized per matrix. Matrices go in buckets of one per rank: each rank computes its
     matrix's update and the bucket is all-reduced asynchronously (in comm_dtype: bf16 on CUDA, where the update is
-    already bf16) while the next bucket is computed."""
+    already bf16) while the next bucket is computed. compile: Newton-Schulz compiled, one graph per matrix shape."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float = 0.0,
-                 comm_dtype: torch.dtype = torch.float32, polar: bool = False, row_norm: bool = False):
+                 comm_dtype: torch.dtype = torch.float32, polar: bool = False, row_norm: bool = False,
+                 compile: bool = False):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay,
                                       polar=polar, row_norm=row_norm))
         self.comm_dtype = comm_dtype
+        self.orthogonalize = torch.compile(zeropower_via_newtonschulz5, dynamic=False) if compile else \
+            zeropower_via_newtonschulz5
 
     @torch.no_grad()
     def step(self):
@@ -873,7 +876,7 @@ class Muon(torch.optim.Optimizer):
                     g = p.grad.add(buf, alpha=group["momentum"])  # nesterov
                     if group["row_norm"]:  # MuonEq-R
                         g = g / g.norm(dim=1, keepdim=True).clamp_min(1e-7)
-                    g = zeropower_via_newtonschulz5(g, steps=group["backend_steps"], polar=group["polar"])
+                    g = self.orthogonalize(g, steps=group["backend_steps"], polar=group["polar"])
                     offset = sum(q.numel() for q in bucket[:rank])
                     flat[offset:offset + p.numel()] = g.reshape(-1) * max(1.0, g.size(0) / g.size(1)) ** 0.5
                 pending.append((bucket, flat, dist.all_reduce(flat, async_op=True) if distributed else None))
@@ -903,7 +906,7 @@ def build_optimizers(run: Run) -> list[torch.optim.Optimizer]:
                              weight_decay=hp.adam_wd, fused=run.device.type == "cuda")
     muon = Muon(matrices, lr=hp.matrix_lr, momentum=hp.muon_momentum, backend_steps=hp.muon_backend_steps,
                 weight_decay=hp.muon_wd, comm_dtype=torch.bfloat16 if run.device.type == "cuda" else torch.float32,
-                polar=hp.muon_polar, row_norm=hp.muon_row_norm)
+                polar=hp.muon_polar, row_norm=hp.muon_row_norm, compile=hp.compile and run.device.type == "cuda")
     for g in muon.param_groups:
         g["base_lr"] = hp.matrix_lr
     return [adam, muon]

@@ -476,3 +476,24 @@ def test_frontier_tiny_trains_and_evaluates_in_whole_graphs_with_doc_mask_and_lo
     T.eval_sliding(r, r.eval_model, torch.from_numpy(r.val_tokens.astype(np.int64)))
     assert len(counter.graphs) == 3 and not torch._dynamo.utils.counters["graph_break"]
     assert varlen_calls(counter.graphs[2]) == [call] * 8
+
+
+def test_newton_schulz_compiles_once_per_matrix_shape_and_computes_the_same(brown_data, tmp_path, monkeypatch):
+    counter = CountingCompile(monkeypatch)
+    torch._dynamo.reset()
+    shapes = [(16, 8), (8, 16), (16, 8), (12, 12)]
+    a, b = ([torch.nn.Parameter(torch.randn(*s, generator=torch.Generator().manual_seed(i)))
+             for i, s in enumerate(shapes)] for _ in range(2))
+    compiled = T.Muon(a, lr=0.1, momentum=0.9, backend_steps=5, polar=True, compile=True)
+    eager = T.Muon(b, lr=0.1, momentum=0.9, backend_steps=5, polar=True)
+    gen = torch.Generator().manual_seed(7)
+    for step in range(2):
+        for pa, pb in zip(a, b):
+            pa.grad = torch.randn(pa.shape, generator=gen)
+            pb.grad = pa.grad.clone()
+        compiled.step()
+        eager.step()
+        assert len(counter.graphs) == 3  # one graph per shape, all in the first step
+    assert all(torch.equal(pa, pb) for pa, pb in zip(a, b))
+    run = small_run(brown_data, tmp_path, COMPILE=1)
+    assert T.build_optimizers(run)[1].orthogonalize is T.zeropower_via_newtonschulz5  # compiled on CUDA only
