@@ -1019,6 +1019,19 @@ def compiled_graphs() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
+def agree_late(run: Run, flags: tuple[bool, ...], pending: tuple | None) -> tuple[tuple[bool, ...], tuple]:
+    """Flags of each rank's host clock (the wall-clock cap, LOOP_START's share of it) that every rank must act on at
+    the same step: MAX-reduced over the host (gloo) group asynchronously and acted on one step later, so no step waits
+    for the device (reading a device tensor drains its queue) or for the slowest rank. Returns the previous step's
+    agreed flags and this step's reduction in flight (pending, for the next call)."""
+    sent = torch.tensor(flags, dtype=torch.int32)
+    work = dist.all_reduce(sent, op=dist.ReduceOp.MAX, group=run.host_group, async_op=True)
+    if pending is None:
+        return (False,) * len(flags), (work, sent)
+    pending[0].wait()
+    return tuple(bool(v) for v in pending[1].tolist()), (work, sent)
+
+
 def train_budget(hp: Hyperparameters) -> float:
     """Training loop's wall-clock cap: MAX_WALLCLOCK_SECONDS less EXPORT_RESERVE_SECONDS, since export (Hessians from
     training tokens, GPTQ, compression, QUANT_FIT retries) makes the artifact and so is train time."""
@@ -2197,6 +2210,7 @@ class Run:
     val_tokens: np.ndarray | None = None
     results: dict = field(default_factory=dict)
     observe: Callable | None = None  # the audit's hook: observe(kind, key, value) from inside the TTT loops
+    host_group: object = None  # process group of host-side (CPU) collectives: gloo beside NCCL; None: the default
     cache: dict = field(default_factory=dict, init=False, repr=False)  # val_stream's copy, score's byte counts
 
     @property
@@ -2247,7 +2261,7 @@ def setup(hp: Hyperparameters) -> Run:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if world > 1:
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-    run = Run(hp, device, rank, world)
+    run = Run(hp, device, rank, world, host_group=dist.new_group(backend="gloo") if cuda and world > 1 else None)
     Path(hp.log_dir).mkdir(parents=True, exist_ok=True)
     run.log(f"config: {json.dumps(dataclasses.asdict(hp), sort_keys=True)}")
     run.log(f"runtime: torch {torch.__version__} device {device} world_size {world} "
@@ -2300,9 +2314,9 @@ def train(run: Run):
     hp = run.hp
     ga = grad_accum_steps(hp, run.world_size)
     model = torch.compile(run.model, dynamic=False) if hp.compile else run.model
-    if run.distributed:  # no buffers to broadcast (Rotary keeps none), so none is broadcast per forward
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda" else None,
-                                                    broadcast_buffers=False)
+    if run.distributed:  # the model has no buffers (Rotary keeps none): DDP broadcasts nothing per forward
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda"
+                                                    else None)
     run.train_model = model
     optimizers = build_optimizers(run)
     pattern = os.path.join(hp.data_path, "fineweb_train_*.bin")
@@ -2332,7 +2346,7 @@ def train(run: Run):
     averager = WeightAverager(run.model, hp)
     run.log(f"train: grad_accum {ga}, {hp.train_batch_tokens} tokens/step, {hp.iterations} iterations, "
             f"wall-clock cap {cap:.0f}s")
-    step, train_s, stop, graphs = 0, 0.0, False, compiled_graphs()
+    step, train_s, stop, graphs, pending = 0, 0.0, False, compiled_graphs(), None
     t0 = time.perf_counter()
     while step < hp.iterations and not stop:
         lr_mult, loader.progress = sched.lr_mult(step, train_s), sched.progress(step, train_s)
@@ -2344,9 +2358,10 @@ def train(run: Run):
         train_s = time.perf_counter() - t0
         loop_due = bool(run.model.loop) and not run.model.looping and (
             train_s / cap if cap else step / hp.iterations) >= hp.loop_start
-        capped = cap > 0 and train_s >= cap  # every rank stops (and starts looping) on the same step
-        stop, loop_now = (v > 0 for v in run.all_reduce(float(capped), float(loop_due), op=dist.ReduceOp.MAX))
-        if loop_now:
+        stop, loop_now = cap > 0 and train_s >= cap, loop_due
+        if cap and run.distributed:  # flags of each rank's clock: every rank acts on them at the same step
+            (stop, loop_now), pending = agree_late(run, (stop, loop_now), pending)
+        if loop_now and not run.model.looping:
             run.model.looping, run.results["looping_from_step"] = True, step + 1
             run.log(f"loop: from step {step + 1}, layers {hp.loop_layers} run {hp.loop_count} times")
         if step % hp.train_log_every == 0 or step == hp.iterations or stop:
@@ -2361,6 +2376,8 @@ def train(run: Run):
             loss_v, bpb = eval_plain(run, run.model)
             run.log(f"step {step} val_loss {loss_v:.4f} val_bpb {bpb:.4f}")
             t0 = time.perf_counter() - train_s  # evaluation time is not training time
+    if pending:
+        pending[0].wait()
     if stop:
         run.log(f"stopping at step {step}: wall-clock cap {cap:.0f}s reached")
     if hp.compile:  # each graph compiled inside the timed loop cost seconds of training

@@ -3,12 +3,15 @@ CUDA autocast, a recording flash_attn_func for flash-attn, a counting torch.comp
 device for a GPU (host-to-device copies), a fake process group for NCCL and skewed clocks for disagreeing ranks."""
 import dataclasses
 import functools
+import itertools
 import os
 import socket
 import subprocess
 import sys
 import threading
 import time
+import types
+import warnings
 from datetime import timedelta
 
 import numpy as np
@@ -191,19 +194,24 @@ def _skewed_clock_worker(rank, port, model, hp, luts, val, out):
     dist.destroy_process_group()
 
 
-def test_ranks_with_disagreeing_clocks_run_the_same_stages(brown_data, tmp_path):
-    run = small_run(brown_data, tmp_path, TTT_CHUNK_TOKENS=64)
+def spawn_two(worker, args: tuple, where: str):
+    """worker(rank, port, *args) on two gloo ranks; the test fails if they deadlock."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ctx = mp.spawn(_skewed_clock_worker, nprocs=2, join=False,
-                   args=(port, run.model, run.hp, run.luts, run.val_tokens[:2049], str(tmp_path / "stages")))
+    ctx = mp.spawn(worker, nprocs=2, join=False, args=(port, *args))
     deadline = time.time() + 240
     while not ctx.join(timeout=5):
         if time.time() > deadline:
             for p in ctx.processes:
                 p.kill()
-            pytest.fail("ranks deadlocked in evaluation")
+            pytest.fail(f"ranks deadlocked {where}")
+
+
+def test_ranks_with_disagreeing_clocks_run_the_same_stages(brown_data, tmp_path):
+    run = small_run(brown_data, tmp_path, TTT_CHUNK_TOKENS=64)
+    spawn_two(_skewed_clock_worker, (run.model, run.hp, run.luts, run.val_tokens[:2049], str(tmp_path / "stages")),
+              "in evaluation")
     a, b = (torch.load(tmp_path / f"stages.{r}") for r in (0, 1))
     assert a == b and list(a) == ["roundtrip"]
 
@@ -361,6 +369,7 @@ def test_looping_switches_on_in_the_loop_with_its_graph_primed(brown_data, tmp_p
     assert run.results["looping_from_step"] == 4 and run.model.looping
     assert run.results["recompiles_in_loop"] == 0 and len(counter.graphs) == 3  # plain, looped, looped + QAT
 
+
 # 9. Issue 23: whole compiled graphs with DOC_MASK and the loop switch, Newton-Schulz compiled on CUDA, no per-step
 # device read for the cap, no deprecated DDP argument.
 
@@ -497,3 +506,30 @@ def test_newton_schulz_compiles_once_per_matrix_shape_and_computes_the_same(brow
     assert all(torch.equal(pa, pb) for pa, pb in zip(a, b))
     run = small_run(brown_data, tmp_path, COMPILE=1)
     assert T.build_optimizers(run)[1].orthogonalize is T.zeropower_via_newtonschulz5  # compiled on CUDA only
+
+
+def _capped_worker(rank, port, env, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    if rank == 1:  # this rank's clock (train_gpt's alone) moves a second per reading: LOOP_START and the cap come
+        clock = itertools.count()  # within a few steps; rank 0's, real, never reaches them
+        T.time = types.SimpleNamespace(strftime=time.strftime, sleep=time.sleep, perf_counter=lambda: float(next(clock)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run = T.setup(T.load_hparams(env))
+        T.train(run)
+    torch.save(dict(steps=run.results["steps"], loop=run.results.get("looping_from_step"),
+                    warnings=[str(w.message) for w in caught]), f"{out}.{rank}")
+    dist.barrier()  # no rank tears gloo down while its peer still talks to it
+    dist.destroy_process_group()
+
+
+def test_ranks_with_skewed_clocks_stop_and_loop_on_the_same_step(brown_data, tmp_path):
+    env = tiny_env(brown_data, tmp_path, **{**SMALL, "ITERATIONS": 50, "MAX_WALLCLOCK_SECONDS": 10,
+                                            "EXPORT_RESERVE_SECONDS": 0, "LOOP_LAYERS": "1-1", "LOOP_COUNT": 2,
+                                            "LOOP_START": 0.3})
+    spawn_two(_capped_worker, (env, str(tmp_path / "capped")), "in training: they stopped on different steps")
+    a, b = (torch.load(tmp_path / f"capped.{r}") for r in (0, 1))
+    assert (a["steps"], a["loop"]) == (b["steps"], b["loop"]) and 2 < a["loop"] <= a["steps"] < 50, (a, b)
+    assert (tmp_path / "test.txt").read_text().count("loop: from step") == 1  # switched on once
+    assert not [w for w in a["warnings"] + b["warnings"] if "broadcast_buffers" in w]  # deprecated in torch 2.13
