@@ -127,7 +127,7 @@ class Hyperparameters:
     swa_every: int = 50  # 0 = off
     swa_threshold: float = 0.2  # SWA collects while the LR multiplier is below this
     weight_avg: str = "ema"  # which weights are exported: ema | swa | none
-    compile: bool = True  # torch.compile of the training and evaluation forward
+    compile: bool = True  # torch.compile of the training and evaluation forward, and on CUDA of Newton-Schulz
     attn_kernel: str = "auto"  # auto: flash-attn when importable and the activations are bf16 | flash: required | sdpa
     # quantization
     quant_spec: str = "attn_qk:int6,attn_vo:int6,mlp_up:int5,mlp_down:int5,embed:int8,aux:int6,head:int8"
@@ -588,18 +588,34 @@ def use_flash(kernel: str, dtype: torch.dtype) -> bool:
     return kernel != "sdpa" and flash_attn_func is not None and dtype in (torch.bfloat16, torch.float16)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, kernel: str = "auto", docs: Tensor | None = None) -> Tensor:
-    """Causal GQA attention on (B, T, H, D) tensors of one dtype: flash-attn when use_flash, else SDPA. docs (B, T):
-    document ids; a query then sees only keys of its own document (flash-attn: each row cut into documents)."""
+DOC_MIN_TOKENS = 64  # flash-attn varlen cuts a row into at most T // 64 + 1 pieces (see doc_spans)
+
+
+def doc_spans(idx: Tensor) -> tuple[Tensor, Tensor]:
+    """DOC_MASK's documents of token rows (B, T), computed once per forward in fixed shapes with no host sync (so the
+    compiled graph stays whole): each token's document id (B, T), for SDPA's mask, and flash-attn varlen's cu_seqlens
+    ((B * K + 1,) int32): each row cut before every BOS into K = T // DOC_MIN_TOKENS + 1 pieces, the unused ones empty;
+    a row of more documents keeps its last ones in one piece (causal still, only not cut)."""
+    B, T = idx.shape
+    docs = torch.cumsum(idx == BOS_ID, 1)
+    pieces = docs - docs[:, :1] + 1  # pieces of the row up to each token: its first token starts one, every BOS after
+    nth = torch.arange(1, T // DOC_MIN_TOKENS + 2, device=idx.device).repeat(B, 1)
+    row = torch.arange(B, device=idx.device, dtype=torch.int32)[:, None]
+    starts = torch.searchsorted(pieces, nth, out_int32=True) + T * row  # nth piece's first token, or the row's end
+    return docs, F.pad(starts.flatten(), (0, 1), value=B * T)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, kernel: str = "auto", docs: tuple | None = None) -> Tensor:
+    """Causal GQA attention on (B, T, H, D) tensors of one dtype: flash-attn when use_flash, else SDPA. docs: doc_spans;
+    a query then sees only keys of its own document (flash-attn: the rows cut into documents)."""
     B, T, H, D = q.shape
     if use_flash(kernel, q.dtype) and docs is None:
         out = flash_attn_func(q, k, v, causal=True)
     elif use_flash(kernel, q.dtype) and flash_attn_varlen_func is not None:
-        starts = F.pad(docs[:, 1:] != docs[:, :-1], (1, 0), value=True).flatten()
-        cu = F.pad(torch.nonzero(starts)[:, 0], (0, 1), value=B * T).int()
+        cu = docs[1]
         out = flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, T, T, causal=True)
     else:
-        mask = None if docs is None else (docs[:, None, :, None] == docs[:, None, None, :]) & torch.ones(
+        mask = None if docs is None else (docs[0][:, None, :, None] == docs[0][:, None, None, :]) & torch.ones(
             T, T, dtype=torch.bool, device=q.device).tril()
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
                                            is_causal=docs is None, enable_gqa=k.size(2) != q.size(2))
@@ -624,7 +640,7 @@ class Attention(nn.Module):
             nn.init.zeros_(self.gate.weight)
             self.gate_scale = hp.attn_gate_scale
 
-    def forward(self, x: Tensor, ve: Tensor | None, docs: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, ve: Tensor | None, docs: tuple | None = None) -> Tensor:
         B, T, _ = x.shape
         q = self.q(x).view(B, T, self.h, self.d)
         k = self.k(x).view(B, T, self.kv, self.d)
@@ -675,13 +691,13 @@ class Block(nn.Module):
         parallel = 0 < hp.parallel_start <= layer  # lane mix: row 0 keeps each lane, rows 1-2 add attention and MLP
         self.lanes = nn.Parameter(torch.tensor([[1.1, 1.1], [1.0, 1.0], [1.0, 1.0]])) if parallel else None
 
-    def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None, docs: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None, docs: tuple | None = None) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.norm_scale, ve, docs)
         return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale)
 
-    def parallel(self, lanes: list[Tensor], x0: Tensor, ve: Tensor | None, docs: Tensor | None) -> list[Tensor]:
+    def parallel(self, lanes: list[Tensor], x0: Tensor, ve: Tensor | None, docs: tuple | None) -> list[Tensor]:
         """Parallel residual lanes: attention reads lane 0 (mixed with x0), the MLP lane 1, both at once; each lane
         keeps itself and takes both outputs through the learned 3x2 lane mix."""
         mix, w = self.resid_mix.to(x0.dtype), self.lanes.to(x0.dtype)
@@ -756,7 +772,7 @@ class GPT(nn.Module):
             g = torch.sigmoid(self.smear.to(x.dtype)) * (idx != BOS_ID)[..., None]
             x = (1 - g) * x + g * F.pad(x[:, :-1], (0, 0, 1, 0))
         x0, skips = x, []
-        docs = torch.cumsum(idx == BOS_ID, 1) if self.hp.doc_mask else None
+        docs = doc_spans(idx) if self.hp.doc_mask else None
         ve = self.ve_proj(self.ve_embed(idx)) if self.ve_layers else None
         order, lanes = self.layer_order(self.looping), None
         n_enc = len(order) // 2 if self.skip_weights is not None else 0
@@ -834,13 +850,16 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, eps: float = 1e-7, po
 class Muon(torch.optim.Optimizer):
     """Nesterov momentum, orthogonalized per matrix. Matrices go in buckets of one per rank: each rank computes its
     matrix's update and the bucket is all-reduced asynchronously (in comm_dtype: bf16 on CUDA, where the update is
-    already bf16) while the next bucket is computed."""
+    already bf16) while the next bucket is computed. compile: Newton-Schulz compiled, one graph per matrix shape."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float = 0.0,
-                 comm_dtype: torch.dtype = torch.float32, polar: bool = False, row_norm: bool = False):
+                 comm_dtype: torch.dtype = torch.float32, polar: bool = False, row_norm: bool = False,
+                 compile: bool = False):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay,
                                       polar=polar, row_norm=row_norm))
         self.comm_dtype = comm_dtype
+        self.orthogonalize = torch.compile(zeropower_via_newtonschulz5, dynamic=False) if compile else \
+            zeropower_via_newtonschulz5
 
     @torch.no_grad()
     def step(self):
@@ -857,7 +876,7 @@ class Muon(torch.optim.Optimizer):
                     g = p.grad.add(buf, alpha=group["momentum"])  # nesterov
                     if group["row_norm"]:  # MuonEq-R
                         g = g / g.norm(dim=1, keepdim=True).clamp_min(1e-7)
-                    g = zeropower_via_newtonschulz5(g, steps=group["backend_steps"], polar=group["polar"])
+                    g = self.orthogonalize(g, steps=group["backend_steps"], polar=group["polar"])
                     offset = sum(q.numel() for q in bucket[:rank])
                     flat[offset:offset + p.numel()] = g.reshape(-1) * max(1.0, g.size(0) / g.size(1)) ** 0.5
                 pending.append((bucket, flat, dist.all_reduce(flat, async_op=True) if distributed else None))
@@ -887,7 +906,7 @@ def build_optimizers(run: Run) -> list[torch.optim.Optimizer]:
                              weight_decay=hp.adam_wd, fused=run.device.type == "cuda")
     muon = Muon(matrices, lr=hp.matrix_lr, momentum=hp.muon_momentum, backend_steps=hp.muon_backend_steps,
                 weight_decay=hp.muon_wd, comm_dtype=torch.bfloat16 if run.device.type == "cuda" else torch.float32,
-                polar=hp.muon_polar, row_norm=hp.muon_row_norm)
+                polar=hp.muon_polar, row_norm=hp.muon_row_norm, compile=hp.compile and run.device.type == "cuda")
     for g in muon.param_groups:
         g["base_lr"] = hp.matrix_lr
     return [adam, muon]
@@ -998,6 +1017,19 @@ def train_step(run: Run, loader, optimizers, ga: int, lr_mult: float, step: int)
 
 def compiled_graphs() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def agree_late(run: Run, flags: tuple[bool, ...], pending: tuple | None) -> tuple[tuple[bool, ...], tuple]:
+    """Flags of each rank's host clock (the wall-clock cap, LOOP_START's share of it) that every rank must act on at
+    the same step: MAX-reduced over the host (gloo) group asynchronously and acted on one step later, so no step waits
+    for the device (reading a device tensor drains its queue) or for the slowest rank. Returns the previous step's
+    agreed flags and this step's reduction in flight (pending, for the next call)."""
+    sent = torch.tensor(flags, dtype=torch.int32)
+    work = dist.all_reduce(sent, op=dist.ReduceOp.MAX, group=run.host_group, async_op=True)
+    if pending is None:
+        return (False,) * len(flags), (work, sent)
+    pending[0].wait()
+    return tuple(bool(v) for v in pending[1].tolist()), (work, sent)
 
 
 def train_budget(hp: Hyperparameters) -> float:
@@ -2301,6 +2333,7 @@ class Run:
     val_tokens: np.ndarray | None = None
     results: dict = field(default_factory=dict)
     observe: Callable | None = None  # the audit's hook: observe(kind, key, value) from inside the TTT loops
+    host_group: object = None  # process group of host-side (CPU) collectives: gloo beside NCCL; None: the default
     cache: dict = field(default_factory=dict, init=False, repr=False)  # val_stream's copy, score's byte counts
 
     @property
@@ -2351,7 +2384,7 @@ def setup(hp: Hyperparameters) -> Run:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if world > 1:
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-    run = Run(hp, device, rank, world)
+    run = Run(hp, device, rank, world, host_group=dist.new_group(backend="gloo") if cuda and world > 1 else None)
     Path(hp.log_dir).mkdir(parents=True, exist_ok=True)
     run.log(f"config: {json.dumps(dataclasses.asdict(hp), sort_keys=True)}")
     run.log(f"runtime: torch {torch.__version__} device {device} world_size {world} "
@@ -2404,9 +2437,9 @@ def train(run: Run):
     hp = run.hp
     ga = grad_accum_steps(hp, run.world_size)
     model = torch.compile(run.model, dynamic=False) if hp.compile else run.model
-    if run.distributed:  # no buffers to broadcast (Rotary keeps none), so none is broadcast per forward
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda" else None,
-                                                    broadcast_buffers=False)
+    if run.distributed:  # the model has no buffers (Rotary keeps none): DDP broadcasts nothing per forward
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda"
+                                                    else None)
     run.train_model = model
     optimizers = build_optimizers(run)
     pattern = os.path.join(hp.data_path, "fineweb_train_*.bin")
@@ -2436,7 +2469,7 @@ def train(run: Run):
     averager = WeightAverager(run.model, hp)
     run.log(f"train: grad_accum {ga}, {hp.train_batch_tokens} tokens/step, {hp.iterations} iterations, "
             f"wall-clock cap {cap:.0f}s")
-    step, train_s, stop, graphs = 0, 0.0, False, compiled_graphs()
+    step, train_s, stop, graphs, pending = 0, 0.0, False, compiled_graphs(), None
     t0 = time.perf_counter()
     while step < hp.iterations and not stop:
         lr_mult, loader.progress = sched.lr_mult(step, train_s), sched.progress(step, train_s)
@@ -2448,9 +2481,10 @@ def train(run: Run):
         train_s = time.perf_counter() - t0
         loop_due = bool(run.model.loop) and not run.model.looping and (
             train_s / cap if cap else step / hp.iterations) >= hp.loop_start
-        capped = cap > 0 and train_s >= cap  # every rank stops (and starts looping) on the same step
-        stop, loop_now = (v > 0 for v in run.all_reduce(float(capped), float(loop_due), op=dist.ReduceOp.MAX))
-        if loop_now:
+        stop, loop_now = cap > 0 and train_s >= cap, loop_due
+        if cap and run.distributed:  # flags of each rank's clock: every rank acts on them at the same step
+            (stop, loop_now), pending = agree_late(run, (stop, loop_now), pending)
+        if loop_now and not run.model.looping:
             run.model.looping, run.results["looping_from_step"] = True, step + 1
             run.log(f"loop: from step {step + 1}, layers {hp.loop_layers} run {hp.loop_count} times")
         if step % hp.train_log_every == 0 or step == hp.iterations or stop:
@@ -2465,6 +2499,8 @@ def train(run: Run):
             loss_v, bpb = eval_plain(run, run.model)
             run.log(f"step {step} val_loss {loss_v:.4f} val_bpb {bpb:.4f}")
             t0 = time.perf_counter() - train_s  # evaluation time is not training time
+    if pending:
+        pending[0].wait()
     if stop:
         run.log(f"stopping at step {step}: wall-clock cap {cap:.0f}s reached")
     if hp.compile:  # each graph compiled inside the timed loop cost seconds of training
