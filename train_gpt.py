@@ -2520,7 +2520,8 @@ def main() -> int:
         hp = load_hparams()
         run = setup(hp)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank of a torchrun meets it: one line, not one per process
+            print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         if hp.resume_from:

@@ -68,6 +68,12 @@ def test_bad_env_value_is_one_line_error(tmp_path, brown_data):
     assert proc.stderr.strip() == "error: NUM_HEADS='x': expected int"
 
 
+def test_bad_env_value_under_torchrun_is_printed_once(tmp_path, brown_data):
+    proc, res = run_script(tmp_path, brown_data, nproc=2, PRESET="tinyy")
+    assert proc.returncode != 0 and res is None
+    assert proc.stderr.count("error: PRESET='tinyy': unknown") == 1, proc.stderr  # rank 0's line, not one per rank
+
+
 def test_missing_data_is_one_line_error(tmp_path):
     proc, _ = run_script(tmp_path, tmp_path / "nowhere")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
