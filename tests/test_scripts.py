@@ -572,12 +572,22 @@ def test_plot_runs_csv(tmp_path, capsys):
         plot_runs.main([str(tmp_path / "empty.txt"), "--csv", "-"])
 
 
+def test_plot_runs_shows_every_evaluation_stage():
+    points, _ = plot_runs.parse_log(LOG + "eval ngram: val_loss 4.5000 val_bpb 2.6000\n", "x")
+    assert plot_runs.stage_scores(points) == [("roundtrip", 2.8), ("sliding", 2.75), ("ngram", 2.6)]
+
+
 def test_plot_runs_png(tmp_path):
     pytest.importorskip("matplotlib")
     log = tmp_path / "x.txt"
     log.write_text(LOG)
     assert plot_runs.main([str(log)]) == 0
-    assert (tmp_path / "x.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    png = (tmp_path / "x.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert int.from_bytes(png[16:20], "big") == 3 * 6.5 * 120  # loss, val_bpb by step, the evaluation stages
+    log.write_text("\n".join(line for line in LOG.splitlines() if " val_loss " not in line or "eval" in line))
+    assert plot_runs.main([str(log)]) == 0
+    assert int.from_bytes((tmp_path / "x.png").read_bytes()[16:20], "big") == 2 * 6.5 * 120  # no validation points
 
 
 def test_plot_runs_without_matplotlib(tmp_path, monkeypatch):
