@@ -1,4 +1,4 @@
-"""README.md documents every environment variable once, with its true default."""
+"""docs/CONFIGURATION.md documents every environment variable once, with its true default."""
 import dataclasses
 import re
 
@@ -6,8 +6,8 @@ import train_gpt as T
 from conftest import ROOT
 
 
-def test_every_variable_is_in_the_readme_table_with_its_default():
-    rows = dict(re.findall(r"^\| `([A-Z0-9_]+)` \| `([^`]*)` \|", (ROOT / "README.md").read_text(), re.M))
+def test_every_variable_is_in_the_configuration_table_with_its_default():
+    rows = dict(re.findall(r"^\| `([A-Z0-9_]+)` \| `([^`]*)` \|", (ROOT / "docs/CONFIGURATION.md").read_text(), re.M))
     fields = {f.name.upper(): f.default for f in dataclasses.fields(T.Hyperparameters)}
     assert set(rows) == set(fields), (set(fields) - set(rows), set(rows) - set(fields))
     for name, default in fields.items():
