@@ -24,7 +24,7 @@ pip_sources() {  # the package sources pip is configured with (files and PIP_* v
 
 pip_install() {  # pip install, showing what it downloads or takes from disk and what it installs; errors in full
   python -m pip install --progress-bar off "$@" \
-    | { grep -E '^ *(Downloading|Processing|Successfully installed)' || true; }
+    | { grep -E '^ *(Downloading|Processing|Successfully installed)' >&2 || true; }
 }
 
 install_torch() {
@@ -62,7 +62,7 @@ setup_venv() {
   # shellcheck disable=SC1091
   . "$venv/bin/activate"
   install_torch  # first, so that requirements.txt's loose torch>=2.5 is already met
-  say "requirements.txt: $(grep -oE '^[A-Za-z0-9_.-]+' requirements.txt | grep -v '^torch$' | tr '\n' ' ')"
+  say "requirements.txt: $(grep -oE '^[A-Za-z0-9_.-]+' requirements.txt | grep -v '^torch$' | paste -sd ' ' -)"
   pip_install -r requirements.txt
   for pkg in "$@"; do
     say "$pkg (optional)"
