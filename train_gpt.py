@@ -200,8 +200,8 @@ PRESETS: dict[str, dict[str, object]] = {
     "default": {},
     # the CPU proxy: the default recipe at its size, without U-Net skips and LN scale (both measured worse at 4 layers)
     "tiny": dict(SHAPES["tiny"], xsa_last_n=2, bigram_buckets=1024, unet_skips=False, ln_scale=False),
-    # The accepted 1.0611 record (2026-04-27, SP8192 + LQER + sparse gate) as its README and code state it; README
-    # lists where this differs (our codecs and sliding evaluation, among others).
+    # The accepted 1.0611 record (2026-04-27, SP8192 + LQER + sparse gate) as its README and code state it;
+    # docs/PRESETS.md lists where this differs (our codecs and sliding evaluation, among others).
     "frontier": dict(
         data_path="./data/datasets/fineweb10B_sp8192", vocab_size=8192, mlp_mult=4.0, xsa_last_n=11,
         qk_gain_init=5.0, bigram_buckets=0, ve_layers="", loop_layers="3-5", loop_count=3, loop_start=0.35,
@@ -212,7 +212,7 @@ PRESETS: dict[str, dict[str, object]] = {
                    "gate:int8", lqer_top=3, lqer_rank=4, ngram_order=0, ttt_mode="phased", ttt_lora_rank=80,
         ttt_chunk_tokens=48, ttt_lr=1e-4, ttt_beta2=0.99, ttt_wd=0.5,
     ),
-    # The seed systems (../shared/seeds, README "Seed presets"): each as its run's code, log or script set it.
+    # The seed systems (docs/PRESETS.md): each as its run's code, log or script set it.
     "baseline": dict(  # the public starting script: 9L x 512, relu^2, int8 everywhere, plain evaluation
         num_layers=9, mlp_mult=2.0, mlp_act="relu2", rope_dims=0, smear_gate=False, bigram_buckets=0, ve_layers="",
         xsa_last_n=0, ln_scale=False, ortho_init=False, train_batch_tokens=524288, train_seq_len=1024,
@@ -2679,7 +2679,8 @@ def main() -> int:
         hp = load_hparams()
         run = setup(hp)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank of a torchrun meets it: one line, not one per process
+            print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         if hp.resume_from:
