@@ -151,6 +151,7 @@ def cpu_threads() -> int:
 
 def split_lengths(T, run, toks) -> np.ndarray:
     """Targets per document of a token stream (a document starts at each boundary token)."""
+    import torch
     return np.diff(T.doc_starts(run, torch.as_tensor(toks.astype(np.int64))), append=toks.size - 1)
 
 
