@@ -366,18 +366,17 @@ def step_overheads(T, hp, probe: dict | None, looping: bool) -> dict[str, float]
     breaks = p.get("breaks_per_forward", 0) * apps / p.get("layer_apps", apps)
     out = {"graph breaks": breaks * ga * GRAPH_BREAK_S,
            "host syncs": p.get("syncs_per_step", 0) * HOST_SYNC_S,
-           "eager Newton-Schulz": 0.0 if ns_compiled(T) else ns["bytes"] / HBM_BPS}
+           "eager Newton-Schulz": 0.0 if ns_compiled(T, hp) else ns["bytes"] / HBM_BPS}
     if p.get("eager_fallback"):
         f = forward_profile(T, hp, hp.train_seq_len, False)
         out["eager fallback (recompile limit)"] = 3 * f.bytes * hp.train_batch_tokens / WORLD / HBM_BPS
     return out
 
 
-def ns_compiled(T) -> bool:
-    """Whether Muon's Newton-Schulz runs compiled on CUDA (a dynamo-wrapped function, or Muon's compile option)."""
+def ns_compiled(T, hp) -> bool:
+    """Whether Muon's Newton-Schulz runs compiled on CUDA: Muon has the option and COMPILE=1 sets it there."""
     import inspect
-    fn = T.zeropower_via_newtonschulz5
-    return hasattr(fn, "_torchdynamo_orig_callable") or "compile" in inspect.signature(T.Muon.__init__).parameters
+    return hp.compile and "compile" in inspect.signature(T.Muon.__init__).parameters
 
 
 def simulate_training(T, hp, step_s) -> int:
@@ -687,9 +686,9 @@ def probe(T, hp, log_dir: Path, data: Path | None = None) -> dict:
         graphs[0] += 1
         return gm.forward
 
-    def counted(fn):  # a call from train_gpt.py (torch's own CPU-side item() calls do not sync a device)
+    def counted(fn, anywhere: bool):  # item(): from train_gpt.py only (torch's own CPU-side calls sync no device)
         def wrapper(*a, **k):
-            syncs[0] += sys._getframe(1).f_code.co_filename == T.__file__
+            syncs[0] += anywhere or sys._getframe(1).f_code.co_filename == T.__file__
             return fn(*a, **k)
         return wrapper
 
@@ -711,8 +710,8 @@ def probe(T, hp, log_dir: Path, data: Path | None = None) -> dict:
     with contextlib.ExitStack() as stack, contextlib.redirect_stdout(io.StringIO()):
         patch = lambda *a, **k: stack.enter_context(mock.patch.object(*a, **k))  # noqa: E731
         patch(torch, "compile", lambda m, **k: real_compile(m, backend=backend, dynamic=k.get("dynamic")))
-        patch(T.Run, "all_reduce", counted(real_reduce))
-        patch(torch.Tensor, "item", counted(real_item))
+        patch(T.Run, "all_reduce", counted(real_reduce, True))
+        patch(torch.Tensor, "item", counted(real_item, False))
         patch(T, "on_train_step", on_step)
         patch(T, "train_step", train_step)
         if tiny.attn_kernel != "sdpa":

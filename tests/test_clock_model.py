@@ -101,14 +101,19 @@ def test_stand_in_lengths_match_the_logged_split():
     assert s[(782 - 1) * 64 - 1] < s[-16]  # the 16 longest form the last batch of 64 (50,000 = 781 x 64 + 16)
 
 
-def test_probe_counts_a_graph_break(brown_data, tmp_path):
+def test_probe_counts_graph_breaks_and_host_syncs(brown_data, tmp_path):
     hp = T.load_hparams({"PRESET": "tiny"})
     real = T.Block.forward
 
     def broken(self, *args, **kwargs):  # one graph break in every block application
         torch._dynamo.graph_break()
         return real(self, *args, **kwargs)
-    with mock.patch.object(T.Block, "forward", broken):
+
+    def syncing(run, step, lr_mult, inner=T.on_train_step):  # a host read of a reduced value every step
+        run.all_reduce(float(step))
+        return inner(run, step, lr_mult)
+    with mock.patch.object(T.Block, "forward", broken), mock.patch.object(T, "on_train_step", syncing):
         got = C.probe(T, hp, tmp_path, data=brown_data)
-    assert got["breaks_per_forward"] >= got["layer_apps"], got
-    assert got["syncs_per_step"] >= 1  # the loop's all_reduce of the stop and loop flags (a host read)
+    assert got["breaks_per_forward"] >= got["layer_apps"] and got["syncs_per_step"] == 1, got
+    got = C.probe(T, hp, tmp_path, data=brown_data)  # the loop as it is: one graph, no read per step
+    assert got["breaks_per_forward"] == 0 and got["syncs_per_step"] == 0, got
