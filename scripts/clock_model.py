@@ -54,7 +54,7 @@ WORLD = 8
 
 # --- CALIBRATED on the records' logs (--calibration shows each fit and the checks; --fit recomputes them) ----------
 EFF_TRAIN = 0.2695  # fraction of PEAK for training FLOPs (model fwd+bwd, Newton-Schulz): record 1's 84.5 ms/step
-EFF_EVAL = 0.2750  # fraction of PEAK for evaluation forwards: record 1's sliding (73.1 s) with its roundtrip (5.8 s)
+EFF_EVAL = 0.2750  # fraction of PEAK for evaluation forwards: record 1's sliding (73.2 s) with its roundtrip (5.8 s)
 EVAL_COMPILE_S = 3.62  # compiling an evaluation forward (warm caches): record 1's roundtrip less its forwards
 EFF_TTT = 0.1799  # fraction of PEAK for LoRA TTT chunks (forward-equivalents: 3 per adapted position): record 2's TTT
 GLOBAL_STEP_S = 0.123  # one global SGD step of phased TTT on 4,096 tokens per rank, eager: record 2's tttg lines
@@ -483,8 +483,8 @@ def old_plan_positions(T, hp, lengths: np.ndarray, world: int = WORLD) -> float:
 
 
 def our_ttt(T, hp, lengths: np.ndarray, world: int = WORLD) -> dict:
-    """lora / phased TTT by ttt_plan on these documents: each phase ends when its slowest rank ends (the ranks meet
-    for the global pass), global passes at GLOBAL_STEP_S a step. Full TTT: the sliding windows plus its adapting."""
+    """lora / phased TTT by ttt_plan on these documents (full TTT: our_eval): each phase ends when its slowest rank
+    ends (the ranks meet for the global pass), global passes at GLOBAL_STEP_S a step."""
     for name in ("ttt_plan", "ttt_work", "doc_positions"):
         if not hasattr(T, name):
             raise UserError(f"train_gpt.py has no {name}(): this clock model needs the TTT plan (git merge main)")
@@ -802,7 +802,7 @@ def fit_constants(T) -> dict[str, float]:
 def fmt_value(v) -> str:
     if isinstance(v, (tuple, list)):
         return "/".join(fmt_value(x) for x in v)
-    return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.1f}"
+    return f"{v:,.0f}" if abs(v) >= 1000 or float(v).is_integer() else f"{v:.1f}"
 
 
 def print_calibration(T) -> float:
