@@ -66,7 +66,8 @@ HOST_SYNC_S = 5e-4  # per host sync in the training step: the GPU idles while th
 RECOMPILE_S = 42.0  # one compile of a training graph (forward + backward): record 2's TTT compile warm-up, 84-138 s
 # for 2 shapes
 SORT_PASSES = 8  # a GPU radix sort of 64-bit keys moves its keys this many times
-HOST_CORES = 32  # cores of an 8x H100 box's host for the codec thread pool (DGX H100: 112)
+HOST_CORES = 32  # cores of an 8x H100 box's host for the codec thread pool (DGX H100: 112), each taken to be as fast
+# as this CPU's (codec rates are measured here) or faster
 DISK_BPS = 1e9  # checkpoint write
 
 # --- the validation split's documents ------------------------------------------------------------------------------
@@ -600,9 +601,9 @@ def gptq_ops_per_column(T, hp) -> float:
 
 
 def our_export(T, hp, model, sizes: dict, rates: dict, refits: int) -> dict:
-    """Checkpoint, GPTQ Hessians (eager forwards over GPTQ_TOKENS, float64 X^T X per linear input), GPTQ's column loop
-    on rank 0 (launch-bound), compression, and the reload's decompression; QUANT_FIT re-exports repeat the
-    quantization of what changed (taken as all of it) and the compression."""
+    """Checkpoint, GPTQ Hessians (eager forwards over GPTQ_TOKENS, float64 X^T X per linear input), the row quantizer
+    (clip search) and GPTQ's column loop on rank 0 (launch-bound), compression, and the reload's decompression;
+    QUANT_FIT re-exports repeat the quantization of what changed (taken as all of it) and the compression."""
     params = sum(p.numel() for p in model.parameters())
     f = forward_profile(T, hp, hp.train_seq_len, True)
     tokens = -(-hp.gptq_tokens // (WORLD * hp.train_seq_len)) * hp.train_seq_len
@@ -613,8 +614,10 @@ def our_export(T, hp, model, sizes: dict, rates: dict, refits: int) -> dict:
     fmts = T.quant_formats(hp, model)
     cols = sum(model.get_parameter(n).shape[1] for n, (_, fm) in fmts.items() if fm.kind != "fp16")
     gptq = cols * gptq_ops_per_column(T, hp) * LAUNCH_S if hp.gptq else 0.0
+    q = qat_refresh(T, hp)  # the same quantizer, once per matrix
     comp = compress_s(T, hp, sizes, rates)
-    parts = {"checkpoint": 4 * params / DISK_BPS, "Hessians": hess, "GPTQ": gptq * (1 + refits),
+    parts = {"checkpoint": 4 * params / DISK_BPS, "Hessians": hess,
+             "quantize": max(q["bytes"] / HBM_BPS, q["ops"] * LAUNCH_S) * (1 + refits), "GPTQ": gptq * (1 + refits),
              "compress": comp["seconds"] * (1 + refits), "reload": comp["decode"]}
     return dict(seconds=sum(parts.values()), parts=parts, picks=comp["picks"], jobs=comp["jobs"])
 
