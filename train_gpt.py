@@ -2261,15 +2261,14 @@ def reserve_path(path: Path) -> Path:
 
 
 def reserve(path: Path, size: int):
-    """size bytes allocated beside path, which write_atomic then fills instead of a new temp file: space a disk
-    that fills later cannot take."""
+    """size bytes allocated beside path, which write_atomic fills instead of a new temp file."""
     with open(reserve_path(path), "ab") as f:
         getattr(os, "posix_fallocate", lambda fd, _, n: os.ftruncate(fd, n))(f.fileno(), 0, size)
 
 
 def write_atomic(path: str | Path, data: bytes | str | list):
-    """Write data (bytes, text or a list of buffers) to a temp file beside the target, or into the target's reserve,
-    then rename, so readers never see half a file; a failure raises WriteFailed and leaves the old file as it was."""
+    """data (bytes, text or buffers) to a temp file beside the target (its reserve, if any), then renamed: readers
+    never see half a file; a failure raises WriteFailed, the old file as it was."""
     path = Path(path)
     spare = reserve_path(path)
     tmp = spare if spare.is_file() else path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -2371,8 +2370,7 @@ def run_files(hp: Hyperparameters) -> list[Path]:
 
 
 def refuse_taken(hp: Hyperparameters):
-    """One run per RUN_ID: a RUN_ID whose files exist is refused unless OVERWRITE=1 (checked by every rank before
-    any writes); a resumed run never writes over the file it resumes from."""
+    """One run per RUN_ID: one whose files exist is refused unless OVERWRITE=1 (every rank, before any writes)."""
     if hp.resume_from and Path(hp.resume_from).resolve() in {f.resolve() for f in run_files(hp)}:
         raise ConfigError(f"RESUME_FROM={hp.resume_from} is this run's own file; give the resumed run its own RUN_ID")
     if (old := [str(f) for f in run_files(hp) if f.exists()]) and not hp.overwrite:
@@ -2381,8 +2379,8 @@ def refuse_taken(hp: Hyperparameters):
 
 
 def lock_run(hp: Hyperparameters) -> int:
-    """Rank 0's exclusive lock on LOG_DIR/RUN_ID.lock against a run of the same RUN_ID started at the same time (the
-    kernel drops it when the process ends, however it ends); then OVERWRITE's old files go. Returns its descriptor."""
+    """Rank 0's lock on LOG_DIR/RUN_ID.lock against a run of that RUN_ID started at the same time (the kernel drops
+    it with the process, however it ends); then OVERWRITE's old files go."""
     lock = run_file(hp, "lock")
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
@@ -2421,7 +2419,7 @@ def init_device(rank: int, world: int) -> torch.device:
 
 def setup(hp: Hyperparameters, launched: bool = False) -> Run:
     """Process group, inputs checked, model built; nothing is written before every check has passed. launched (main):
-    the RUN_ID is claimed (refuse_taken, lock_run) and the disk space of its checkpoint and artifact reserved."""
+    the RUN_ID is claimed and the disk space reserved."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if launched:
         refuse_taken(hp)
@@ -2452,9 +2450,8 @@ def setup(hp: Hyperparameters, launched: bool = False) -> Run:
 
 
 def check_disk(run: Run, n_params: int):
-    """Room for the checkpoint (at most the training state: weights, EMA, SWA and two optimizer moments per weight)
-    and the artifact with its temp file. A launched run (rank 0) allocates it now, so a disk that fills during
-    training cannot lose the weights; otherwise the free space is compared."""
+    """Room for the checkpoint (at most the training state: weights, EMA, SWA, two optimizer moments) and the
+    artifact: allocated now by a launched run, so a disk that fills later cannot lose them; else compared."""
     hp = run.hp
     if not run.master:  # rank 0 writes every file
         return
@@ -2477,8 +2474,8 @@ def check_disk(run: Run, n_params: int):
 
 def check_inputs(run: Run) -> list[str]:
     """Everything the configured run will need, checked before anything is written, so a ten-minute run cannot die
-    at the end: attention kernel, codecs, tokenizer, every shard's header, the vocabulary of the validation split and
-    the first training shard. Returns the warnings for the log."""
+    at the end: attention kernel, codecs, every shard's header, the vocabulary of the validation split and the first
+    training shard, tokenizer. Returns the warnings for the log."""
     hp, cuda, notes = run.hp, run.device.type == "cuda", []
     if hp.attn_kernel == "flash" and not (cuda and flash_attn_func is not None):
         raise ConfigError("ATTN_KERNEL=flash: flash-attn is not importable here (or no CUDA); pip install flash-attn "
@@ -2488,6 +2485,11 @@ def check_inputs(run: Run) -> list[str]:
             raise ConfigError(f"CODEC={hp.codec}: module {CODEC_MODULES[hp.codec]} is not installed; "
                               f"pip install {CODEC_MODULES[hp.codec]} or set CODEC=auto")
         notes.append(f"WARNING: codecs {', '.join(missing)} not installed; CODEC=auto chooses among the others")
+    run.val_tokens = load_val_tokens(hp.data_path, hp.eval_seq_len, hp.val_max_tokens, hp.vocab_size)
+    train_shards = shard_files(os.path.join(hp.data_path, "fineweb_train_*.bin"))
+    for f in train_shards[1:]:
+        shard_tokens(f)
+    load_data_shard(train_shards[0], hp.vocab_size)
     import sentencepiece as spm
     tok_path = resolve_tokenizer(hp)
     if not Path(tok_path).is_file():
@@ -2496,11 +2498,6 @@ def check_inputs(run: Run) -> list[str]:
         run.luts = build_byte_luts(spm.SentencePieceProcessor(model_file=tok_path), hp.vocab_size)
     except (RuntimeError, OSError, ConfigError) as e:
         raise ConfigError(f"TOKENIZER_PATH={tok_path}: {str(e).strip().splitlines()[0]}") from None
-    run.val_tokens = load_val_tokens(hp.data_path, hp.eval_seq_len, hp.val_max_tokens, hp.vocab_size)
-    train_shards = shard_files(os.path.join(hp.data_path, "fineweb_train_*.bin"))
-    for f in train_shards[1:]:
-        shard_tokens(f)
-    load_data_shard(train_shards[0], hp.vocab_size)
     return notes
 
 
@@ -2636,9 +2633,9 @@ CKPT_MAGIC = b"PGW1"
 
 
 def write_checkpoint(run: Run, tensors: dict[str, Tensor], **header) -> bool:
-    """Rank 0 writes LOG_DIR/RUN_ID.ckpt: configuration, results so far, header, then each tensor raw (its name, shape
-    and dtype in the header). A failed write is one line in the log and results["checkpoint_error"]: the weights are
-    still in memory and the run goes on. Returns whether it was written (on every rank)."""
+    """Rank 0 writes LOG_DIR/RUN_ID.ckpt: configuration, results, header, then the tensors raw (name, shape, dtype in
+    the header). A failed write is one ERROR line and results["checkpoint_error"]; the run goes on. Returns whether
+    it was written, on every rank."""
     error = None
     if run.master:
         arrays = {k: (v.detach().float() if v.is_floating_point() else v).cpu().contiguous().numpy()
@@ -2665,9 +2662,8 @@ def save_checkpoint(run: Run):
 
 
 def save_training(run: Run, tr: Trainer) -> bool:
-    """The training state (CKPT_EVERY, or a signal) to LOG_DIR/RUN_ID.ckpt, all that training needs to go on exactly:
-    weights, EMA/SWA, optimizer states (Muon's momentum gathered from the rank that updates each matrix), every
-    rank's loader position and curriculum generator, the torch RNG, step and seconds."""
+    """All that training needs to go on exactly (CKPT_EVERY, a signal): weights, EMA/SWA, optimizer states (Muon's
+    gathered from the rank that updates each matrix), every rank's loader state, the torch RNG, step and seconds."""
     t0, avg, tensors, groups = time.perf_counter(), tr.averager, dict(run.model.state_dict()), []
     tensors.update({f"ema/{i}": t for i, t in enumerate(avg.ema or [])} | {f"swa/{i}": t for i, t in enumerate(avg.swa or [])})
     for j, opt in enumerate(tr.optimizers):
@@ -2868,11 +2864,10 @@ def report(run: Run):
 
 
 class Stop:
-    """SIGTERM/SIGINT (preemption, torchrun stopping its workers, Ctrl-C) set run.stop_signal: training stops at the
-    next step boundary on every rank, saves its state and reports `interrupted`. Python runs handlers in the main
-    thread between bytecodes only, and that thread may be stuck in a collective whose peer is dead (or deep in export),
-    so a thread woken by the signal's wakeup byte writes rank 0's results itself, with no collective, and exits, if
-    the run has not ended STOP_GRACE_S later, or at once on another signal a second or more after the first."""
+    """SIGTERM/SIGINT set run.stop_signal: every rank stops at the next step boundary, saves the training state and
+    reports `interrupted`. Python runs handlers only between the main thread's bytecodes, and it may be stuck in a
+    collective whose peer died, so a thread woken by the signal's wakeup byte writes rank 0's results (no collective)
+    and exits if the run has not ended STOP_GRACE_S later, or at once on another signal a second or more later."""
 
     def __init__(self, run: Run):
         self.run, self.reported = run, threading.Lock()  # held by whoever writes the final results

@@ -184,7 +184,7 @@ def test_the_checksum_covers_the_header_length(tmp_path, brown_data):
     ("TRAIN_SEQ_LEN", "7", "TRAIN_BATCH_TOKENS=4096: must divide into world_size(1) x grad_accum(8) x TRAIN_SEQ_LEN(7)"),
     ("TRAIN_BATCH_TOKENS", "100", "TRAIN_BATCH_TOKENS=100: must divide"),
     ("CKPT_EVERY", "5m", "CKPT_EVERY='5m': expected steps (500) or seconds (300s)"),
-    ("VOCAB_SIZE", "10", "tokenizer has 1024 pieces but VOCAB_SIZE=10"),
+    ("VOCAB_SIZE", "10", "fineweb_val_000000.bin: token 1022 >= VOCAB_SIZE=10; the data and tokenizer/VOCAB_SIZE"),
 ])
 def test_a_bad_value_exits_2_before_any_file_is_written(tmp_path, brown_data, var, value, expected):
     logs = tmp_path / "logs"
