@@ -2284,8 +2284,8 @@ def write_atomic(path: str | Path, data: bytes | str | list):
         raise WriteFailed(f"{path}: write failed ({e.strerror or e}); free disk space there or set LOG_DIR / "
                           "ARTIFACT_PATH elsewhere") from None
     finally:  # a failed write leaves no temp file behind (a reserve stays, still reserved)
-        if tmp != spare:
-            tmp.unlink(missing_ok=True)
+        if tmp != spare and tmp.exists():
+            tmp.unlink()
     if size:  # the space comes back for the next write of this file
         try:
             reserve(path, size)

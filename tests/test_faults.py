@@ -228,3 +228,25 @@ def test_every_shard_is_checked_at_start_up_and_errors_name_the_file(tmp_path, b
     foreign = tmp_path / "foreign.model"
     foreign.write_bytes(b"not a sentencepiece model")
     assert refused(brown_data, TOKENIZER_PATH=str(foreign)).startswith(f"TOKENIZER_PATH={foreign}: ")
+
+
+def test_writes_go_into_the_space_reserved_at_start_up(tmp_path):
+    path = tmp_path / "r.ckpt"
+    T.reserve(path, 4096)
+    spare = T.reserve_path(path)
+    inode = spare.stat().st_ino
+    T.write_atomic(path, [b"abc", memoryview(b"def")])
+    assert path.read_bytes() == b"abcdef" and path.stat().st_ino == inode  # written where the space was taken
+    assert spare.stat().st_size == 4096  # and taken again for the next write
+    T.write_atomic(tmp_path / "x.json", "{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".r.ckpt.reserve", "r.ckpt", "x.json"]
+    with pytest.raises(T.WriteFailed, match=f"{tmp_path / 'no' / 'y'}: write failed"):
+        (tmp_path / "no").write_text("a file where a folder should be")
+        T.write_atomic(tmp_path / "no" / "y", b"")
+
+
+def test_training_checkpoints_are_due_by_steps_or_seconds():
+    steps, secs = (T.Hyperparameters(run_id="x", iterations=10, ckpt_every=v) for v in ("3", "30s"))
+    assert [s for s in range(1, 11) if T.ckpt_due(steps, s, 0.0)] == [3, 6, 9]  # not at 10: the final one follows
+    assert not T.ckpt_due(secs, 5, 29.9) and T.ckpt_due(secs, 5, 30.0) and not T.ckpt_due(secs, 10, 99.0)
+    assert not any(T.ckpt_due(T.Hyperparameters(run_id="x", ckpt_every=v), 5, 1e9) for v in ("", "0"))
