@@ -1,12 +1,10 @@
 """What a run leaves when things go wrong: a signal (SIGTERM to torchrun, a killed worker), a RUN_ID already in use, a
 failed checkpoint write, a tampered file, a mistyped or non-finite variable, bad shards and tokenizers; and a training
 checkpoint that resumes to the same losses and the same artifact bytes."""
-import errno
 import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -137,7 +135,7 @@ def test_run_id_lock_overwrite_and_resume_into_itself(tmp_path):
 
 
 def test_a_failed_checkpoint_write_is_one_line_and_the_run_still_exports(tmp_path, brown_data):
-    full = wrapper(tmp_path, "full", "import errno\nreal = os.replace\n"
+    disk_full = wrapper(tmp_path, "disk_full", "import errno\nreal = os.replace\n"
                    "def replace(src, dst):\n"
                    "    if str(dst).endswith('.ckpt'):\n"
                    "        raise OSError(errno.ENOSPC, 'No space left on device')\n"
@@ -145,7 +143,7 @@ def test_a_failed_checkpoint_write_is_one_line_and_the_run_still_exports(tmp_pat
                    "os.replace = replace")
     logs = tmp_path / "logs"
     env = clean_env(DATA_PATH=brown_data, LOG_DIR=logs, RUN_ID="r", GPTQ=0, NUM_LAYRES=3, **QUICK)
-    proc, res = run_train(tmp_path, env, code=full.read_text())
+    proc, res = run_train(tmp_path, env, code=disk_full.read_text())
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = (logs / "r.txt").read_text()
     errors = [line for line in log.splitlines() if line.startswith("ERROR")]
