@@ -132,7 +132,7 @@ class Hyperparameters:
     swa_every: int = 50  # 0 = off
     swa_threshold: float = 0.2  # SWA collects while the LR multiplier is below this
     weight_avg: str = "ema"  # which weights are exported: ema | swa | none
-    compile: bool = True  # torch.compile of the training and evaluation forward
+    compile: bool = True  # torch.compile of the training and evaluation forward, and on CUDA of Newton-Schulz
     attn_kernel: str = "auto"  # auto: flash-attn when importable and the activations are bf16 | flash: required | sdpa
     # quantization
     quant_spec: str = "attn_qk:int6,attn_vo:int6,mlp_up:int5,mlp_down:int5,embed:int8,aux:int6,head:int8"
@@ -206,8 +206,8 @@ PRESETS: dict[str, dict[str, object]] = {
     "default": {},
     # the CPU proxy: the default recipe at its size, without U-Net skips and LN scale (both measured worse at 4 layers)
     "tiny": dict(SHAPES["tiny"], xsa_last_n=2, bigram_buckets=1024, unet_skips=False, ln_scale=False),
-    # The accepted 1.0611 record (2026-04-27, SP8192 + LQER + sparse gate) as its README and code state it; README
-    # lists where this differs (our codecs and sliding evaluation, among others).
+    # The accepted 1.0611 record (2026-04-27, SP8192 + LQER + sparse gate) as its README and code state it;
+    # docs/PRESETS.md lists where this differs (our codecs and sliding evaluation, among others).
     "frontier": dict(
         data_path="./data/datasets/fineweb10B_sp8192", vocab_size=8192, mlp_mult=4.0, xsa_last_n=11,
         qk_gain_init=5.0, bigram_buckets=0, ve_layers="", loop_layers="3-5", loop_count=3, loop_start=0.35,
@@ -218,7 +218,7 @@ PRESETS: dict[str, dict[str, object]] = {
                    "gate:int8", lqer_top=3, lqer_rank=4, ngram_order=0, ttt_mode="phased", ttt_lora_rank=80,
         ttt_chunk_tokens=48, ttt_lr=1e-4, ttt_beta2=0.99, ttt_wd=0.5,
     ),
-    # The seed systems (../shared/seeds, README "Seed presets"): each as its run's code, log or script set it.
+    # The seed systems (docs/PRESETS.md): each as its run's code, log or script set it.
     "baseline": dict(  # the public starting script: 9L x 512, relu^2, int8 everywhere, plain evaluation
         num_layers=9, mlp_mult=2.0, mlp_act="relu2", rope_dims=0, smear_gate=False, bigram_buckets=0, ve_layers="",
         xsa_last_n=0, ln_scale=False, ortho_init=False, train_batch_tokens=524288, train_seq_len=1024,
@@ -664,18 +664,34 @@ def use_flash(kernel: str, dtype: torch.dtype) -> bool:
     return kernel != "sdpa" and flash_attn_func is not None and dtype in (torch.bfloat16, torch.float16)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, kernel: str = "auto", docs: Tensor | None = None) -> Tensor:
-    """Causal GQA attention on (B, T, H, D) tensors of one dtype: flash-attn when use_flash, else SDPA. docs (B, T):
-    document ids; a query then sees only keys of its own document (flash-attn: each row cut into documents)."""
+DOC_MIN_TOKENS = 64  # flash-attn varlen cuts a row into at most T // 64 + 1 pieces (see doc_spans)
+
+
+def doc_spans(idx: Tensor) -> tuple[Tensor, Tensor]:
+    """DOC_MASK's documents of token rows (B, T), computed once per forward in fixed shapes with no host sync (so the
+    compiled graph stays whole): each token's document id (B, T), for SDPA's mask, and flash-attn varlen's cu_seqlens
+    ((B * K + 1,) int32): each row cut before every BOS into K = T // DOC_MIN_TOKENS + 1 pieces, the unused ones empty;
+    a row of more documents keeps its last ones in one piece (causal still, only not cut)."""
+    B, T = idx.shape
+    docs = torch.cumsum(idx == BOS_ID, 1)
+    pieces = docs - docs[:, :1] + 1  # pieces of the row up to each token: its first token starts one, every BOS after
+    nth = torch.arange(1, T // DOC_MIN_TOKENS + 2, device=idx.device).repeat(B, 1)
+    row = torch.arange(B, device=idx.device, dtype=torch.int32)[:, None]
+    starts = torch.searchsorted(pieces, nth, out_int32=True) + T * row  # nth piece's first token, or the row's end
+    return docs, F.pad(starts.flatten(), (0, 1), value=B * T)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, kernel: str = "auto", docs: tuple | None = None) -> Tensor:
+    """Causal GQA attention on (B, T, H, D) tensors of one dtype: flash-attn when use_flash, else SDPA. docs: doc_spans;
+    a query then sees only keys of its own document (flash-attn: the rows cut into documents)."""
     B, T, H, D = q.shape
     if use_flash(kernel, q.dtype) and docs is None:
         out = flash_attn_func(q, k, v, causal=True)
     elif use_flash(kernel, q.dtype) and flash_attn_varlen_func is not None:
-        starts = F.pad(docs[:, 1:] != docs[:, :-1], (1, 0), value=True).flatten()
-        cu = F.pad(torch.nonzero(starts)[:, 0], (0, 1), value=B * T).int()
+        cu = docs[1]
         out = flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, T, T, causal=True)
     else:
-        mask = None if docs is None else (docs[:, None, :, None] == docs[:, None, None, :]) & torch.ones(
+        mask = None if docs is None else (docs[0][:, None, :, None] == docs[0][:, None, None, :]) & torch.ones(
             T, T, dtype=torch.bool, device=q.device).tril()
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
                                            is_causal=docs is None, enable_gqa=k.size(2) != q.size(2))
@@ -700,7 +716,7 @@ class Attention(nn.Module):
             nn.init.zeros_(self.gate.weight)
             self.gate_scale = hp.attn_gate_scale
 
-    def forward(self, x: Tensor, ve: Tensor | None, docs: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, ve: Tensor | None, docs: tuple | None = None) -> Tensor:
         B, T, _ = x.shape
         q = self.q(x).view(B, T, self.h, self.d)
         k = self.k(x).view(B, T, self.kv, self.d)
@@ -751,13 +767,13 @@ class Block(nn.Module):
         parallel = 0 < hp.parallel_start <= layer  # lane mix: row 0 keeps each lane, rows 1-2 add attention and MLP
         self.lanes = nn.Parameter(torch.tensor([[1.1, 1.1], [1.0, 1.0], [1.0, 1.0]])) if parallel else None
 
-    def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None, docs: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None, docs: tuple | None = None) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.norm_scale, ve, docs)
         return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale)
 
-    def parallel(self, lanes: list[Tensor], x0: Tensor, ve: Tensor | None, docs: Tensor | None) -> list[Tensor]:
+    def parallel(self, lanes: list[Tensor], x0: Tensor, ve: Tensor | None, docs: tuple | None) -> list[Tensor]:
         """Parallel residual lanes: attention reads lane 0 (mixed with x0), the MLP lane 1, both at once; each lane
         keeps itself and takes both outputs through the learned 3x2 lane mix."""
         mix, w = self.resid_mix.to(x0.dtype), self.lanes.to(x0.dtype)
@@ -832,7 +848,7 @@ class GPT(nn.Module):
             g = torch.sigmoid(self.smear.to(x.dtype)) * (idx != BOS_ID)[..., None]
             x = (1 - g) * x + g * F.pad(x[:, :-1], (0, 0, 1, 0))
         x0, skips = x, []
-        docs = torch.cumsum(idx == BOS_ID, 1) if self.hp.doc_mask else None
+        docs = doc_spans(idx) if self.hp.doc_mask else None
         ve = self.ve_proj(self.ve_embed(idx)) if self.ve_layers else None
         order, lanes = self.layer_order(self.looping), None
         n_enc = len(order) // 2 if self.skip_weights is not None else 0
@@ -910,13 +926,16 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, eps: float = 1e-7, po
 class Muon(torch.optim.Optimizer):
     """Nesterov momentum, orthogonalized per matrix. Matrices go in buckets of one per rank: each rank computes its
     matrix's update and the bucket is all-reduced asynchronously (in comm_dtype: bf16 on CUDA, where the update is
-    already bf16) while the next bucket is computed."""
+    already bf16) while the next bucket is computed. compile: Newton-Schulz compiled, one graph per matrix shape."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float = 0.0,
-                 comm_dtype: torch.dtype = torch.float32, polar: bool = False, row_norm: bool = False):
+                 comm_dtype: torch.dtype = torch.float32, polar: bool = False, row_norm: bool = False,
+                 compile: bool = False):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay,
                                       polar=polar, row_norm=row_norm))
         self.comm_dtype = comm_dtype
+        self.orthogonalize = torch.compile(zeropower_via_newtonschulz5, dynamic=False) if compile else \
+            zeropower_via_newtonschulz5
 
     @torch.no_grad()
     def step(self):
@@ -933,7 +952,7 @@ class Muon(torch.optim.Optimizer):
                     g = p.grad.add(buf, alpha=group["momentum"])  # nesterov
                     if group["row_norm"]:  # MuonEq-R
                         g = g / g.norm(dim=1, keepdim=True).clamp_min(1e-7)
-                    g = zeropower_via_newtonschulz5(g, steps=group["backend_steps"], polar=group["polar"])
+                    g = self.orthogonalize(g, steps=group["backend_steps"], polar=group["polar"])
                     offset = sum(q.numel() for q in bucket[:rank])
                     flat[offset:offset + p.numel()] = g.reshape(-1) * max(1.0, g.size(0) / g.size(1)) ** 0.5
                 pending.append((bucket, flat, dist.all_reduce(flat, async_op=True) if distributed else None))
@@ -963,7 +982,7 @@ def build_optimizers(run: Run) -> list[torch.optim.Optimizer]:
                              weight_decay=hp.adam_wd, fused=run.device.type == "cuda")
     muon = Muon(matrices, lr=hp.matrix_lr, momentum=hp.muon_momentum, backend_steps=hp.muon_backend_steps,
                 weight_decay=hp.muon_wd, comm_dtype=torch.bfloat16 if run.device.type == "cuda" else torch.float32,
-                polar=hp.muon_polar, row_norm=hp.muon_row_norm)
+                polar=hp.muon_polar, row_norm=hp.muon_row_norm, compile=hp.compile and run.device.type == "cuda")
     for g in muon.param_groups:
         g["base_lr"] = hp.matrix_lr
     return [adam, muon]
@@ -1074,6 +1093,19 @@ def train_step(run: Run, loader, optimizers, ga: int, lr_mult: float, step: int)
 
 def compiled_graphs() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def agree_late(run: Run, flags: tuple[bool, ...], pending: tuple | None) -> tuple[tuple[bool, ...], tuple]:
+    """Flags of each rank's host clock (the wall-clock cap, LOOP_START's share of it) that every rank must act on at
+    the same step: MAX-reduced over the host (gloo) group asynchronously and acted on one step later, so no step waits
+    for the device (reading a device tensor drains its queue) or for the slowest rank. Returns the previous step's
+    agreed flags and this step's reduction in flight (pending, for the next call)."""
+    sent = torch.tensor(flags, dtype=torch.int32)
+    work = dist.all_reduce(sent, op=dist.ReduceOp.MAX, group=run.host_group, async_op=True)
+    if pending is None:
+        return (False,) * len(flags), (work, sent)
+    pending[0].wait()
+    return tuple(bool(v) for v in pending[1].tolist()), (work, sent)
 
 
 def train_budget(hp: Hyperparameters) -> float:
@@ -1774,9 +1806,14 @@ def window_logprobs(model: nn.Module, toks: Tensor, first: np.ndarray, ends: np.
     return model(toks[idx])[scored].float().log_softmax(-1), toks[idx + 1][scored]
 
 
-def eval_rows(hp: Hyperparameters, share: int = 1) -> int:
-    """Sequences per evaluation batch: EVAL_BATCH_SEQS, else VAL_BATCH_TOKENS / share worth of EVAL_SEQ_LEN rows."""
-    return hp.eval_batch_seqs or max(1, hp.val_batch_tokens // (share * hp.eval_seq_len))
+LOGIT_BUDGET = 1 << 28  # float32 logits one evaluation forward may hold (1 GiB): bounds memory at any vocabulary
+
+
+def eval_rows(hp: Hyperparameters, share: int = 1, width: int = 0) -> int:
+    """Sequences per evaluation batch: EVAL_BATCH_SEQS, else VAL_BATCH_TOKENS / share worth of EVAL_SEQ_LEN rows,
+    at most LOGIT_BUDGET logits of `width` (default EVAL_SEQ_LEN) positions."""
+    rows = max(1, hp.val_batch_tokens // (share * hp.eval_seq_len))
+    return hp.eval_batch_seqs or min(rows, max(1, LOGIT_BUDGET // ((width or hp.eval_seq_len) * hp.vocab_size)))
 
 
 def target_stats(lp: Tensor, tgt: Tensor, hint: Tensor | None) -> Tensor:
@@ -1936,31 +1973,60 @@ def note(run: Run, kind: str, key: tuple, params):
         run.observe(kind, key, float(sum((p.detach().double() * (1 + p.detach().double())).sum() for p in params)))
 
 
-def eval_ttt(run: Run, model: nn.Module, toks: Tensor, hint: Tensor | None = None, box: float = math.inf) -> Tensor:
+@dataclass(frozen=True)
+class TTTBudget:
+    """TTT's clock. The stage ends within `deadline` seconds of `t0` by construction: a document batch (or full TTT's
+    chunk) is adapted on only while what would be left still covers scoring everything after it plainly, at the
+    seconds per forward token-position TTT has measured (before that, `rate`: the roundtrip's); and adapting stops
+    after `adapt_seconds` (TTT_SECONDS)."""
+    deadline: float = math.inf
+    adapt_seconds: float = math.inf
+    rate: float = 0.0
+    clock: Callable[[], float] = time.perf_counter
+    t0: float = 0.0
+
+    def elapsed(self) -> float:
+        return self.clock() - self.t0
+
+    def fits(self, seconds: float) -> bool:
+        """Whether adapting may go on, if what it starts takes `seconds` (with the scoring that must follow)."""
+        return bool(self.elapsed() < self.adapt_seconds and self.elapsed() + seconds < self.deadline)
+
+
+SAFETY = 1.25  # the plain scoring still to come is budgeted at this multiple of its estimate
+
+
+def eval_ttt(run: Run, model: nn.Module, toks: Tensor, hint: Tensor | None = None, budget: TTTBudget = TTTBudget()) -> Tensor:
     """Score-first test-time training on a copy of the model: the sliding windows in chunks of TTT_CHUNK_TOKENS
     targets, each chunk scored first, then adapted on (never re-scored), so chunk c is scored with the weights
     adapted on chunks < c. full: every weight, SGD with momentum and a cosine LR over the chunks; every rank adapts
-    on the same chunk with all-reduced gradients, so all hold identical weights. Adapting stops once `box` seconds
-    have passed; later chunks are only scored. The audit observes each chunk's weights when scored and adapted."""
-    hp = run.hp
+    on the same chunk with all-reduced gradients, so all hold identical weights. Adapting stops when the budget says
+    so (all ranks together); later chunks are only scored. The audit observes each chunk's weights when scored and
+    adapted."""
+    hp, budget = run.hp, dataclasses.replace(budget, t0=budget.clock())
     model = copy.deepcopy(model)
     if hp.ttt_mode != "full":
-        return eval_ttt_lora(run, model.requires_grad_(False), toks, hint, box)
+        return eval_ttt_lora(run, model.requires_grad_(False), toks, hint, budget)
     W, first, ends = plan = sliding_plan(toks.numel() - 1, hp.eval_seq_len, hp.eval_stride)
     per, params = max(1, hp.ttt_chunk_tokens // hp.eval_stride), list(model.parameters())
     n_chunks = -(-len(ends) // per)
     opt = torch.optim.SGD(params, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
     stats = torch.zeros(3, toks.numel() - 1, device=toks.device)
-    t0, adapting = time.perf_counter(), True
+    adapting, spent = True, [0.0, 0.0]  # seconds scoring, seconds adapting
     note(run, "adapt", (0, -1), params)
     for c in range(n_chunks):
         k0, k1 = c * per, min((c + 1) * per, len(ends))
         note(run, "score", (0, c), params)
+        t = budget.clock()
         score_windows(run, model, toks, plan, k0, k1, hint, stats)
-        adapting = adapting and c + 1 < n_chunks and not run.all_reduce(float(time.perf_counter() - t0 > box))[0]
+        spent[0] += budget.clock() - t
+        need = spent[1] / max(c, 1) + SAFETY * spent[0] / (c + 1) * (n_chunks - c - 1)
+        adapting = adapting and c + 1 < n_chunks and not run.all_reduce(float(not budget.fits(need)),
+                                                                         op=dist.ReduceOp.MAX)[0]
         if adapting:
-            lr = hp.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / (n_chunks - 1)))
+            t, lr = budget.clock(), hp.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / (n_chunks - 1)))
             adapt_full(run, model, opt, toks[first[k0]:ends[k1 - 1] + 1], lr)
+            spent[1] += budget.clock() - t
         note(run, "adapt", (0, c), params)
     if run.distributed:
         dist.all_reduce(stats)
@@ -1988,63 +2054,141 @@ def adapt_full(run: Run, model: nn.Module, opt: torch.optim.Optimizer, span: Ten
         opt.step()
 
 
-def eval_ttt_lora(run: Run, model: nn.Module, toks: Tensor, hint: Tensor | None, box: float) -> Tensor:
-    """TTT_MODE=lora: documents (cut before each boundary token; each also scores the next one's first token) in
-    batches of EVAL_BATCH_SEQS rows, longest first, shared out over ranks; each batch gets fresh adapters (lora_batch),
-    so ranks never communicate until the final all-reduce. TTT_MODE=phased: documents in their order, each round a
-    batch per rank; once the documents scored reach a phase boundary (TTT_PREFIX_DOCS split in TTT_PHASES), one
-    global SGD pass on every weight over all documents before it (all scored), then per-document LoRA goes on."""
-    hp, dev, M = run.hp, toks.device, toks.numel() - 1
-    starts = torch.unique(F.pad(torch.nonzero(torch.as_tensor(run.luts[2], device=dev)[toks[:-1]])[:, 0], (1, 0)))
-    lengths = torch.diff(starts, append=starts.new_full((1,), M))
-    per_batch, D, t0 = eval_rows(hp, 8), len(starts), time.perf_counter()  # rows train here: 1/8 of the scoring batch
-    stats, scored = torch.zeros(3, M, device=dev), torch.zeros(M, dtype=torch.bool, device=dev)
+TTT_PAD = 0.1  # a TTT batch's rows all run as long as its longest: padding at most this share of its token-positions
+
+
+def doc_positions(n: np.ndarray, c: int, L: int) -> np.ndarray:
+    """Token-positions of scoring documents of n targets chunk by chunk: chunk i (c targets) runs over the last
+    min((i + 1) c, L) tokens of the document up to its end (whole chunks: the last one padded)."""
+    k = -(-np.asarray(n, dtype=np.int64) // c)
+    m = np.minimum(k, L // c)
+    return c * m * (m + 1) // 2 + (k - m) * L
+
+
+def plain_chunk(n_max: int, L: int) -> int:
+    """The plain path's chunk for a batch whose longest document has n_max targets: the whole document in one window
+    (rounded up to 64, so few shapes), or windows of L."""
+    return min(L, -(-n_max // 64) * 64)
+
+
+def pack_batches(docs: np.ndarray, pos: np.ndarray, rows) -> list[np.ndarray]:
+    """Documents (longest first) in batches of at most rows(longest) documents, each batch's padding at most TTT_PAD
+    of its token-positions (pos: each document's own)."""
+    batches, cur, total = [], [], 0
+    for d in docs.tolist():
+        if cur and (len(cur) == rows(cur[0]) or total + pos[d] < (1 - TTT_PAD) * (len(cur) + 1) * pos[cur[0]]):
+            batches.append(np.array(cur))
+            cur, total = [], 0
+        cur.append(d)
+        total += pos[d]
+    return batches + [np.array(cur)] * bool(cur)
+
+
+def ttt_plan(lengths: np.ndarray, hp: Hyperparameters, world: int) -> list[list[list[np.ndarray]]]:
+    """lora/phased TTT's schedule, [phase][rank] -> batches of document indices. phased: phases end after documents
+    TTT_PREFIX_DOCS * k / TTT_PHASES (k = 1..TTT_PHASES), whatever follows them, so no score depends on how many
+    documents come later; lora: one phase. Within a phase documents go longest first into batches (pack_batches),
+    and each batch to the rank with the least work so far: the same batches at any world size."""
+    L, c = hp.eval_seq_len, min(hp.ttt_chunk_tokens, hp.eval_seq_len)
+    pos = doc_positions(lengths, c, L)
+    rows = lambda d: eval_rows(hp, 8, min(L, -(-int(lengths[d]) // c) * c))  # noqa: E731
+    cuts = {hp.ttt_prefix_docs * (k + 1) // hp.ttt_phases for k in range(hp.ttt_phases)} if hp.ttt_mode == "phased" else ()
+    plan, lo = [], 0
+    for hi in sorted(b for b in cuts if 0 < b < len(lengths)) + [len(lengths)]:
+        docs = lo + np.argsort(-lengths[lo:hi], kind="stable")
+        ranks, load = [[] for _ in range(world)], np.zeros(world)
+        for b in sorted(pack_batches(docs, pos, rows), key=lambda b: -len(b) * pos[b[0]]):
+            r = int(load.argmin())
+            ranks[r].append(b)
+            load[r] += len(b) * pos[b[0]]
+        plan.append(ranks)
+        lo = hi
+    return plan
+
+
+def doc_starts(run: Run, toks: Tensor) -> np.ndarray:
+    """Target index where each document starts: 0 and every boundary (BOS) token; it also scores the first token of
+    the next document."""
+    bos = torch.nonzero(torch.as_tensor(run.luts[2], device=toks.device)[toks[:-1]])[:, 0]
+    return torch.unique(F.pad(bos, (1, 0))).cpu().numpy()
+
+
+def ttt_work(hp: Hyperparameters, lengths: np.ndarray, plan: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per rank: token-positions to adapt and score by the plan (forward-equivalents: the scoring forward, then
+    TTT_EPOCHS x forward + backward ~ 3 x TTT_EPOCHS), and to score plainly; and each global pass's targets."""
+    c, L, E = min(hp.ttt_chunk_tokens, hp.eval_seq_len), hp.eval_seq_len, hp.ttt_epochs
+    adapt, plain = np.zeros(len(plan[0])), np.zeros(len(plan[0]))
+    for ranks in plan:
+        for r, batches in enumerate(ranks):
+            for b in batches:
+                n = int(lengths[b[0]])
+                adapt[r] += 3 * E * len(b) * doc_positions(n, c, L)
+                plain[r] += len(b) * doc_positions(n, plain_chunk(n, L), L)
+    ends = np.cumsum([sum(len(b) for bs in ranks for b in bs) for ranks in plan])[:-1]
+    return adapt, plain, np.array([lengths[:e].sum() for e in ends])
+
+
+def eval_ttt_lora(run: Run, model: nn.Module, toks: Tensor, hint: Tensor | None, budget: TTTBudget) -> Tensor:
+    """TTT_MODE=lora|phased: documents (cut before each boundary token) in the batches of ttt_plan, each batch with
+    fresh adapters (lora_batch), so ranks never communicate within a phase. phased: after each phase but the last,
+    one global SGD pass on every weight over all documents before its end (all scored). A batch is adapted on only
+    while the budget fits it and the plain scoring of this rank's batches after it; then the rest is scored plainly
+    (lora_batch without adapting, whole documents per window), so the stage ends inside the budget."""
+    hp, dev = run.hp, toks.device
+    starts = doc_starts(run, toks)
+    lengths = np.diff(starts, append=toks.numel() - 1)
+    plan = ttt_plan(lengths, hp, run.world_size)
+    stats, scored = torch.zeros(3, toks.numel() - 1, device=dev), torch.zeros(toks.numel() - 1, dtype=torch.bool, device=dev)
     gen = torch.Generator(device=dev).manual_seed(hp.seed)  # every document starts from the same adapters
     linears = [m for m in model.blocks.modules() if isinstance(m, CastedLinear)]
-    init = [torch.randn(hp.ttt_lora_rank, m.in_features, device=dev, generator=gen) / m.in_features ** 0.5
-            for m in linears]
-    batch = lambda bi, s, n: lora_batch(run, model, toks, s, n, linears, init, hint, stats, scored,  # noqa: E731
-                                        lambda: time.perf_counter() - t0 < box, bi)
-    if hp.ttt_mode == "lora":
-        share = slice(D * run.rank // run.world_size, D * (run.rank + 1) // run.world_size)
-        order = torch.argsort(lengths[share], descending=True, stable=True)
-        starts, lengths = starts[share][order], lengths[share][order]
-        for bi, b in enumerate(range(0, len(starts), per_batch)):
-            batch(bi, starts[b:b + per_batch], lengths[b:b + per_batch])
-    else:  # rounds of a batch per rank never straddle a boundary: the same result at any world size
-        bounds = sorted({min(D, hp.ttt_prefix_docs) * (i + 1) // hp.ttt_phases for i in range(hp.ttt_phases)} - {0, D})
-        lo, bi, R = 0, 0, per_batch * run.world_size
-        for b in bounds + [D]:
-            for r0 in range(lo, b, R):
-                mine = slice(min(b, r0 + run.rank * per_batch), min(b, r0 + (run.rank + 1) * per_batch))
-                batch(bi, starts[mine], lengths[mine])
-                bi += 1
-            if b < D and not run.all_reduce(float(time.perf_counter() - t0 > box))[0]:  # all ranks pass, or none
-                global_pass(run, model, toks[:int(starts[b]) + 1], scored, b)
-            lo = b
+    lora = linears, [torch.randn(hp.ttt_lora_rank, m.in_features, device=dev, generator=gen) / m.in_features ** 0.5
+                     for m in linears]
+    c, L, E = min(hp.ttt_chunk_tokens, hp.eval_seq_len), hp.eval_seq_len, hp.ttt_epochs
+    mine = [b for ranks in plan for b in ranks[run.rank]]
+    rest = np.cumsum([0] + [len(b) * doc_positions(lengths[b[0]], plain_chunk(lengths[b[0]], L), L)
+                            for b in mine[::-1]])[::-1]  # rest[j]: plain token-positions of my batches j, j+1, ..
+    done, adapted, rate, bi = [0.0, 0.0], 0, budget.rate, 0  # done: seconds and forward token-positions measured
+    for phase, ranks in enumerate(plan):
+        for b in ranks[run.rank]:
+            n_max = int(lengths[b[0]])
+            adapt_pos = 3 * E * len(b) * doc_positions(n_max, c, L)
+            adapt = budget.fits(rate * (adapt_pos + SAFETY * rest[bi + 1]))
+            chunk = c if adapt else plain_chunk(n_max, L)
+            t = budget.clock()
+            lora_batch(run, model, toks, (torch.as_tensor(starts[b], device=dev), torch.as_tensor(lengths[b], device=dev)),
+                       lora, hint, stats, scored, chunk, adapt, bi)
+            done[0] += budget.clock() - t
+            done[1] += adapt_pos if adapt else len(b) * doc_positions(n_max, chunk, L)
+            rate, adapted, bi = done[0] / done[1], adapted + adapt * len(b), bi + 1
+        if phase + 1 < len(plan):
+            end = int(sum(len(b) for ranks in plan[:phase + 1] for bs in ranks for b in bs))
+            span = toks[:int(starts[end]) + 1]
+            need = rate * (3 * E * (span.numel() - 1) / run.world_size + SAFETY * rest[bi])
+            if not run.all_reduce(float(not budget.fits(need)), op=dist.ReduceOp.MAX)[0]:  # all ranks pass, or none
+                global_pass(run, model, span, scored, end)
+    run.log(f"ttt {hp.ttt_mode}: {len(plan)} phase(s), rank 0 adapted on {adapted} of its {sum(len(b) for b in mine)} "
+            f"documents, the rest scored plainly; {budget.elapsed():.1f}s of a {budget.deadline:.0f}s deadline")
     if run.distributed:
         dist.all_reduce(stats)
     return stats
 
 
-def lora_batch(run: Run, model: nn.Module, toks: Tensor, s: Tensor, n: Tensor, linears: list, init: list,
-               hint: Tensor | None, stats: Tensor, scored: Tensor, adapting, bi: int):
-    """Documents at starts s, lengths n, one per row, each with fresh rank-TTT_LORA_RANK adapters on every attention
-    and MLP projection (base weights frozen). Chunk i (TTT_CHUNK_TOKENS targets of every document, with up to
-    EVAL_SEQ_LEN tokens of the document as context) is scored into stats (and `scored`), then trained on with AdamW
-    (TTT_LR, TTT_BETA2, TTT_WD) while adapting() holds."""
-    hp, dev, M = run.hp, toks.device, toks.numel() - 1
-    if not len(s):
-        return
-    L, c = hp.eval_seq_len, min(hp.ttt_chunk_tokens, hp.eval_seq_len)
+def lora_batch(run: Run, model: nn.Module, toks: Tensor, docs: tuple[Tensor, Tensor], lora: tuple[list, list],
+               hint: Tensor | None, stats: Tensor, scored: Tensor, c: int, adapt: bool, bi: int):
+    """Documents at starts s, lengths n (docs), one per row, each with fresh rank-TTT_LORA_RANK adapters on every
+    attention and MLP projection (lora: the modules and the A factors' initialization; base weights frozen). Chunk i
+    (c targets of every document, with up to EVAL_SEQ_LEN tokens of the document as context) is scored into stats
+    (and `scored`), then, if adapt, trained on with AdamW (TTT_LR, TTT_BETA2, TTT_WD)."""
+    (s, n), hp, dev, M = docs, run.hp, toks.device, toks.numel() - 1
+    L = hp.eval_seq_len
     T = -(-int(n.max()) // c) * c  # whole chunks, so a document's windows do not depend on its batch
     X = toks[(s[:, None] + torch.arange(T + 1, device=dev)).clamp_max(M)]  # past a document: causal, unscored
     ab = [(a.expand(len(s), -1, -1).clone(), torch.zeros(len(s), m.out_features, hp.ttt_lora_rank, device=dev))
-          for m, a in zip(linears, init)]
+          for m, a in zip(*lora)]
     adapters = [t.requires_grad_() for pair in ab for t in pair]
     hooks = [m.register_forward_hook(lambda m, inp, out, A=A, B=B: out + torch.einsum(
         "btr,bor->bto", torch.einsum("bti,bri->btr", inp[0], A.to(out.dtype)), B.to(out.dtype)))
-        for m, (A, B) in zip(linears, ab)]
+        for m, (A, B) in zip(lora[0], ab)]
     opt = torch.optim.AdamW(adapters, lr=hp.ttt_lr, betas=(0.9, hp.ttt_beta2), weight_decay=hp.ttt_wd)
     note(run, "adapt", (bi, -1), adapters)
     for i in range(T // c):
@@ -2053,14 +2197,14 @@ def lora_batch(run: Run, model: nn.Module, toks: Tensor, s: Tensor, n: Tensor, l
         live = (col >= i * c) & (col < n[:, None])
         pos, tgt = (s[:, None] + col)[live], X[:, col + 1][live]
         note(run, "score", (bi, i), adapters)
-        adapt = e < T and adapting()
-        for epoch in range(hp.ttt_epochs if adapt else 1):
-            with run.autocast(), torch.set_grad_enabled(adapt):
+        train = adapt and e < T
+        for epoch in range(hp.ttt_epochs if train else 1):
+            with run.autocast(), torch.set_grad_enabled(train):
                 lp = model(X[:, col])[live].float().log_softmax(-1)
             if epoch == 0:
                 stats[:, pos] = target_stats(lp.detach(), tgt, None if hint is None else hint[pos])
                 scored[pos] = True
-            if adapt:
+            if train:
                 opt.zero_grad()
                 (-lp.gather(1, tgt[:, None])).sum().backward()  # a sum: each row's gradient is its own
                 opt.step()
@@ -2070,9 +2214,9 @@ def lora_batch(run: Run, model: nn.Module, toks: Tensor, s: Tensor, n: Tensor, l
 
 
 def global_pass(run: Run, model: nn.Module, span: Tensor, scored: Tensor, docs: int):
-    """Phased TTT: one SGD pass (TTT_GLOBAL_LR, TTT_MOMENTUM, cosine over its chunks) on every weight over span, the
-    documents scored so far, in chunks of TTT_GLOBAL_CHUNK_TOKENS. The audit observes the span's targets that no rank
-    had scored yet (its ttt_weights: must be 0)."""
+    """Phased TTT: one SGD pass (TTT_GLOBAL_LR, TTT_MOMENTUM, cosine over its chunks, never 0) on every weight over
+    span, the documents scored so far, in chunks of TTT_GLOBAL_CHUNK_TOKENS. The audit observes the span's targets
+    that no rank had scored yet (its ttt_weights: must be 0)."""
     hp, n = run.hp, span.numel() - 1
     if run.observe is not None:
         seen = scored[:n].float()
@@ -2083,18 +2227,24 @@ def global_pass(run: Run, model: nn.Module, span: Tensor, scored: Tensor, docs: 
     opt, chunks = torch.optim.SGD(params, lr=hp.ttt_global_lr, momentum=hp.ttt_momentum), -(-n // hp.ttt_global_chunk_tokens)
     model.requires_grad_(True)
     for c in range(chunks):
-        lr = hp.ttt_global_lr * 0.5 * (1 + math.cos(math.pi * c / max(1, chunks - 1)))
+        lr = hp.ttt_global_lr * 0.5 * (1 + math.cos(math.pi * c / chunks))
         adapt_full(run, model, opt, span[c * hp.ttt_global_chunk_tokens:(c + 1) * hp.ttt_global_chunk_tokens + 1], lr)
     model.requires_grad_(False)
     run.log(f"ttt phased: global pass over {docs} documents ({n:,} targets, {chunks} steps)")
 
 
-def scoring_seconds(hp: Hyperparameters, M: int, roundtrip_s: float) -> tuple[float, float]:
-    """Estimated seconds to score M targets by sliding windows, and by TTT (full: the same windows; lora/phased: one
-    window per TTT_CHUNK_TOKENS chunk), from the roundtrip's seconds for M // EVAL_SEQ_LEN plain windows."""
-    L = hp.eval_seq_len
-    slide = roundtrip_s * len(sliding_plan(M, L, hp.eval_stride)[2]) / max(1, M // L)
-    return slide, slide if hp.ttt_mode == "full" else roundtrip_s * L / min(hp.ttt_chunk_tokens, L)
+def stage_estimates(hp: Hyperparameters, lengths: np.ndarray, world: int, rate: float) -> dict[str, float]:
+    """Seconds per stage at `rate` seconds per forward token-position on a rank (the roundtrip's), from each stage's
+    plan: sliding (its windows), ttt (its plan: adapting and scoring, the global passes; full: the sliding windows
+    plus TTT_EPOCHS x forward + backward of every target) and ttt_min, what the TTT stage needs at least (its plain
+    scoring: it stops adapting when the budget runs short)."""
+    M, L = int(lengths.sum()), hp.eval_seq_len
+    slide = rate * len(sliding_plan(M, L, hp.eval_stride)[2]) * min(L, M) / world
+    if hp.ttt_mode == "full":
+        return dict(sliding=slide, ttt=slide + rate * 3 * hp.ttt_epochs * M / world, ttt_min=slide)
+    adapt, plain, passes = ttt_work(hp, lengths, ttt_plan(lengths, hp, world))
+    glob = rate * 3 * hp.ttt_epochs * passes.sum() / world
+    return dict(sliding=slide, ttt=rate * adapt.max() + glob, ttt_min=SAFETY * rate * plain.max())
 
 
 @dataclass
@@ -2110,7 +2260,6 @@ class Scoring:
     pre: tuple | None = None
     stats: Tensor | None = None
     z: Tensor | None = None
-    box: float = math.inf
     ngram_s: float = 0.0
 
     def __post_init__(self):
@@ -2122,17 +2271,23 @@ class Scoring:
     def hint(self) -> Tensor | None:
         return None if self.pre is None else self.pre[1][1:]
 
-    def estimates(self) -> tuple[float, float]:
-        """Seconds to score the stream by sliding windows and by TTT, from the roundtrip stage's time."""
-        return scoring_seconds(self.run.hp, self.toks.numel() - 1, self.run.results["stages"]["roundtrip"]["seconds"])
+    @property
+    def rate(self) -> float:
+        """Seconds per forward token-position on a rank, as the roundtrip stage ran (0 before it has)."""
+        done = self.run.results["stages"].get("roundtrip")
+        return 1.0 / max(1, done["targets_per_s"]) if done else 0.0
+
+    def estimates(self) -> dict[str, float]:
+        return stage_estimates(self.run.hp, np.diff(doc_starts(self.run, self.toks), append=self.toks.numel() - 1),
+                               self.run.world_size, self.rate)
 
 
 @dataclass(frozen=True)
 class EvalStage:
-    """An evaluation stage: on(hp) says whether it runs, seconds(s) estimates its time, run(s) returns per-target
-    statistics (3, m) or NLL (m,). `sliding`: it scores every target by sliding windows, so its statistics feed the
-    n-gram stage; `instead_of`: it runs only in that stage's place, skipped once that one has run (TTT scores the
-    sliding windows itself)."""
+    """An evaluation stage: on(hp) says whether it runs, seconds(s) estimates the least time it needs, run(s) returns
+    per-target statistics (3, m) or NLL (m,). `sliding`: it scores every target by sliding windows, so its statistics
+    feed the n-gram stage; `instead_of`: it runs only in that stage's place, skipped once that one has run (TTT scores
+    the sliding windows itself)."""
     name: str
     on: Callable[[Hyperparameters], bool]
     seconds: Callable[[Scoring], float]
@@ -2141,11 +2296,11 @@ class EvalStage:
     instead_of: str = ""
 
 
-def ttt_seconds(s: Scoring) -> float:
-    """TTT's estimate; it adapts for at most TTT_SECONDS and only while the scoring and the n-gram stage still fit."""
-    score_s = s.estimates()[1]
-    s.box = s.run.all_reduce(min(s.run.hp.ttt_seconds, s.left() - 1.1 * score_s - s.ngram_s), op=dist.ReduceOp.MIN)[0]
-    return score_s + s.box if s.box > 0 else math.inf
+def ttt_stage(s: Scoring) -> Tensor:
+    """TTT with a budget of what is left of EVAL_BUDGET_SECONDS less the n-gram stage's estimate."""
+    hp = s.run.hp
+    budget = TTTBudget(s.left() - s.ngram_s, hp.ttt_seconds, s.rate)
+    return eval_ttt(s.run, s.trained, s.toks, s.hint, budget)
 
 
 def ngram_stage(s: Scoring) -> Tensor:
@@ -2156,9 +2311,9 @@ def ngram_stage(s: Scoring) -> Tensor:
 # The stages in order; evaluate and the audit both iterate this list. A new stage is one entry here.
 EVAL_STAGES = (
     EvalStage("roundtrip", lambda hp: True, lambda s: 0.0, lambda s: plain_windows(s.run, s.model, s.toks)),
-    EvalStage("ttt", lambda hp: hp.ttt_enabled, ttt_seconds,
-              lambda s: eval_ttt(s.run, s.trained, s.toks, s.hint, s.box), sliding=True),
-    EvalStage("sliding", lambda hp: True, lambda s: 1.1 * s.estimates()[0],
+    EvalStage("ttt", lambda hp: hp.ttt_enabled and hp.ttt_seconds > 0,
+              lambda s: s.estimates()["ttt_min"] + s.ngram_s, ttt_stage, sliding=True),
+    EvalStage("sliding", lambda hp: True, lambda s: 1.1 * s.estimates()["sliding"],
               lambda s: eval_sliding(s.run, s.model, s.toks, s.hint), sliding=True, instead_of="ttt"),
     EvalStage("ngram", lambda hp: hp.ngram_order > 0, lambda s: math.inf if s.stats is None else s.ngram_s, ngram_stage),
 )
@@ -2307,8 +2462,9 @@ class Run:
     val_tokens: np.ndarray | None = None
     results: dict = field(default_factory=dict)
     observe: Callable | None = None  # the audit's hook: observe(kind, key, value) from inside the TTT loops
+    host_group: object = None  # process group of host-side (CPU) collectives: gloo beside NCCL; None: the default
     lock: int | None = None  # the RUN_ID lock's file descriptor (rank 0 of a launched run)
-    stop_signal: int | None = None  # SIGTERM/SIGINT received: training stops at the next step boundary
+    stop_signal: int | None = None  # SIGTERM/SIGINT received: training stops at a step boundary
     cache: dict = field(default_factory=dict, init=False, repr=False)  # val_stream's copy, score's byte counts
 
     @property
@@ -2423,12 +2579,14 @@ def setup(hp: Hyperparameters, launched: bool = False) -> Run:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if launched:
         refuse_taken(hp)
-    run = Run(hp, init_device(rank, world), rank, world)
+    device = init_device(rank, world)
+    run = Run(hp, device, rank, world, host_group=dist.new_group(backend="gloo") if device.type == "cuda" and world > 1
+              else None)
     hp.run_id = gather_json(run, hp.run_id)[0]  # one RUN_ID: each rank generates its own when none is given
     notes = check_inputs(run) + unknown_variables(dict(os.environ))
     torch.manual_seed(hp.seed)
     np.random.seed(hp.seed)
-    run.model = GPT(hp).to(device := run.device)
+    run.model = GPT(hp).to(device)
     run.lock = lock_run(hp) if launched and run.master else None
     try:
         check_disk(run, sum(p.numel() for p in run.model.parameters()))
@@ -2539,9 +2697,9 @@ def train(run: Run, saved: tuple[dict, dict] | None = None):
     hp = run.hp
     ga = grad_accum_steps(hp, run.world_size)
     model = torch.compile(run.model, dynamic=False) if hp.compile else run.model
-    if run.distributed:  # no buffers to broadcast (Rotary keeps none), so none is broadcast per forward
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda" else None,
-                                                    broadcast_buffers=False)
+    if run.distributed:  # the model has no buffers (Rotary keeps none): DDP broadcasts nothing per forward
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda"
+                                                    else None)
     run.train_model = model
     optimizers = build_optimizers(run)
     pattern = os.path.join(hp.data_path, "fineweb_train_*.bin")
@@ -2568,19 +2726,21 @@ def train(run: Run, saved: tuple[dict, dict] | None = None):
     run.log(f"train: done, {tr.step} steps in {tr.train_s:.1f}s; exporting {used} weights")
 
 
-def ckpt_due(hp: Hyperparameters, step: int, since_s: float) -> bool:
-    """CKPT_EVERY: N steps or Ns seconds since the last training checkpoint (never at the end: the final one follows)."""
-    every = int(hp.ckpt_every.rstrip("s") or 0)
-    return 0 < every and step < hp.iterations and (since_s >= every if hp.ckpt_every.endswith("s") else step % every == 0)
+def ckpt_due(hp: Hyperparameters, step: int, since_s: float) -> tuple[bool, bool]:
+    """CKPT_EVERY due by each rank's clock (Ns: seconds since the last one; the ranks agree on it) and by the step (N:
+    the same on every rank); never at the end, where the final checkpoint follows."""
+    every, clock = int(hp.ckpt_every.rstrip("s") or 0), hp.ckpt_every.endswith("s")
+    due = 0 < every and step < hp.iterations
+    return due and clock and since_s >= every, due and not clock and step % every == 0
 
 
 def train_loop(run: Run, tr: Trainer, sched: Schedule, ga: int, cap: float) -> bool:
-    """Steps until ITERATIONS or the wall-clock cap (then returns True). Each step the ranks decide together on the
-    cap, looping, a due checkpoint and a signal (SIGTERM/SIGINT: the training state is saved, Interrupted raised);
-    the loss is checked every 10 steps and at each log, one host sync."""
-    hp, capped, last_ckpt_s = run.hp, False, tr.train_s
+    """Steps until ITERATIONS or the wall-clock cap (then returns True). What each rank's clock or a signal decides
+    (the cap, LOOP_START of the cap, a CKPT_EVERY of seconds, SIGTERM/SIGINT: the training state is saved, Interrupted
+    raised) every rank acts on at the same step (agree_late); the loss is checked every 10 steps and at each log."""
+    hp, capped, stopped, last_ckpt_s, pending = run.hp, False, False, tr.train_s, None
     t0 = time.perf_counter() - tr.train_s
-    while tr.step < hp.iterations and not capped:
+    while tr.step < hp.iterations and not (capped or stopped):
         step = tr.step
         lr_mult, tr.loader.progress = sched.lr_mult(step, tr.train_s), sched.progress(step, tr.train_s)
         loss = train_step(run, tr.loader, tr.optimizers, ga, lr_mult, step)
@@ -2592,24 +2752,29 @@ def train_loop(run: Run, tr: Trainer, sched: Schedule, ga: int, cap: float) -> b
         run.results.update(steps=step, train_loop_seconds=round(train_s, 3))  # what an interrupted run reports
         loop_due = bool(run.model.loop) and not run.model.looping and (
             train_s / cap if cap else step / hp.iterations) >= hp.loop_start
-        capped, loop_now, stopped, ckpt_now = (v > 0 for v in run.all_reduce(
-            float(cap > 0 and train_s >= cap), float(loop_due), float(run.stop_signal is not None),
-            float(ckpt_due(hp, step, train_s - last_ckpt_s)), op=dist.ReduceOp.MAX))
-        if loop_now:
+        by_clock, by_step = ckpt_due(hp, step, train_s - last_ckpt_s)
+        flags = (cap > 0 and train_s >= cap, loop_due, run.stop_signal is not None, by_clock)
+        if run.distributed:  # flags of each rank's clock or signals: every rank acts on them at the same step
+            flags, pending = agree_late(run, flags, pending)
+        capped, loop_now, stopped, by_clock = flags
+        if (loop_now if cap else loop_due) and not run.model.looping:  # without a cap: the same step on every rank
             run.model.looping, run.results["looping_from_step"] = True, step + 1
             run.log(f"loop: from step {step + 1}, layers {hp.loop_layers} run {hp.loop_count} times")
         log_now = step % hp.train_log_every == 0 or step == hp.iterations or capped or stopped
         if log_now or step % 10 == 0:
             check_loss(run, loss, step, train_s, lr_mult, log_now)
-        if ckpt_now or stopped:
-            saved, last_ckpt_s = save_training(run, tr), train_s
-            if stopped:
-                hint = f"; RESUME_FROM={run_file(hp, 'ckpt')} trains on from there" if saved else ""
-                raise Interrupted(f"stopped by {signal_name(run)} at step {step}/{hp.iterations} after {train_s:.1f}s{hint}")
+        if by_step or (by_clock and step < hp.iterations):
+            save_training(run, tr)
+            last_ckpt_s = train_s
         if hp.val_loss_every and step % hp.val_loss_every == 0:
             loss_v, bpb = eval_plain(run, run.model)
             run.log(f"step {step} val_loss {loss_v:.4f} val_bpb {bpb:.4f}")
             t0 = time.perf_counter() - train_s  # evaluation time is not training time
+    if pending:
+        pending[0].wait()
+    if stopped:
+        hint = f"; RESUME_FROM={run_file(hp, 'ckpt')} trains on from there" if save_training(run, tr) else ""
+        raise Interrupted(f"stopped by {signal_name(run)} at step {tr.step}/{hp.iterations} after {tr.train_s:.1f}s{hint}")
     return capped
 
 
@@ -2935,7 +3100,8 @@ def main() -> int:
         hp = load_hparams()
         run = setup(hp, launched=True)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank of a torchrun meets it: one line, not one per process
+            print(f"error: {e}", file=sys.stderr)
         return 2
     stop = Stop(run)
     try:

@@ -245,6 +245,8 @@ def test_writes_go_into_the_space_reserved_at_start_up(tmp_path):
 
 def test_training_checkpoints_are_due_by_steps_or_seconds():
     steps, secs = (T.Hyperparameters(run_id="x", iterations=10, ckpt_every=v) for v in ("3", "30s"))
-    assert [s for s in range(1, 11) if T.ckpt_due(steps, s, 0.0)] == [3, 6, 9]  # not at 10: the final one follows
-    assert not T.ckpt_due(secs, 5, 29.9) and T.ckpt_due(secs, 5, 30.0) and not T.ckpt_due(secs, 10, 99.0)
-    assert not any(T.ckpt_due(T.Hyperparameters(run_id="x", ckpt_every=v), 5, 1e9) for v in ("", "0"))
+    assert [s for s in range(1, 11) if T.ckpt_due(steps, s, 0.0)[1]] == [3, 6, 9]  # not at 10: the final one follows
+    assert not any(T.ckpt_due(steps, s, 1e9)[0] for s in range(1, 11))
+    assert T.ckpt_due(secs, 5, 29.9) == (False, False) and T.ckpt_due(secs, 5, 30.0) == (True, False)
+    assert T.ckpt_due(secs, 10, 99.0) == (False, False)
+    assert not any(any(T.ckpt_due(T.Hyperparameters(run_id="x", ckpt_every=v), 5, 1e9)) for v in ("", "0"))
