@@ -53,7 +53,7 @@ def test_sigterm_to_torchrun_leaves_interrupted_results_and_a_state_that_resumes
     assert "checkpoint: training state at step 9" in (full_dir / "r.txt").read_text()
 
     # 2. rank 1 sends SIGTERM to torchrun (its parent) as step 5 starts, then waits so both ranks hold the signal
-    # before step 5 ends: torchrun forwards it, every rank stops after step 5
+    # before step 5 ends: torchrun forwards it, the ranks agree on it after step 5 and act on it after step 6
     term = wrapper(tmp_path, "term", "real = T.train_step\n"
                    "def step(run, *a):\n"
                    "    if run.rank == 1 and a[-1] == 4:\n"
@@ -63,8 +63,8 @@ def test_sigterm_to_torchrun_leaves_interrupted_results_and_a_state_that_resumes
                    "T.train_step = step")
     proc, cut = torchrun(tmp_path, {**env, "LOG_DIR": str(cut_dir), "RUN_ID": "r"}, term)
     assert proc.returncode != 0
-    assert cut["status"] == "interrupted" and cut["steps"] == 5 and cut["train_loop_seconds"] > 0, cut
-    assert "stopped by SIGTERM at step 5/10" in cut["error"] and "RESUME_FROM=" in cut["error"]
+    assert cut["status"] == "interrupted" and cut["steps"] == 6 and cut["train_loop_seconds"] > 0, cut
+    assert "stopped by SIGTERM at step 6/10" in cut["error"] and "RESUME_FROM=" in cut["error"]
     assert (cut_dir / "r.ckpt").is_file() and not (cut_dir / "r.artifact").exists()
     assert sorted(p.name for p in cut_dir.iterdir()) == ["r.ckpt", "r.json", "r.txt"]  # no lock, no reserves
 
@@ -80,8 +80,8 @@ def test_sigterm_to_torchrun_leaves_interrupted_results_and_a_state_that_resumes
     resumed = json.loads(new_json.read_text())
     assert resumed["status"] == "ok" and resumed["run_id"] != "r" and resumed["steps"] == 10
     log = cut_dir / f"{resumed['run_id']}.txt"
-    assert "resume: " in log.read_text() and "at step 5/10" in log.read_text()
-    assert step_lines(log) == step_lines(full_dir / "r.txt")[5:]  # steps 6..10, loss for loss
+    assert "resume: " in log.read_text() and "at step 6/10" in log.read_text()
+    assert step_lines(log) == step_lines(full_dir / "r.txt")[6:]  # steps 7..10, loss for loss
     assert Path(resumed["artifact_path"]).read_bytes() == (full_dir / "r.artifact").read_bytes()
     assert resumed["val_bpb"] == full["val_bpb"] and resumed["qat_stages"] == full["qat_stages"]
     assert resumed["looping_from_step"] == full["looping_from_step"]
