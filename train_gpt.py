@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import fcntl
 import functools
 import glob
 import hashlib
@@ -20,7 +21,10 @@ import math
 import os
 import re
 import shutil
+import signal
+import socket
 import sys
+import threading
 import time
 import uuid
 import zlib
@@ -54,6 +58,7 @@ class Hyperparameters:
     preset: str = "default"
     shape: str = ""  # tiny: the preset at the CPU proxy's size (SHAPES); empty: its own
     run_id: str = ""
+    overwrite: bool = False  # 1: a RUN_ID whose files exist in LOG_DIR may run again (its old files are deleted)
     seed: int = 1337
     log_dir: str = "logs"
     data_path: str = "./data/datasets/fineweb10B_sp1024"
@@ -149,7 +154,8 @@ class Hyperparameters:
     mlp_sort: bool = True  # hidden units in order of down-projection column RMS, int down codes stored column by column
     quant_fit: bool = True  # over the cap: re-export with roles a bit narrower (MLP first, down to int4)
     artifact_path: str = ""  # empty: LOG_DIR/RUN_ID.artifact
-    resume_from: str = ""  # a LOG_DIR/RUN_ID.ckpt of trained weights: skip training, export and evaluate them
+    resume_from: str = ""  # a LOG_DIR/RUN_ID.ckpt: of a finished training, export and evaluate it; else train on
+    ckpt_every: str = ""  # N: the training state to LOG_DIR/RUN_ID.ckpt every N steps, Ns: every N seconds; empty: off
     # evaluation
     eval_seq_len: int = 2048
     val_max_tokens: int = 0  # 0 = the whole split (a score only counts on the whole split)
@@ -275,6 +281,8 @@ RULES = {  # field -> (predicate, what is expected); checked at start-up
     "min_lr": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "train_batch_tokens": (lambda v: v >= 1, "an int >= 1"),
     "train_seq_len": (lambda v: v >= 2, "an int >= 2"),
+    "train_log_every": (lambda v: v >= 1, "an int >= 1"),
+    "ckpt_every": (lambda v: re.fullmatch(r"(\d+s?)?", v), "steps (500) or seconds (300s); empty = off"),
     "eval_seq_len": (lambda v: v >= 2, "an int >= 2"),
     "grad_accum_steps": (lambda v: v >= 0, "an int >= 0"),
     "logit_softcap": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
@@ -330,7 +338,29 @@ def _parse(name: str, raw: str, kind: type):
         value = kind(float(raw)) if kind is int and float(raw).is_integer() else kind(raw)
     except ValueError:
         raise ConfigError(f"{name.upper()}={raw!r}: expected {kind.__name__}") from None
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(f"{name.upper()}={raw!r}: expected a finite number")
     return value
+
+
+def edit_distance(a: str, b: str) -> int:
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        diag, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            diag, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diag + (ca != cb))
+    return row[-1]
+
+
+def unknown_variables(env: dict[str, str]) -> list[str]:
+    """A warning for each variable that is none of ours but within 2 edits of one (1 for short names): a typo
+    would otherwise train the default without a word."""
+    known, out = {f.name.upper() for f in dataclasses.fields(Hyperparameters)}, []
+    for name in sorted(n for n in env if n not in known and re.fullmatch(r"[A-Z][A-Z0-9_]+", n)):
+        d, near = min([(edit_distance(name, k), k) for k in known if abs(len(k) - len(name)) <= 2] or [(9, "")])
+        if d <= min(2, len(name) // 4):
+            out.append(f"WARNING: {name} is not a train_gpt.py variable and is ignored; did you mean {near}?")
+    return out
 
 
 def load_hparams(env: dict[str, str] | None = None) -> Hyperparameters:
@@ -345,8 +375,8 @@ def load_hparams(env: dict[str, str] | None = None) -> Hyperparameters:
         if env["SHAPE"] not in SHAPES:
             raise ConfigError(f"SHAPE={env['SHAPE']!r}: unknown; choose one of {', '.join(SHAPES)} (or leave it empty)")
         values = at_shape(values, env["SHAPE"])
-    if env.get("RESUME_FROM"):
-        names = {f.name for f in dataclasses.fields(Hyperparameters)}
+    if env.get("RESUME_FROM"):  # the resumed run has its own RUN_ID and files, never the original's
+        names = {f.name for f in dataclasses.fields(Hyperparameters)} - {"run_id", "artifact_path", "overwrite"}
         values.update((k, v) for k, v in read_checkpoint(env["RESUME_FROM"])[0]["config"].items() if k in names)
     for f in dataclasses.fields(Hyperparameters):
         if f.name.upper() in env and f.name not in ("preset", "shape"):
@@ -370,6 +400,7 @@ def load_hparams(env: dict[str, str] | None = None) -> Hyperparameters:
     if hp.parallel_start >= hp.num_layers or hp.attn_gate_window > hp.model_dim:
         raise ConfigError(f"PARALLEL_START={hp.parallel_start}, ATTN_GATE_WINDOW={hp.attn_gate_window}: expected a layer "
                           f"below NUM_LAYERS={hp.num_layers} and a window of at most MODEL_DIM={hp.model_dim}")
+    grad_accum_steps(hp, int(env.get("WORLD_SIZE", 1)))  # the batch divides into the ranks' sequences
     return hp
 
 
@@ -420,8 +451,8 @@ def parse_layers(spec: str, num_layers: int) -> list[int]:
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
 
 
-def load_data_shard(path: str | Path) -> np.ndarray:
-    """Read one shard, refusing a wrong magic, version or length with the file's name."""
+def shard_tokens(path: str | Path) -> int:
+    """A shard's token count from its header, refusing a wrong magic, version or length with the file's name."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: shard not found; build data with scripts/prepare_data.py")
@@ -436,7 +467,16 @@ def load_data_shard(path: str | Path) -> np.ndarray:
     if path.stat().st_size != expected:
         raise ConfigError(f"{path}: size {path.stat().st_size} bytes but header says {header[2]} tokens "
                           f"({expected} bytes); the shard is truncated or corrupt")
-    return np.fromfile(path, dtype="<u2", count=int(header[2]), offset=HEADER_INTS * 4)
+    return int(header[2])
+
+
+def load_data_shard(path: str | Path, vocab_size: int = 0) -> np.ndarray:
+    """Read one shard (vocab_size > 0: every token must be below it), refusing a bad one with the file's name."""
+    tokens = np.fromfile(path, dtype="<u2", count=shard_tokens(path), offset=HEADER_INTS * 4)
+    if vocab_size and tokens.size and int(tokens.max()) >= vocab_size:
+        raise ConfigError(f"{path}: token {int(tokens.max())} >= VOCAB_SIZE={vocab_size}; the data and "
+                          "tokenizer/VOCAB_SIZE do not match")
+    return tokens
 
 
 def shard_files(pattern: str) -> list[str]:
@@ -446,8 +486,9 @@ def shard_files(pattern: str) -> list[str]:
     return files
 
 
-def load_val_tokens(data_path: str, seq_len: int, max_tokens: int = 0) -> np.ndarray:
-    tokens = np.concatenate([load_data_shard(f) for f in shard_files(os.path.join(data_path, "fineweb_val_*.bin"))])
+def load_val_tokens(data_path: str, seq_len: int, max_tokens: int = 0, vocab_size: int = 0) -> np.ndarray:
+    files = shard_files(os.path.join(data_path, "fineweb_val_*.bin"))
+    tokens = np.concatenate([load_data_shard(f, vocab_size) for f in files])
     tokens = tokens[:max_tokens or None]
     if tokens.size < seq_len + 1:
         raise ConfigError(f"{data_path}: validation split has {tokens.size} tokens, fewer than EVAL_SEQ_LEN+1={seq_len + 1}")
@@ -458,9 +499,22 @@ class TokenStream:
     """Reads shards in order, wrapping around forever; the next shard loads in a background thread."""
 
     def __init__(self, pattern: str):
-        self.files, self.file_idx, self.loader = shard_files(pattern), 0, ThreadPoolExecutor(1)
-        self.tokens, self.pos = load_data_shard(self.files[0]), 0
-        self.next = self.loader.submit(load_data_shard, self.files[1 % len(self.files)])
+        self.files, self.loader = shard_files(pattern), ThreadPoolExecutor(1)
+        self.seek(0, 0)
+
+    def seek(self, file_idx: int, pos: int):
+        self.file_idx, self.tokens, self.pos = file_idx, load_data_shard(self.files[file_idx]), pos
+        self.next = self.loader.submit(load_data_shard, self.files[(file_idx + 1) % len(self.files)])
+
+    def where(self) -> list:
+        """The position as [shard name, offset], which seek_name restores."""
+        return [Path(self.files[self.file_idx]).name, self.pos]
+
+    def seek_name(self, name: str, pos: int):
+        names = [Path(f).name for f in self.files]
+        if name not in names:
+            raise ConfigError(f"RESUME_FROM: training shard {name} is not in DATA_PATH; resume on the same data")
+        self.seek(names.index(name), pos)
 
     def take(self, n: int) -> np.ndarray:
         chunks = []
@@ -483,6 +537,12 @@ class DistributedTokenLoader:
     def __init__(self, pattern: str, rank: int, world_size: int, device: torch.device):
         self.stream, self.rank, self.world_size, self.device = TokenStream(pattern), rank, world_size, device
 
+    def state(self) -> dict:
+        return dict(stream=self.stream.where())
+
+    def restore(self, state: dict):
+        self.stream.seek_name(*state["stream"])
+
     def next_batch(self, global_tokens: int, seq_len: int, grad_accum_steps: int) -> tuple[Tensor, Tensor]:
         local = global_tokens // (self.world_size * grad_accum_steps)
         chunk = self.stream.take((local + 1) * self.world_size)
@@ -501,21 +561,37 @@ class CurriculumLoader(DistributedTokenLoader):
 
     def __init__(self, pattern: str, run: Run):
         super().__init__(pattern, run.rank, run.world_size, run.device)
-        self.n, self.floor, self.left = run.hp.curriculum_buckets, run.hp.curriculum_floor, 0
+        self.n, self.floor, self.left, self.stretch = run.hp.curriculum_buckets, run.hp.curriculum_floor, 0, None
         self.rng = np.random.default_rng([run.hp.seed, run.rank])
 
     def weights(self) -> np.ndarray:
         d = np.arange(self.n) / (self.n - 1)
         return np.maximum((1 - d) * (1 - self.progress) + d * self.progress, self.floor)
 
+    def state(self) -> dict:  # the stretch's tokens are not stored: restore cuts them again from where it began
+        return dict(stream=self.stream.where(), stretch=self.stretch, left=self.left,
+                    rng=self.rng.bit_generator.state)
+
+    def restore(self, state: dict):
+        if state["stretch"]:
+            self.stream.seek_name(*state["stretch"][:2])
+            self.cut(state["stretch"][2], state["stretch"][3])
+        self.stream.seek_name(*state["stream"])
+        self.left, self.rng.bit_generator.state = state["left"], state["rng"]
+
+    def cut(self, n: int, seq_len: int):
+        """The next n tokens as the current stretch, its sequences in buckets by surprisal."""
+        self.stretch = [*self.stream.where(), n, seq_len]
+        self.toks = self.stream.take(n)
+        k = self.left = (self.toks.size - 1) // seq_len
+        counts = np.maximum(np.bincount(self.toks), 1)  # unseen ids never get looked up
+        surprisal = np.log(self.toks.size / counts).astype(np.float32)[self.toks[:k * seq_len]]
+        self.members = np.array_split(np.argsort(surprisal.reshape(k, seq_len).mean(1), kind="stable"), self.n)
+
     def next_batch(self, global_tokens: int, seq_len: int, grad_accum_steps: int) -> tuple[Tensor, Tensor]:
         rows = global_tokens // (self.world_size * grad_accum_steps * seq_len)
         if self.left < rows:
-            self.toks = self.stream.take(max(self.stream.tokens.size, rows * seq_len + 1))
-            k = self.left = (self.toks.size - 1) // seq_len
-            counts = np.maximum(np.bincount(self.toks), 1)  # unseen ids never get looked up
-            surprisal = np.log(self.toks.size / counts).astype(np.float32)[self.toks[:k * seq_len]]
-            self.members = np.array_split(np.argsort(surprisal.reshape(k, seq_len).mean(1), kind="stable"), self.n)
+            self.cut(max(self.stream.tokens.size, rows * seq_len + 1), seq_len)
         w = self.weights() * np.array([len(m) > 0 for m in self.members])
         picks = [m[self.rng.integers(len(m))] for m in (self.members[b] for b in self.rng.choice(self.n, rows, p=w / w.sum()))]
         self.left -= rows
@@ -1593,8 +1669,8 @@ def export_artifact(model: nn.Module, hp: Hyperparameters, path: str | Path, hes
         tensors.append([name, list(t.shape), f.tag])
     groups = {g: np.concatenate(a) for g, a in groups.items()}
     meta, bufs = encode_groups(groups, hp.codec)
-    header, data = frame(ARTIFACT_MAGIC, dict(seed=hp.quant_seed, groups=meta, tensors=tensors, colmajor=colmajor), bufs)
-    write_atomic(path, data)
+    header, parts = frame(ARTIFACT_MAGIC, dict(seed=hp.quant_seed, groups=meta, tensors=tensors, colmajor=colmajor), bufs)
+    write_atomic(path, data := b"".join(parts))
     for g, m in meta.items():
         m["bits_per_value"] = round(8 * m["len"] / m["n"], 4)
         if g not in FP16_GROUPS:
@@ -1606,11 +1682,14 @@ def export_artifact(model: nn.Module, hp: Hyperparameters, path: str | Path, hes
                 seconds=round(time.perf_counter() - t0, 3))
 
 
-def frame(magic: bytes, header: dict, bufs: list[bytes]) -> tuple[bytes, bytes]:
-    """(header, file): magic, u32 header length, sha256 of the rest, JSON header, buffers. No pickle."""
+def frame(magic: bytes, header: dict, bufs: list) -> tuple[bytes, list]:
+    """(header, the file's parts): magic, u32 header length, sha256 of every byte after it and the length, JSON
+    header, buffers (bytes or arrays, which are not copied). No pickle."""
     head = json.dumps(header, separators=(",", ":")).encode()
-    body = head + b"".join(bufs)
-    return head, magic + len(head).to_bytes(4, "little") + hashlib.sha256(body).digest() + body
+    length, digest = len(head).to_bytes(4, "little"), hashlib.sha256(len(head).to_bytes(4, "little") + head)
+    for b in bufs:
+        digest.update(b)
+    return head, [magic + length + digest.digest(), head, *bufs]
 
 
 def unframe(path: str | Path, magic: bytes, what: str, fix: str) -> tuple[dict, bytes, int]:
@@ -1619,10 +1698,18 @@ def unframe(path: str | Path, magic: bytes, what: str, fix: str) -> tuple[dict, 
     data = path.read_bytes() if path.is_file() else b""
     if data[:4] != magic:
         raise ConfigError(f"{path}: {f'not a {what} (bad magic)' if data else 'missing or empty'}; {fix}")
+    digest = hashlib.sha256(data[4:8])
+    digest.update(memoryview(data)[40:])
+    if digest.digest() != data[8:40]:
+        raise ConfigError(f"{path}: corrupt, truncated or from an older train_gpt.py (checksum mismatch); {fix}")
     n = int.from_bytes(data[4:8], "little")
-    if hashlib.sha256(data[40:]).digest() != data[8:40]:
-        raise ConfigError(f"{path}: corrupt or truncated (checksum mismatch); {fix}")
-    return json.loads(data[40:40 + n]), data, 40 + n
+    try:
+        header = json.loads(data[40:40 + n])
+    except ValueError:  # the checksum holds but the bytes are no header: not written by train_gpt.py
+        header = None
+    if not isinstance(header, dict):
+        raise ConfigError(f"{path}: not a {what} (unreadable header); {fix}")
+    return header, data, 40 + n
 
 
 def read_groups(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
@@ -2307,18 +2394,60 @@ def audit(run: Run, model: nn.Module, n_pos: int = 2) -> dict:
 ARTIFACT_CAP_BYTES = 16_000_000
 CODE = Path(__file__).read_bytes()  # read at start: the code that ran (launched from the packed file: that file)
 CODE_BYTES, CODE_FORM = len(CODE), "packed" if CODE.startswith(b"# packed train_gpt.py") else "readable"
+STOP_GRACE_S = 15.0  # after SIGTERM/SIGINT, the main thread's time to stop at a step boundary (torchrun kills at 30)
 
 
-def write_atomic(path: str | Path, data: bytes | str):
-    """Write to a temp file beside the target, then rename, so readers never see half a file."""
+class WriteFailed(OSError):
+    """A file could not be written (disk full, permissions); the message names it. The old file is intact."""
+
+
+class Interrupted(RuntimeError):
+    """SIGTERM/SIGINT stopped training at a step boundary, after the training state was saved."""
+
+
+def run_file(hp: Hyperparameters, ext: str) -> Path:
+    return Path(hp.log_dir) / f"{hp.run_id}.{ext}"
+
+
+def artifact_path(hp: Hyperparameters) -> Path:
+    return Path(hp.artifact_path) if hp.artifact_path else run_file(hp, "artifact")
+
+
+def reserve_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.reserve")
+
+
+def reserve(path: Path, size: int):
+    """size bytes allocated beside path, which write_atomic fills instead of a new temp file."""
+    with open(reserve_path(path), "ab") as f:
+        getattr(os, "posix_fallocate", lambda fd, _, n: os.ftruncate(fd, n))(f.fileno(), 0, size)
+
+
+def write_atomic(path: str | Path, data: bytes | str | list):
+    """data (bytes, text or buffers) to a temp file beside the target (its reserve, if any), then renamed: readers
+    never see half a file; a failure raises WriteFailed, the old file as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    spare = reserve_path(path)
+    tmp = spare if spare.is_file() else path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    size = tmp.stat().st_size if tmp == spare else 0
     try:
-        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "r+b" if tmp == spare else "wb") as f:
+            for part in data if isinstance(data, list) else [data.encode() if isinstance(data, str) else data]:
+                f.write(part)
+            f.truncate()
         os.replace(tmp, path)
-    finally:  # a failed write (disk full) leaves nothing behind
-        tmp.unlink(missing_ok=True)
+    except OSError as e:
+        raise WriteFailed(f"{path}: write failed ({e.strerror or e}); free disk space there or set LOG_DIR / "
+                          "ARTIFACT_PATH elsewhere") from None
+    finally:  # a failed write leaves no temp file behind (a reserve stays, still reserved)
+        if tmp != spare and tmp.exists():
+            tmp.unlink()
+    if size:  # the space comes back for the next write of this file
+        try:
+            reserve(path, size)
+        except OSError:
+            pass
 
 
 @dataclass
@@ -2336,6 +2465,8 @@ class Run:
     results: dict = field(default_factory=dict)
     observe: Callable | None = None  # the audit's hook: observe(kind, key, value) from inside the TTT loops
     host_group: object = None  # process group of host-side (CPU) collectives: gloo beside NCCL; None: the default
+    lock: int | None = None  # the RUN_ID lock's file descriptor (rank 0 of a launched run)
+    stop_signal: int | None = None  # SIGTERM/SIGINT received: training stops at a step boundary
     cache: dict = field(default_factory=dict, init=False, repr=False)  # val_stream's copy, score's byte counts
 
     @property
@@ -2355,8 +2486,11 @@ class Run:
     def log(self, msg: str):
         if self.master:
             print(msg, flush=True)
-            with open(Path(self.hp.log_dir) / f"{self.hp.run_id}.txt", "a") as f:
-                f.write(msg + "\n")
+            try:
+                with open(run_file(self.hp, "txt"), "a") as f:
+                    f.write(msg + "\n")
+            except OSError as e:  # a full disk: the line is on stdout
+                print(f"WARNING: {run_file(self.hp, 'txt')}: cannot append ({e.strerror})", file=sys.stderr)
 
     def autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else torch.autocast("cpu", enabled=False)
@@ -2368,6 +2502,18 @@ class Run:
         return t.tolist()
 
 
+def gather_json(run: Run, obj) -> list:
+    """obj of every rank, in rank order: their JSON bytes, padded to the longest, in one all_gather (no pickle)."""
+    if not run.distributed:
+        return [obj]
+    data = json.dumps(obj).encode()
+    buf = torch.zeros(int(run.all_reduce(len(data), op=dist.ReduceOp.MAX)[0]), dtype=torch.uint8, device=run.device)
+    buf[:len(data)] = torch.tensor(list(data), dtype=torch.uint8)
+    out = [torch.empty_like(buf) for _ in range(run.world_size)]
+    dist.all_gather(out, buf)
+    return [json.loads(bytes(t.tolist()).rstrip(b"\0")) for t in out]
+
+
 def resolve_tokenizer(hp: Hyperparameters) -> str:
     if hp.tokenizer_path:
         return hp.tokenizer_path
@@ -2377,8 +2523,48 @@ def resolve_tokenizer(hp: Hyperparameters) -> str:
     return str(Path(hp.data_path).parent.parent / "tokenizers" / f"fineweb_{hp.vocab_size}_bpe.model")
 
 
-def setup(hp: Hyperparameters) -> Run:
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+def run_files(hp: Hyperparameters) -> list[Path]:
+    return [run_file(hp, "txt"), run_file(hp, "json"), run_file(hp, "ckpt"), artifact_path(hp)]
+
+
+def refuse_taken(hp: Hyperparameters):
+    """One run per RUN_ID: one whose files exist is refused unless OVERWRITE=1 (every rank, before any writes)."""
+    if hp.resume_from and Path(hp.resume_from).resolve() in {f.resolve() for f in run_files(hp)}:
+        raise ConfigError(f"RESUME_FROM={hp.resume_from} is this run's own file; give the resumed run its own RUN_ID")
+    if (old := [str(f) for f in run_files(hp) if f.exists()]) and not hp.overwrite:
+        raise ConfigError(f"RUN_ID={hp.run_id}: {', '.join(old)} exist(s); choose another RUN_ID, or set OVERWRITE=1 "
+                          "to replace them")
+
+
+def lock_run(hp: Hyperparameters) -> int:
+    """Rank 0's lock on LOG_DIR/RUN_ID.lock against a run of that RUN_ID started at the same time (the kernel drops
+    it with the process, however it ends); then OVERWRITE's old files go."""
+    lock = run_file(hp, "lock")
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise ConfigError(f"LOG_DIR={hp.log_dir}: cannot create {lock.name} ({e.strerror}); set LOG_DIR elsewhere") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise ConfigError(f"RUN_ID={hp.run_id}: another run holds {lock} now; choose another RUN_ID") from None
+    for f in run_files(hp):
+        f.unlink(missing_ok=True)
+    return fd
+
+
+def release(run: Run):
+    """What a launched run holds until it ends: the lock and the disk reserves."""
+    if run.lock is not None:
+        for f in (reserve_path(run_file(run.hp, "ckpt")), reserve_path(artifact_path(run.hp)), run_file(run.hp, "lock")):
+            f.unlink(missing_ok=True)
+        os.close(run.lock)
+        run.lock = None
+
+
+def init_device(rank: int, world: int) -> torch.device:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
@@ -2386,34 +2572,71 @@ def setup(hp: Hyperparameters) -> Run:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if world > 1:
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-    run = Run(hp, device, rank, world, host_group=dist.new_group(backend="gloo") if cuda and world > 1 else None)
-    Path(hp.log_dir).mkdir(parents=True, exist_ok=True)
+    return device
+
+
+def setup(hp: Hyperparameters, launched: bool = False) -> Run:
+    """Process group, inputs checked, model built; nothing is written before every check has passed. launched (main):
+    the RUN_ID is claimed and the disk space reserved."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if launched:
+        refuse_taken(hp)
+    device = init_device(rank, world)
+    run = Run(hp, device, rank, world, host_group=dist.new_group(backend="gloo") if device.type == "cuda" and world > 1
+              else None)
+    hp.run_id = gather_json(run, hp.run_id)[0]  # one RUN_ID: each rank generates its own when none is given
+    notes = check_inputs(run) + unknown_variables(dict(os.environ))
+    torch.manual_seed(hp.seed)
+    np.random.seed(hp.seed)
+    run.model = GPT(hp).to(device)
+    run.lock = lock_run(hp) if launched and run.master else None
+    try:
+        check_disk(run, sum(p.numel() for p in run.model.parameters()))
+    except ConfigError:
+        release(run)
+        raise
+    cuda = device.type == "cuda"
     run.log(f"config: {json.dumps(dataclasses.asdict(hp), sort_keys=True)}")
     run.log(f"runtime: torch {torch.__version__} device {device} world_size {world} "
             f"attention {'flash-attn' if cuda and use_flash(hp.attn_kernel, torch.bfloat16) else 'sdpa'}")
     run.results.update(run_id=hp.run_id, seed=hp.seed, status="running", config=dataclasses.asdict(hp), stages={},
                        code_form=CODE_FORM, device=torch.cuda.get_device_name(device) if cuda else "cpu",
-                       world_size=world, torch=torch.__version__)
+                       world_size=world, torch=torch.__version__, params=sum(p.numel() for p in run.model.parameters()))
     run.log(f"code: {Path(__file__).name} {CODE_BYTES:,} bytes ({CODE_FORM}), counted in the artifact")
-    check_inputs(run)
-    torch.manual_seed(hp.seed)
-    np.random.seed(hp.seed)
-    run.model = GPT(hp).to(device)
-    n_params = sum(p.numel() for p in run.model.parameters())
-    run.results["params"] = n_params
-    run.log(f"model: {n_params:,} parameters")
-    need = 4 * n_params + 2 * ARTIFACT_CAP_BYTES  # the float32 checkpoint, the artifact and its temp file
-    for d in {Path(hp.log_dir), Path(hp.artifact_path or hp.log_dir).resolve().parent}:
-        if (free := shutil.disk_usage(d if d.is_dir() else Path(hp.log_dir)).free) < need:
-            raise ConfigError(f"{d}: {free:,} bytes free, the checkpoint and artifact need {need:,}; free disk space "
-                              "or set LOG_DIR / ARTIFACT_PATH elsewhere")
+    for note in notes:
+        run.log(note)
+    run.log(f"model: {run.results['params']:,} parameters")
     return run
 
 
-def check_inputs(run: Run):
-    """Everything the configured run will need, checked before training so a ten-minute run cannot die at the end:
-    attention kernel, codecs, validation and training shards, tokenizer and vocabulary."""
-    hp, cuda = run.hp, run.device.type == "cuda"
+def check_disk(run: Run, n_params: int):
+    """Room for the checkpoint (at most the training state: weights, EMA, SWA, two optimizer moments) and the
+    artifact: allocated now by a launched run, so a disk that fills later cannot lose them; else compared."""
+    hp = run.hp
+    if not run.master:  # rank 0 writes every file
+        return
+    need = {run_file(hp, "ckpt"): 4 * n_params * (3 + (hp.ema_decay > 0) + (hp.swa_every > 0)) + (1 << 20),
+            artifact_path(hp): ARTIFACT_CAP_BYTES}
+    for path, size in need.items():
+        d = path.resolve().parent
+        while not d.is_dir():
+            d = d.parent
+        try:
+            if run.lock is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                reserve(path, size)
+            elif (free := shutil.disk_usage(d).free) < sum(need.values()):
+                raise OSError(28, f"{free:,} bytes free")
+        except OSError as e:
+            raise ConfigError(f"{d}: {e.strerror}, the checkpoint and artifact need {sum(need.values()):,} bytes; "
+                              "free disk space or set LOG_DIR / ARTIFACT_PATH elsewhere") from None
+
+
+def check_inputs(run: Run) -> list[str]:
+    """Everything the configured run will need, checked before anything is written, so a ten-minute run cannot die
+    at the end: attention kernel, codecs, every shard's header, the vocabulary of the validation split and the first
+    training shard, tokenizer. Returns the warnings for the log."""
+    hp, cuda, notes = run.hp, run.device.type == "cuda", []
     if hp.attn_kernel == "flash" and not (cuda and flash_attn_func is not None):
         raise ConfigError("ATTN_KERNEL=flash: flash-attn is not importable here (or no CUDA); pip install flash-attn "
                           "(or FlashAttention-3's flash_attn_interface) or set ATTN_KERNEL=auto")
@@ -2421,21 +2644,58 @@ def check_inputs(run: Run):
         if hp.codec in missing:
             raise ConfigError(f"CODEC={hp.codec}: module {CODEC_MODULES[hp.codec]} is not installed; "
                               f"pip install {CODEC_MODULES[hp.codec]} or set CODEC=auto")
-        run.log(f"WARNING: codecs {', '.join(missing)} not installed; CODEC=auto chooses among the others")
-    run.val_tokens = load_val_tokens(hp.data_path, hp.eval_seq_len, hp.val_max_tokens)
+        notes.append(f"WARNING: codecs {', '.join(missing)} not installed; CODEC=auto chooses among the others")
+    run.val_tokens = load_val_tokens(hp.data_path, hp.eval_seq_len, hp.val_max_tokens, hp.vocab_size)
+    train_shards = shard_files(os.path.join(hp.data_path, "fineweb_train_*.bin"))
+    for f in train_shards[1:]:
+        shard_tokens(f)
+    load_data_shard(train_shards[0], hp.vocab_size)
     import sentencepiece as spm
     tok_path = resolve_tokenizer(hp)
     if not Path(tok_path).is_file():
         raise ConfigError(f"TOKENIZER_PATH={tok_path}: file not found; set TOKENIZER_PATH or build data with scripts/prepare_data.py")
-    run.luts = build_byte_luts(spm.SentencePieceProcessor(model_file=tok_path), hp.vocab_size)
-    first_train = shard_files(os.path.join(hp.data_path, "fineweb_train_*.bin"))[0]
-    for name, toks in (("validation", run.val_tokens), (Path(first_train).name, load_data_shard(first_train))):
-        if int(toks.max()) >= hp.vocab_size:
-            raise ConfigError(f"{hp.data_path}: {name} token {int(toks.max())} >= VOCAB_SIZE={hp.vocab_size}; "
-                              "the data and tokenizer/vocab do not match")
+    try:
+        run.luts = build_byte_luts(spm.SentencePieceProcessor(model_file=tok_path), hp.vocab_size)
+    except (RuntimeError, OSError, ConfigError) as e:
+        raise ConfigError(f"TOKENIZER_PATH={tok_path}: {str(e).strip().splitlines()[0]}") from None
+    return notes
 
 
-def train(run: Run):
+def prime(run: Run, optimizers: list, ga: int, pattern: str):
+    """WARMUP_STEPS: compile / warm the kernels of every graph the loop will run, then restore the initial state so
+    priming is free."""
+    hp = run.hp
+    saved = ([t.clone() for t in run.model.state_dict().values()], [o.state_dict() for o in optimizers])
+    loader, looping, qat_on = DistributedTokenLoader(pattern, run.rank, run.world_size, run.device), run.model.looping, False
+    phases = [(looping, False)] + [(True, False)] * (run.model.loop is not None and not looping)
+    phases += [(phases[-1][0], True)] * bool(hp.qat_threshold)  # each graph the loop will run, in its order:
+    for i in range(hp.warmup_steps):  # otherwise it compiles inside the timed window when looping or QAT starts
+        run.model.looping, qat = phases[i * len(phases) // hp.warmup_steps]
+        if qat and not qat_on:
+            set_qat(run, 0)
+            qat_on = True
+        train_step(run, loader, optimizers, ga, 1.0, i)
+        refresh_qat(run.model)
+    run.model.looping = looping
+    set_qat(run, None)
+    for t, s in zip(run.model.state_dict().values(), saved[0]):
+        t.copy_(s)
+    for o, s in zip(optimizers, saved[1]):
+        o.load_state_dict(s)
+
+
+@dataclass
+class Trainer:
+    """What the loop carries from step to step: what a training checkpoint saves."""
+    optimizers: list
+    loader: DistributedTokenLoader
+    averager: WeightAverager
+    step: int = 0
+    train_s: float = 0.0
+
+
+def train(run: Run, saved: tuple[dict, dict] | None = None):
+    """Train (saved: a training checkpoint's header and tensors, to go on from), then apply WEIGHT_AVG."""
     hp = run.hp
     ga = grad_accum_steps(hp, run.world_size)
     model = torch.compile(run.model, dynamic=False) if hp.compile else run.model
@@ -2446,114 +2706,205 @@ def train(run: Run):
     optimizers = build_optimizers(run)
     pattern = os.path.join(hp.data_path, "fineweb_train_*.bin")
     set_qat(run, None)  # the state the loop starts in, so the graph primed for it is the one the loop uses
-    if hp.warmup_steps:  # prime compilation / kernels, then restore the initial state so priming is free
-        saved = ([t.clone() for t in run.model.state_dict().values()], [o.state_dict() for o in optimizers])
-        loader, looping, qat_on = DistributedTokenLoader(pattern, run.rank, run.world_size, run.device), run.model.looping, False
-        phases = [(looping, False)] + [(True, False)] * (run.model.loop is not None and not looping)
-        phases += [(phases[-1][0], True)] * bool(hp.qat_threshold)  # each graph the loop will run, in its order:
-        for i in range(hp.warmup_steps):  # otherwise it compiles inside the timed window when looping or QAT starts
-            run.model.looping, qat = phases[i * len(phases) // hp.warmup_steps]
-            if qat and not qat_on:
-                set_qat(run, 0)
-                qat_on = True
-            train_step(run, loader, optimizers, ga, 1.0, i)
-            refresh_qat(run.model)
-        run.model.looping = looping
-        set_qat(run, None)
-        for t, s in zip(run.model.state_dict().values(), saved[0]):
-            t.copy_(s)
-        for o, s in zip(optimizers, saved[1]):
-            o.load_state_dict(s)
+    if hp.warmup_steps:
+        prime(run, optimizers, ga, pattern)
     loader = (CurriculumLoader(pattern, run) if hp.curriculum_buckets else
               DistributedTokenLoader(pattern, run.rank, run.world_size, run.device))
-    cap = train_budget(hp)
-    sched = Schedule(hp.iterations, hp.warmdown_iters, hp.lr_warmup_steps, cap, hp.warmdown_frac, hp.min_lr)
-    averager = WeightAverager(run.model, hp)
+    tr, cap = Trainer(optimizers, loader, WeightAverager(run.model, hp)), train_budget(hp)
+    if saved:
+        restore_training(run, tr, *saved)
     run.log(f"train: grad_accum {ga}, {hp.train_batch_tokens} tokens/step, {hp.iterations} iterations, "
             f"wall-clock cap {cap:.0f}s")
-    step, train_s, stop, graphs, pending = 0, 0.0, False, compiled_graphs(), None
-    t0 = time.perf_counter()
-    while step < hp.iterations and not stop:
-        lr_mult, loader.progress = sched.lr_mult(step, train_s), sched.progress(step, train_s)
-        loss = train_step(run, loader, optimizers, ga, lr_mult, step)
+    graphs = compiled_graphs()
+    if train_loop(run, tr, Schedule(hp.iterations, hp.warmdown_iters, hp.lr_warmup_steps, cap, hp.warmdown_frac,
+                                    hp.min_lr), ga, cap):
+        run.log(f"stopping at step {tr.step}: wall-clock cap {cap:.0f}s reached")
+    if hp.compile:  # each graph compiled inside the timed loop cost seconds of training
+        run.results["recompiles_in_loop"] = recompiles = compiled_graphs() - graphs
+        if recompiles:
+            run.log(f"WARNING: {recompiles} graph(s) compiled inside the timed loop; see scripts/preflight.py")
+    used = tr.averager.apply(hp.weight_avg)
+    run.results.update(steps=tr.step, train_loop_seconds=round(tr.train_s, 3), weights=used)
+    run.log(f"train: done, {tr.step} steps in {tr.train_s:.1f}s; exporting {used} weights")
+
+
+def ckpt_due(hp: Hyperparameters, step: int, since_s: float) -> tuple[bool, bool]:
+    """CKPT_EVERY due by each rank's clock (Ns: seconds since the last one; the ranks agree on it) and by the step (N:
+    the same on every rank); never at the end, where the final checkpoint follows."""
+    every, clock = int(hp.ckpt_every.rstrip("s") or 0), hp.ckpt_every.endswith("s")
+    due = 0 < every and step < hp.iterations
+    return due and clock and since_s >= every, due and not clock and step % every == 0
+
+
+def train_loop(run: Run, tr: Trainer, sched: Schedule, ga: int, cap: float) -> bool:
+    """Steps until ITERATIONS or the wall-clock cap (then returns True). What each rank's clock or a signal decides
+    (the cap, LOOP_START of the cap, a CKPT_EVERY of seconds, SIGTERM/SIGINT: the training state is saved, Interrupted
+    raised) every rank acts on at the same step (agree_late); the loss is checked every 10 steps and at each log."""
+    hp, capped, stopped, last_ckpt_s, pending = run.hp, False, False, tr.train_s, None
+    t0 = time.perf_counter() - tr.train_s
+    while tr.step < hp.iterations and not (capped or stopped):
+        step = tr.step
+        lr_mult, tr.loader.progress = sched.lr_mult(step, tr.train_s), sched.progress(step, tr.train_s)
+        loss = train_step(run, tr.loader, tr.optimizers, ga, lr_mult, step)
         late_mult = sched.warmdown_mult(step, lr_mult)
-        averager.update(step, late_mult)
+        tr.averager.update(step, late_mult)
         on_train_step(run, step, late_mult)
-        step += 1
-        train_s = time.perf_counter() - t0
+        step, train_s = step + 1, time.perf_counter() - t0
+        tr.step, tr.train_s = step, train_s
+        run.results.update(steps=step, train_loop_seconds=round(train_s, 3))  # what an interrupted run reports
         loop_due = bool(run.model.loop) and not run.model.looping and (
             train_s / cap if cap else step / hp.iterations) >= hp.loop_start
-        stop, loop_now = cap > 0 and train_s >= cap, loop_due
-        if cap and run.distributed:  # flags of each rank's clock: every rank acts on them at the same step
-            (stop, loop_now), pending = agree_late(run, (stop, loop_now), pending)
-        if loop_now and not run.model.looping:
+        by_clock, by_step = ckpt_due(hp, step, train_s - last_ckpt_s)
+        flags = (cap > 0 and train_s >= cap, loop_due, run.stop_signal is not None, by_clock)
+        if run.distributed:  # flags of each rank's clock or signals: every rank acts on them at the same step
+            flags, pending = agree_late(run, flags, pending)
+        capped, loop_now, stopped, by_clock = flags
+        if (loop_now if cap else loop_due) and not run.model.looping:  # without a cap: the same step on every rank
             run.model.looping, run.results["looping_from_step"] = True, step + 1
             run.log(f"loop: from step {step + 1}, layers {hp.loop_layers} run {hp.loop_count} times")
-        if step % hp.train_log_every == 0 or step == hp.iterations or stop:
-            loss_v = run.all_reduce(loss.item())[0] / run.world_size
-            if not math.isfinite(loss_v):
-                raise TrainingDiverged(f"train loss is {loss_v} at step {step}; lower the learning rates or check the data")
-            tok_s = step * hp.train_batch_tokens / train_s
-            eta = (hp.iterations - step) * train_s / step
-            run.log(f"step {step}/{hp.iterations} loss {loss_v:.4f} lr_mult {lr_mult:.3f} tok/s {tok_s:,.0f} "
-                    f"ms/step {1000 * train_s / step:.1f} eta {eta:.0f}s")
+        log_now = step % hp.train_log_every == 0 or step == hp.iterations or capped or stopped
+        if log_now or step % 10 == 0:
+            check_loss(run, loss, step, train_s, lr_mult, log_now)
+        if by_step or (by_clock and step < hp.iterations):
+            save_training(run, tr)
+            last_ckpt_s = train_s
         if hp.val_loss_every and step % hp.val_loss_every == 0:
             loss_v, bpb = eval_plain(run, run.model)
             run.log(f"step {step} val_loss {loss_v:.4f} val_bpb {bpb:.4f}")
             t0 = time.perf_counter() - train_s  # evaluation time is not training time
     if pending:
         pending[0].wait()
-    if stop:
-        run.log(f"stopping at step {step}: wall-clock cap {cap:.0f}s reached")
-    if hp.compile:  # each graph compiled inside the timed loop cost seconds of training
-        run.results["recompiles_in_loop"] = recompiles = compiled_graphs() - graphs
-        if recompiles:
-            run.log(f"WARNING: {recompiles} graph(s) compiled inside the timed loop; see scripts/preflight.py")
-    used = averager.apply(hp.weight_avg)
-    run.results.update(steps=step, train_loop_seconds=round(train_s, 3), weights=used)
-    run.log(f"train: done, {step} steps in {train_s:.1f}s; exporting {used} weights")
+    if stopped:
+        hint = f"; RESUME_FROM={run_file(hp, 'ckpt')} trains on from there" if save_training(run, tr) else ""
+        raise Interrupted(f"stopped by {signal_name(run)} at step {tr.step}/{hp.iterations} after {tr.train_s:.1f}s{hint}")
+    return capped
+
+
+def check_loss(run: Run, loss: Tensor, step: int, train_s: float, lr_mult: float, log: bool):
+    """The mean loss over the ranks: TrainingDiverged if it is not finite; log: the step's line."""
+    hp = run.hp
+    loss_v = run.all_reduce(loss.item())[0] / run.world_size
+    if not math.isfinite(loss_v):
+        raise TrainingDiverged(f"train loss is {loss_v} at step {step}; lower the learning rates or check the data")
+    if log:
+        tok_s, eta = step * hp.train_batch_tokens / train_s, (hp.iterations - step) * train_s / step
+        run.log(f"step {step}/{hp.iterations} loss {loss_v:.4f} lr_mult {lr_mult:.3f} tok/s {tok_s:,.0f} "
+                f"ms/step {1000 * train_s / step:.1f} eta {eta:.0f}s")
+
+
+def signal_name(run: Run) -> str:
+    return signal.Signals(run.stop_signal).name if run.stop_signal else "a signal to another rank"
 
 
 CKPT_MAGIC = b"PGW1"
 
 
+def write_checkpoint(run: Run, tensors: dict[str, Tensor], **header) -> bool:
+    """Rank 0 writes LOG_DIR/RUN_ID.ckpt: configuration, results, header, then the tensors raw (name, shape, dtype in
+    the header). A failed write is one ERROR line and results["checkpoint_error"]; the run goes on. Returns whether
+    it was written, on every rank."""
+    error = None
+    if run.master:
+        arrays = {k: (v.detach().float() if v.is_floating_point() else v).cpu().contiguous().numpy()
+                  for k, v in tensors.items()}
+        header.update(config=dataclasses.asdict(run.hp), results=run.results,
+                      tensors=[[k, list(a.shape), a.dtype.str] for k, a in arrays.items()])
+        try:
+            write_atomic(run_file(run.hp, "ckpt"), frame(CKPT_MAGIC, header, [a.reshape(-1).view(np.uint8)
+                                                                              for a in arrays.values()])[1])
+        except WriteFailed as e:
+            error = run.results["checkpoint_error"] = str(e)
+            run.log(f"ERROR: checkpoint: {e}; the weights are still in memory and the run goes on")
+    return not run.all_reduce(float(error is not None))[0]
+
+
 def save_checkpoint(run: Run):
     """The trained, averaged float32 weights and the results so far, before export (LOG_DIR/RUN_ID.ckpt): a crash in
     export or evaluation loses nothing, RESUME_FROM=that file finishes the run with the same results."""
-    t0, path = time.perf_counter(), Path(run.hp.log_dir) / f"{run.hp.run_id}.ckpt"
-    if run.master:
-        state = {k: v.detach().float().cpu().contiguous() for k, v in run.model.state_dict().items()}
-        header = dict(config=dataclasses.asdict(run.hp), results=run.results,
-                      tensors=[[k, list(v.shape)] for k, v in state.items()])
-        write_atomic(path, frame(CKPT_MAGIC, header, [v.numpy().tobytes() for v in state.values()])[1])
-    if run.distributed:
-        dist.barrier()
-    run.results.update(checkpoint_path=str(path), checkpoint_seconds=round(time.perf_counter() - t0, 3))
-    run.log(f"checkpoint: {path} in {run.results['checkpoint_seconds']:.1f}s; RESUME_FROM={path} reruns export and evaluation")
+    t0, path = time.perf_counter(), run_file(run.hp, "ckpt")
+    if write_checkpoint(run, run.model.state_dict()):
+        run.results.update(checkpoint_path=str(path), checkpoint_seconds=round(time.perf_counter() - t0, 3))
+        run.log(f"checkpoint: {path} in {run.results['checkpoint_seconds']:.1f}s; RESUME_FROM={path} reruns export "
+                "and evaluation")
+
+
+def save_training(run: Run, tr: Trainer) -> bool:
+    """All that training needs to go on exactly (CKPT_EVERY, a signal): weights, EMA/SWA, optimizer states (Muon's
+    gathered from the rank that updates each matrix), every rank's loader state, the torch RNG, step and seconds."""
+    t0, avg, tensors, groups = time.perf_counter(), tr.averager, dict(run.model.state_dict()), []
+    tensors.update({f"ema/{i}": t for i, t in enumerate(avg.ema or [])} | {f"swa/{i}": t for i, t in enumerate(avg.swa or [])})
+    for j, opt in enumerate(tr.optimizers):
+        groups.append(opt.state_dict()["param_groups"])
+        for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
+            state = opt.state.get(p, {})
+            if isinstance(opt, Muon) and run.distributed:  # one group: matrix i is updated by rank i % world
+                state = dict(momentum_buffer=state.get("momentum_buffer", torch.zeros_like(p)).clone())
+                dist.all_reduce(state["momentum_buffer"])  # zeros from the others
+            tensors.update({f"opt{j}/{i}/{k}": v for k, v in state.items()})
+    tensors["rng/torch"] = torch.get_rng_state()
+    ok = write_checkpoint(run, tensors, train=dict(step=tr.step, train_s=tr.train_s, optimizers=groups,
+                                                   swa_count=avg.swa_count, loaders=gather_json(run, tr.loader.state())))
+    if ok:
+        run.results["checkpoint_path"] = str(run_file(run.hp, "ckpt"))
+        run.log(f"checkpoint: training state at step {tr.step} in {time.perf_counter() - t0:.1f}s; "
+                f"RESUME_FROM={run_file(run.hp, 'ckpt')} trains on from it")
+    return ok
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, Tensor]]:
     header, data, pos = unframe(path, CKPT_MAGIC, "train_gpt.py checkpoint",
                                 "point RESUME_FROM at the LOG_DIR/RUN_ID.ckpt a training run wrote")
-    state = {}
-    for name, shape in header["tensors"]:
-        n = math.prod(shape)
-        state[name] = torch.from_numpy(np.frombuffer(data, "<f4", n, pos).reshape(shape).copy())
-        pos += 4 * n
-    return header, state
+    tensors = {}
+    for name, shape, dtype in header["tensors"]:
+        a = np.frombuffer(data, dtype, math.prod(shape), pos)
+        tensors[name] = torch.from_numpy(a.reshape(shape).copy())
+        pos += a.nbytes
+    return header, tensors
 
 
-def resume(run: Run):
-    """RESUME_FROM: the checkpoint's weights and training results instead of training (its configuration was
-    taken by load_hparams)."""
-    header, state = read_checkpoint(run.hp.resume_from)
+def load_weights(run: Run, header: dict, tensors: dict[str, Tensor]):
+    """A checkpoint's weights (its tensors without a '/' in the name) and the results it saved, into this run."""
     try:
-        run.model.load_state_dict(state)
+        run.model.load_state_dict({k: v for k, v in tensors.items() if "/" not in k})
     except RuntimeError as e:
         raise ConfigError(f"RESUME_FROM={run.hp.resume_from}: weights do not fit the configured model "
                           f"({str(e).splitlines()[0]}); do not override shape variables when resuming") from None
-    run.results.update({k: v for k, v in header["results"].items() if k not in ("status", "config", "stages")})
+    run.results.update({k: v for k, v in header["results"].items() if k not in run.results})
     run.model.looping = run.model.looping or "looping_from_step" in run.results
+
+
+def restore_training(run: Run, tr: Trainer, header: dict, tensors: dict[str, Tensor]):
+    """What save_training wrote, into a freshly built run of the same number of processes."""
+    state = header["train"]
+    if len(state["loaders"]) != run.world_size:
+        raise ConfigError(f"RESUME_FROM={run.hp.resume_from}: saved by {len(state['loaders'])} processes, this run has "
+                          f"{run.world_size}; launch with --nproc_per_node={len(state['loaders'])}")
+    load_weights(run, header, tensors)
+    avg = tr.averager
+    for i, t in enumerate(avg.ema or []):
+        t.copy_(tensors[f"ema/{i}"])
+    if "swa/0" in tensors:
+        avg.swa = [tensors[f"swa/{i}"].to(run.device) for i in range(len(avg.params))]
+    for j, (opt, groups) in enumerate(zip(tr.optimizers, state["optimizers"])):
+        saved = {}
+        for name, v in tensors.items():
+            if name.startswith(f"opt{j}/"):
+                _, i, key = name.split("/")
+                if not isinstance(opt, Muon) or int(i) % run.world_size == run.rank:  # Muon: its rank's matrices
+                    saved.setdefault(int(i), {})[key] = v
+        opt.load_state_dict(dict(state=saved, param_groups=groups))
+    torch.set_rng_state(tensors["rng/torch"])
+    tr.loader.restore(state["loaders"][run.rank])
+    tr.step, tr.train_s, avg.swa_count = state["step"], state["train_s"], state["swa_count"]
+    if stages := run.results.get("qat_stages"):
+        set_qat(run, stages[-1][1])
+    run.log(f"resume: {run.hp.resume_from} at step {tr.step}/{run.hp.iterations}; training goes on")
+
+
+def resume(run: Run, header: dict, tensors: dict[str, Tensor]):
+    """RESUME_FROM a finished training's checkpoint: its weights and results instead of training (its configuration
+    was taken by load_hparams)."""
+    load_weights(run, header, tensors)
     run.log(f"resume: {run.hp.resume_from}, {run.results.get('steps')} steps trained; training skipped")
 
 
@@ -2561,7 +2912,7 @@ def export(run: Run):
     """GPTQ calibration, quantize, write the artifact, count its bytes (all train time: it reads training data and
     makes the artifact), then reload it into a fresh model, compiled for evaluation."""
     hp, t0 = run.hp, time.perf_counter()
-    path = Path(hp.artifact_path or Path(hp.log_dir) / f"{hp.run_id}.artifact")
+    path = artifact_path(hp)
     set_qat(run, None)  # QAT's weights are of the raw weights; export takes the averaged ones
     sort = column_major(hp, quant_formats(hp, run.model))
     for name, m in run.model.named_modules():  # before calibration: the Hessians see the sorted units
@@ -2671,40 +3022,111 @@ def evaluate(run: Run):
 
 def report(run: Run):
     if run.master:
-        write_atomic(Path(run.hp.log_dir) / f"{run.hp.run_id}.json", json.dumps(run.results, indent=2, default=str))
-        run.log(f"results: {Path(run.hp.log_dir) / (run.hp.run_id + '.json')} status {run.results['status']} "
-                f"val_bpb {run.results.get('val_bpb', float('nan')):.4f}")
+        path = run_file(run.hp, "json")
+        try:
+            write_atomic(path, json.dumps(run.results, indent=2, default=str))
+        except WriteFailed as e:
+            print(f"error: results: {e}", file=sys.stderr)
+        run.log(f"results: {path} status {run.results['status']} val_bpb {run.results.get('val_bpb', float('nan')):.4f}")
+
+
+class Stop:
+    """SIGTERM/SIGINT set run.stop_signal: every rank stops at the next step boundary, saves the training state and
+    reports `interrupted`. Python runs handlers only between the main thread's bytecodes, and it may be stuck in a
+    collective whose peer died, so a thread woken by the signal's wakeup byte writes rank 0's results (no collective)
+    and exits if the run has not ended STOP_GRACE_S later, or at once on another signal a second or more later."""
+
+    def __init__(self, run: Run):
+        self.run, self.reported = run, threading.Lock()  # held by whoever writes the final results
+        self.wake, waker = socket.socketpair()
+        waker.setblocking(False)
+        signal.set_wakeup_fd(waker.fileno(), warn_on_full_buffer=False)
+        self.waker = waker  # kept open as long as the wakeup fd is set
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, self.note)
+        threading.Thread(target=self.watch, daemon=True).start()
+
+    def note(self, signum: int, frame=None):
+        self.run.stop_signal = self.run.stop_signal or signum
+
+    def watch(self):
+        self.note(self.wake.recv(1)[0])
+        t0 = time.monotonic()
+        while (left := t0 + STOP_GRACE_S - time.monotonic()) > 0:
+            self.wake.settimeout(left)
+            try:
+                self.wake.recv(1)
+            except TimeoutError:
+                break
+            if time.monotonic() - t0 >= 1:  # not the same stop reaching us twice (Ctrl-C, then torchrun's SIGTERM)
+                break
+        self.finish()
+
+    def finish(self):
+        run = self.run
+        if self.reported.acquire(blocking=False):
+            try:
+                if run.results.get("status") == "running":
+                    hint = f"; RESUME_FROM={run.results['checkpoint_path']}" if "checkpoint_path" in run.results else ""
+                    run.results.update(status="interrupted", error=f"stopped by {signal_name(run)} after step "
+                                       f"{run.results.get('steps', 0)}, not at a step boundary within {STOP_GRACE_S:.0f}s{hint}")
+                    run.log(f"STOPPED: {run.results['error']}")
+                report(run)
+                release(run)
+            except Exception as e:  # the main thread may be changing what is written; exit regardless
+                print(f"error: results not written ({e})", file=sys.stderr)
+        sys.stdout.flush()
+        os._exit(128 + run.stop_signal)
+
+
+def run_stages(run: Run):
+    hp = run.hp
+    if hp.resume_from:
+        header, tensors = read_checkpoint(hp.resume_from)
+        if "train" in header:
+            train(run, (header, tensors))
+            save_checkpoint(run)
+        else:
+            resume(run, header, tensors)
+    else:
+        train(run)
+        save_checkpoint(run)
+    export(run)
+    evaluate(run)
+    if run.results["status"] == "running":
+        run.results["status"] = "ok"
 
 
 def main() -> int:
     try:
         hp = load_hparams()
-        run = setup(hp)
+        run = setup(hp, launched=True)
     except ConfigError as e:
         if os.environ.get("RANK", "0") == "0":  # every rank of a torchrun meets it: one line, not one per process
             print(f"error: {e}", file=sys.stderr)
         return 2
+    stop = Stop(run)
     try:
-        if hp.resume_from:
-            resume(run)
-        else:
-            train(run)
-            save_checkpoint(run)
-        export(run)
-        evaluate(run)
-        if run.results["status"] == "running":
-            run.results["status"] = "ok"
-    except (TrainingDiverged, ConfigError) as e:
-        run.results.update(status="failed", error=str(e))
-        run.log(f"ERROR: {e}")
+        run_stages(run)
+    except (TrainingDiverged, ConfigError, WriteFailed, Interrupted) as e:
+        stopped = isinstance(e, Interrupted)
+        run.results.update(status="interrupted" if stopped else "failed", error=str(e))
+        run.log(f"{'STOPPED' if stopped else 'ERROR'}: {e}")
+    except Exception as e:  # a crash (a peer process gone, a bug): one line in the results, the traceback on stderr
+        run.results.update(error=f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}")
+        run.log(f"ERROR: {run.results['error']}")
+        raise
     finally:
-        if run.results["status"] == "running":  # an exception or interrupt escaped the stages
-            run.results.update(status="failed", error="interrupted or crashed; see the log")
+        stop.reported.acquire()  # from here on the watcher only exits
+        if run.results["status"] == "running":  # escaped the stages
+            run.results.update(status="interrupted" if run.stop_signal else "failed")
+            run.results.setdefault("error", "stopped before the end; see the log")
         report(run)
+        release(run)
         if run.distributed:
             dist.destroy_process_group()
             time.sleep(0.1)  # releases the GIL: gloo threads freeing the last collectives' tensors need it, and abort at exit
-    return {"ok": 0, "over_cap": 3}.get(run.results["status"], 1)
+    return {"ok": 0, "over_cap": 3, "interrupted": 128 + (run.stop_signal or signal.SIGTERM)}.get(run.results["status"], 1)
 
 
 if __name__ == "__main__":
