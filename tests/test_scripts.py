@@ -15,6 +15,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -252,11 +253,11 @@ def test_compare_cli_exit_codes_and_bad_input(tmp_path):
                  ["--base", str(tmp_path / "nothing_*.json"), "--new", str(tmp_path / "a_seed1.json")],
                  ["--base", str(tmp_path / "junk.json"), "--new", str(tmp_path / "a_seed1.json")],
                  ["--base-loss", "abc", "--new", str(tmp_path / "a_seed1.json")]):
-        proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=60)
+        proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=600)
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
-    proc = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "one-sided Welch" in proc.stdout and "nats" in proc.stdout
 
 
@@ -464,9 +465,8 @@ def test_run_seeds_interrupt_stops_the_whole_run(tmp_path, monkeypatch, capfd):
     handler = signal.getsignal(signal.SIGTERM)
 
     def interrupt():
-        for _ in range(200):  # wait until the stand-in has started its worker
-            if pid_file.exists() and pid_file.read_text():
-                break
+        deadline = time.monotonic() + 300  # wait until the stand-in has started its worker (slow on a busy machine)
+        while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
             threading.Event().wait(0.05)
         os.kill(os.getpid(), signal.SIGTERM)
 
@@ -479,7 +479,8 @@ def test_run_seeds_interrupt_stops_the_whole_run(tmp_path, monkeypatch, capfd):
     assert "interrupted" in out and "remaining seeds were not run" in err
     assert "i_seed2" not in err and out.count("=== [") == 1  # the second seed never started
     worker = int(pid_file.read_text())
-    for _ in range(100):  # the worker was in the run's process group: killed (gone or a zombie)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # the worker was in the run's process group: killed (gone or a zombie)
         try:
             state = Path(f"/proc/{worker}/stat").read_text().split(")")[-1].split()[0]
         except FileNotFoundError:
@@ -571,12 +572,22 @@ def test_plot_runs_csv(tmp_path, capsys):
         plot_runs.main([str(tmp_path / "empty.txt"), "--csv", "-"])
 
 
+def test_plot_runs_shows_every_evaluation_stage():
+    points, _ = plot_runs.parse_log(LOG + "eval ngram: val_loss 4.5000 val_bpb 2.6000\n", "x")
+    assert plot_runs.stage_scores(points) == [("roundtrip", 2.8), ("sliding", 2.75), ("ngram", 2.6)]
+
+
 def test_plot_runs_png(tmp_path):
     pytest.importorskip("matplotlib")
     log = tmp_path / "x.txt"
     log.write_text(LOG)
     assert plot_runs.main([str(log)]) == 0
-    assert (tmp_path / "x.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    png = (tmp_path / "x.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert int.from_bytes(png[16:20], "big") == 3 * 6.5 * 120  # loss, val_bpb by step, the evaluation stages
+    log.write_text("\n".join(line for line in LOG.splitlines() if " val_loss " not in line or "eval" in line))
+    assert plot_runs.main([str(log)]) == 0
+    assert int.from_bytes((tmp_path / "x.png").read_bytes()[16:20], "big") == 2 * 6.5 * 120  # no validation points
 
 
 def test_plot_runs_without_matplotlib(tmp_path, monkeypatch):
