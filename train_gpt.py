@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import fcntl
 import functools
 import glob
 import hashlib
@@ -20,7 +21,10 @@ import math
 import os
 import re
 import shutil
+import signal
+import socket
 import sys
+import threading
 import time
 import uuid
 import zlib
@@ -54,6 +58,7 @@ class Hyperparameters:
     preset: str = "default"
     shape: str = ""  # tiny: the preset at the CPU proxy's size (SHAPES); empty: its own
     run_id: str = ""
+    overwrite: bool = False  # 1: a RUN_ID whose files exist in LOG_DIR may run again (its old files are deleted)
     seed: int = 1337
     log_dir: str = "logs"
     data_path: str = "./data/datasets/fineweb10B_sp1024"
@@ -128,7 +133,7 @@ class Hyperparameters:
     swa_every: int = 50  # 0 = off
     swa_threshold: float = 0.2  # SWA collects while the LR multiplier is below this
     weight_avg: str = "ema"  # which weights are exported: ema | swa | none
-    compile: bool = True  # torch.compile of the training and evaluation forward
+    compile: bool = True  # torch.compile of the training and evaluation forward, and on CUDA of Newton-Schulz
     attn_kernel: str = "auto"  # auto: flash-attn when importable and the activations are bf16 | flash: required | sdpa
     # quantization
     quant_spec: str = "attn_qk:int6,attn_vo:int6,mlp_up:int5,mlp_down:int5,embed:int8,aux:int6,head:int8"
@@ -149,11 +154,14 @@ class Hyperparameters:
     qat_threshold: float = 0.15  # QAT once the LR multiplier is at or below this (1: from the start); 0 = off
     qat_steps: int = 1  # QAT stages: start QAT_STEPS-1 bits above QUANT_SPEC, one bit less per stage
     codec: str = "auto"  # auto (smallest per group) | zstd | lzma | brotli | ac (adaptive range coder)
+    codec_sample_bytes: int = 1048576  # auto picks each group's codec on this many bytes of it; 0: tries all on all
     freeze_dry: int = -1  # >= 0: odd columns' codes stored as residuals of a fit on their neighbours, 0 within this many steps
     mlp_sort: bool = True  # hidden units in order of down-projection column RMS, int down codes stored column by column
-    quant_fit: bool = True  # over the cap: re-export with roles a bit narrower (MLP first, down to int4)
+    quant_fit: bool = True  # over the cap: re-export with set steps (intN@K) wider, else roles a bit narrower
+    quant_fit_margin: int = 50000  # QUANT_FIT on set steps lands 1-2x this many bytes under the cap
     artifact_path: str = ""  # empty: LOG_DIR/RUN_ID.artifact
-    resume_from: str = ""  # a LOG_DIR/RUN_ID.ckpt of trained weights: skip training, export and evaluate them
+    resume_from: str = ""  # a LOG_DIR/RUN_ID.ckpt: of a finished training, export and evaluate it; else train on
+    ckpt_every: str = ""  # N: the training state to LOG_DIR/RUN_ID.ckpt every N steps, Ns: every N seconds; empty: off
     # evaluation
     eval_seq_len: int = 2048
     val_max_tokens: int = 0  # 0 = the whole split (a score only counts on the whole split)
@@ -206,19 +214,22 @@ PRESETS: dict[str, dict[str, object]] = {
     "default": {},
     # the CPU proxy: the default recipe at its size, without U-Net skips and LN scale (both measured worse at 4 layers)
     "tiny": dict(SHAPES["tiny"], xsa_last_n=2, bigram_buckets=1024, unet_skips=False, ln_scale=False),
-    # The accepted 1.0611 record (2026-04-27, SP8192 + LQER + sparse gate) as its README and code state it; README
-    # lists where this differs (our codecs and sliding evaluation, among others).
+    # The accepted 1.0611 record (2026-04-27, SP8192 + LQER + sparse gate) as its README and code state it;
+    # docs/PRESETS.md lists where this differs (our codecs and sliding evaluation, among others). Its clips are 3%
+    # wider than the record's (13, 11.5, 14, 12.85 row RMS), so that Gaussian weights fit at this spec (predict_size).
     "frontier": dict(
         data_path="./data/datasets/fineweb10B_sp8192", vocab_size=8192, mlp_mult=4.0, xsa_last_n=11,
         qk_gain_init=5.0, bigram_buckets=0, ve_layers="", loop_layers="3-5", loop_count=3, loop_start=0.35,
         parallel_start=8, attn_gate_window=12, doc_mask=True, ema_decay=0.9965, matrix_lr=0.026, scalar_lr=0.02,
         tied_embed_lr=0.03, beta2=0.99, muon_momentum=0.97, muon_wd=0.095, adam_wd=0.02, muon_polar=True,
         muon_row_norm=True, lr_warmup_steps=0, warmdown_frac=0.85, min_lr=0.1, qat_threshold=0.0, swa_every=0,
-        quant_spec="attn_qk:int6@13,attn_vo:int6@13,mlp_up:int6@11.5,mlp_down:int6@11.5,embed:int7@14,aux:int6@12.85,"
-                   "gate:int8", lqer_top=3, lqer_rank=4, ngram_order=0, ttt_mode="phased", ttt_lora_rank=80,
-        ttt_chunk_tokens=48, ttt_lr=1e-4, ttt_beta2=0.99, ttt_wd=0.5,
+        quant_spec="attn_qk:int6@13.4,attn_vo:int6@13.4,mlp_up:int6@11.85,mlp_down:int6@11.85,embed:int7@14.4,"
+                   "aux:int6@13.25,gate:int8", lqer_top=3, lqer_rank=4, ngram_order=0, ttt_mode="phased",
+        ttt_lora_rank=80, ttt_chunk_tokens=48, ttt_lr=1e-4, ttt_beta2=0.99, ttt_wd=0.5,
+        ttt_seconds=560.0,  # adapting on every document takes ~500 s on 8x H100 (scripts/clock_model.py), as the record's
+        # 455-509 s: the default 300 s would stop it after ~60%; the evaluation budget's hard stop still bounds it
     ),
-    # The seed systems (../shared/seeds, README "Seed presets"): each as its run's code, log or script set it.
+    # The seed systems (docs/PRESETS.md): each as its run's code, log or script set it.
     "baseline": dict(  # the public starting script: 9L x 512, relu^2, int8 everywhere, plain evaluation
         num_layers=9, mlp_mult=2.0, mlp_act="relu2", rope_dims=0, smear_gate=False, bigram_buckets=0, ve_layers="",
         xsa_last_n=0, ln_scale=False, ortho_init=False, train_batch_tokens=524288, train_seq_len=1024,
@@ -282,6 +293,8 @@ RULES = {  # field -> (predicate, what is expected); checked at start-up
     "min_lr": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "train_batch_tokens": (lambda v: v >= 1, "an int >= 1"),
     "train_seq_len": (lambda v: v >= 2, "an int >= 2"),
+    "train_log_every": (lambda v: v >= 1, "an int >= 1"),
+    "ckpt_every": (lambda v: re.fullmatch(r"(\d+s?)?", v), "steps (500) or seconds (300s); empty = off"),
     "eval_seq_len": (lambda v: v >= 2, "an int >= 2"),
     "grad_accum_steps": (lambda v: v >= 0, "an int >= 0"),
     "logit_softcap": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
@@ -303,6 +316,8 @@ RULES = {  # field -> (predicate, what is expected); checked at start-up
     "qat_threshold": (lambda v: 0 <= v <= 1, "a number in [0, 1] (0 = off)"),
     "qat_steps": (lambda v: 1 <= v <= 6, "an int in [1, 6]"),
     "codec": (lambda v: v == "auto" or v in CODEC_MODULES, "auto, zstd, lzma, brotli or ac"),
+    "codec_sample_bytes": (lambda v: v >= 0, "an int >= 0 (0: every codec on every whole group)"),
+    "quant_fit_margin": (lambda v: v >= 0, "an int >= 0 (bytes)"),
     "freeze_dry": (lambda v: v >= -1, "an int >= -1 (-1 = off, 0 = lossless, k = within k code steps)"),
     "eval_stride": (lambda v: v >= 1, "an int >= 1"),
     "eval_batch_seqs": (lambda v: v >= 0, "an int >= 0 (0 = from VAL_BATCH_TOKENS)"),
@@ -342,7 +357,29 @@ def _parse(name: str, raw: str, kind: type):
         value = kind(float(raw)) if kind is int and float(raw).is_integer() else kind(raw)
     except ValueError:
         raise ConfigError(f"{name.upper()}={raw!r}: expected {kind.__name__}") from None
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(f"{name.upper()}={raw!r}: expected a finite number")
     return value
+
+
+def edit_distance(a: str, b: str) -> int:
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        diag, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            diag, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diag + (ca != cb))
+    return row[-1]
+
+
+def unknown_variables(env: dict[str, str]) -> list[str]:
+    """A warning for each variable that is none of ours but within 2 edits of one (1 for short names): a typo
+    would otherwise train the default without a word."""
+    known, out = {f.name.upper() for f in dataclasses.fields(Hyperparameters)}, []
+    for name in sorted(n for n in env if n not in known and re.fullmatch(r"[A-Z][A-Z0-9_]+", n)):
+        d, near = min([(edit_distance(name, k), k) for k in known if abs(len(k) - len(name)) <= 2] or [(9, "")])
+        if d <= min(2, len(name) // 4):
+            out.append(f"WARNING: {name} is not a train_gpt.py variable and is ignored; did you mean {near}?")
+    return out
 
 
 def load_hparams(env: dict[str, str] | None = None) -> Hyperparameters:
@@ -357,8 +394,8 @@ def load_hparams(env: dict[str, str] | None = None) -> Hyperparameters:
         if env["SHAPE"] not in SHAPES:
             raise ConfigError(f"SHAPE={env['SHAPE']!r}: unknown; choose one of {', '.join(SHAPES)} (or leave it empty)")
         values = at_shape(values, env["SHAPE"])
-    if env.get("RESUME_FROM"):
-        names = {f.name for f in dataclasses.fields(Hyperparameters)}
+    if env.get("RESUME_FROM"):  # the resumed run has its own RUN_ID and files, never the original's
+        names = {f.name for f in dataclasses.fields(Hyperparameters)} - {"run_id", "artifact_path", "overwrite"}
         values.update((k, v) for k, v in read_checkpoint(env["RESUME_FROM"])[0]["config"].items() if k in names)
     for f in dataclasses.fields(Hyperparameters):
         if f.name.upper() in env and f.name not in ("preset", "shape"):
@@ -384,6 +421,7 @@ def load_hparams(env: dict[str, str] | None = None) -> Hyperparameters:
     if hp.parallel_start >= hp.num_layers or hp.attn_gate_window > hp.model_dim:
         raise ConfigError(f"PARALLEL_START={hp.parallel_start}, ATTN_GATE_WINDOW={hp.attn_gate_window}: expected a layer "
                           f"below NUM_LAYERS={hp.num_layers} and a window of at most MODEL_DIM={hp.model_dim}")
+    grad_accum_steps(hp, int(env.get("WORLD_SIZE", 1)))  # the batch divides into the ranks' sequences
     return hp
 
 
@@ -435,8 +473,8 @@ def parse_layers(spec: str, num_layers: int) -> list[int]:
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
 
 
-def load_data_shard(path: str | Path) -> np.ndarray:
-    """Read one shard, refusing a wrong magic, version or length with the file's name."""
+def shard_tokens(path: str | Path) -> int:
+    """A shard's token count from its header, refusing a wrong magic, version or length with the file's name."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: shard not found; build data with scripts/prepare_data.py")
@@ -451,7 +489,16 @@ def load_data_shard(path: str | Path) -> np.ndarray:
     if path.stat().st_size != expected:
         raise ConfigError(f"{path}: size {path.stat().st_size} bytes but header says {header[2]} tokens "
                           f"({expected} bytes); the shard is truncated or corrupt")
-    return np.fromfile(path, dtype="<u2", count=int(header[2]), offset=HEADER_INTS * 4)
+    return int(header[2])
+
+
+def load_data_shard(path: str | Path, vocab_size: int = 0) -> np.ndarray:
+    """Read one shard (vocab_size > 0: every token must be below it), refusing a bad one with the file's name."""
+    tokens = np.fromfile(path, dtype="<u2", count=shard_tokens(path), offset=HEADER_INTS * 4)
+    if vocab_size and tokens.size and int(tokens.max()) >= vocab_size:
+        raise ConfigError(f"{path}: token {int(tokens.max())} >= VOCAB_SIZE={vocab_size}; the data and "
+                          "tokenizer/VOCAB_SIZE do not match")
+    return tokens
 
 
 def shard_files(pattern: str) -> list[str]:
@@ -461,8 +508,9 @@ def shard_files(pattern: str) -> list[str]:
     return files
 
 
-def load_val_tokens(data_path: str, seq_len: int, max_tokens: int = 0) -> np.ndarray:
-    tokens = np.concatenate([load_data_shard(f) for f in shard_files(os.path.join(data_path, "fineweb_val_*.bin"))])
+def load_val_tokens(data_path: str, seq_len: int, max_tokens: int = 0, vocab_size: int = 0) -> np.ndarray:
+    files = shard_files(os.path.join(data_path, "fineweb_val_*.bin"))
+    tokens = np.concatenate([load_data_shard(f, vocab_size) for f in files])
     tokens = tokens[:max_tokens or None]
     if tokens.size < seq_len + 1:
         raise ConfigError(f"{data_path}: validation split has {tokens.size} tokens, fewer than EVAL_SEQ_LEN+1={seq_len + 1}")
@@ -473,9 +521,22 @@ class TokenStream:
     """Reads shards in order, wrapping around forever; the next shard loads in a background thread."""
 
     def __init__(self, pattern: str):
-        self.files, self.file_idx, self.loader = shard_files(pattern), 0, ThreadPoolExecutor(1)
-        self.tokens, self.pos = load_data_shard(self.files[0]), 0
-        self.next = self.loader.submit(load_data_shard, self.files[1 % len(self.files)])
+        self.files, self.loader = shard_files(pattern), ThreadPoolExecutor(1)
+        self.seek(0, 0)
+
+    def seek(self, file_idx: int, pos: int):
+        self.file_idx, self.tokens, self.pos = file_idx, load_data_shard(self.files[file_idx]), pos
+        self.next = self.loader.submit(load_data_shard, self.files[(file_idx + 1) % len(self.files)])
+
+    def where(self) -> list:
+        """The position as [shard name, offset], which seek_name restores."""
+        return [Path(self.files[self.file_idx]).name, self.pos]
+
+    def seek_name(self, name: str, pos: int):
+        names = [Path(f).name for f in self.files]
+        if name not in names:
+            raise ConfigError(f"RESUME_FROM: training shard {name} is not in DATA_PATH; resume on the same data")
+        self.seek(names.index(name), pos)
 
     def take(self, n: int) -> np.ndarray:
         chunks = []
@@ -498,6 +559,12 @@ class DistributedTokenLoader:
     def __init__(self, pattern: str, rank: int, world_size: int, device: torch.device):
         self.stream, self.rank, self.world_size, self.device = TokenStream(pattern), rank, world_size, device
 
+    def state(self) -> dict:
+        return dict(stream=self.stream.where())
+
+    def restore(self, state: dict):
+        self.stream.seek_name(*state["stream"])
+
     def next_batch(self, global_tokens: int, seq_len: int, grad_accum_steps: int) -> tuple[Tensor, Tensor]:
         local = global_tokens // (self.world_size * grad_accum_steps)
         chunk = self.stream.take((local + 1) * self.world_size)
@@ -515,7 +582,7 @@ class CurriculumLoader(DistributedTokenLoader):
 
     def __init__(self, pattern: str, run: Run):
         super().__init__(pattern, run.rank, run.world_size, run.device)
-        self.n, self.floor, self.left = run.hp.curriculum_buckets, run.hp.curriculum_floor, 0
+        self.n, self.floor, self.left, self.stretch = run.hp.curriculum_buckets, run.hp.curriculum_floor, 0, None
         self.rng = np.random.default_rng([run.hp.seed, run.rank])
         self.pattern, self.run, self.pilot = pattern, run, None
 
@@ -539,12 +606,28 @@ class CurriculumLoader(DistributedTokenLoader):
         d = np.arange(self.n) / (self.n - 1)
         return np.maximum((1 - d) * (1 - self.progress) + d * self.progress, self.floor)
 
+    def state(self) -> dict:  # the stretch's tokens are not stored: restore cuts them again from where it began
+        return dict(stream=self.stream.where(), stretch=self.stretch, left=self.left,
+                    rng=self.rng.bit_generator.state)
+
+    def restore(self, state: dict):
+        if state["stretch"]:
+            self.stream.seek_name(*state["stretch"][:2])
+            self.cut(state["stretch"][2], state["stretch"][3])
+        self.stream.seek_name(*state["stream"])
+        self.left, self.rng.bit_generator.state = state["left"], state["rng"]
+
+    def cut(self, n: int, seq_len: int):
+        """The next n tokens as the current stretch, its sequences in buckets by their scores."""
+        self.stretch = [*self.stream.where(), n, seq_len]
+        self.toks = self.stream.take(n)
+        k = self.left = (self.toks.size - 1) // seq_len
+        self.members = np.array_split(np.argsort(self.scores(k, seq_len), kind="stable"), self.n)
+
     def next_batch(self, global_tokens: int, seq_len: int, grad_accum_steps: int) -> tuple[Tensor, Tensor]:
         rows = global_tokens // (self.world_size * grad_accum_steps * seq_len)
         if self.left < rows:
-            self.toks = self.stream.take(max(self.stream.tokens.size, rows * seq_len + 1))
-            k = self.left = (self.toks.size - 1) // seq_len
-            self.members = np.array_split(np.argsort(self.scores(k, seq_len), kind="stable"), self.n)
+            self.cut(max(self.stream.tokens.size, rows * seq_len + 1), seq_len)
         w = self.weights() * np.array([len(m) > 0 for m in self.members])
         picks = [m[self.rng.integers(len(m))] for m in (self.members[b] for b in self.rng.choice(self.n, rows, p=w / w.sum()))]
         self.left -= rows
@@ -641,18 +724,34 @@ def use_flash(kernel: str, dtype: torch.dtype) -> bool:
     return kernel != "sdpa" and flash_attn_func is not None and dtype in (torch.bfloat16, torch.float16)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, kernel: str = "auto", docs: Tensor | None = None) -> Tensor:
-    """Causal GQA attention on (B, T, H, D) tensors of one dtype: flash-attn when use_flash, else SDPA. docs (B, T):
-    document ids; a query then sees only keys of its own document (flash-attn: each row cut into documents)."""
+DOC_MIN_TOKENS = 64  # flash-attn varlen cuts a row into at most T // 64 + 1 pieces (see doc_spans)
+
+
+def doc_spans(idx: Tensor) -> tuple[Tensor, Tensor]:
+    """DOC_MASK's documents of token rows (B, T), computed once per forward in fixed shapes with no host sync (so the
+    compiled graph stays whole): each token's document id (B, T), for SDPA's mask, and flash-attn varlen's cu_seqlens
+    ((B * K + 1,) int32): each row cut before every BOS into K = T // DOC_MIN_TOKENS + 1 pieces, the unused ones empty;
+    a row of more documents keeps its last ones in one piece (causal still, only not cut)."""
+    B, T = idx.shape
+    docs = torch.cumsum(idx == BOS_ID, 1)
+    pieces = docs - docs[:, :1] + 1  # pieces of the row up to each token: its first token starts one, every BOS after
+    nth = torch.arange(1, T // DOC_MIN_TOKENS + 2, device=idx.device).repeat(B, 1)
+    row = torch.arange(B, device=idx.device, dtype=torch.int32)[:, None]
+    starts = torch.searchsorted(pieces, nth, out_int32=True) + T * row  # nth piece's first token, or the row's end
+    return docs, F.pad(starts.flatten(), (0, 1), value=B * T)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, kernel: str = "auto", docs: tuple | None = None) -> Tensor:
+    """Causal GQA attention on (B, T, H, D) tensors of one dtype: flash-attn when use_flash, else SDPA. docs: doc_spans;
+    a query then sees only keys of its own document (flash-attn: the rows cut into documents)."""
     B, T, H, D = q.shape
     if use_flash(kernel, q.dtype) and docs is None:
         out = flash_attn_func(q, k, v, causal=True)
     elif use_flash(kernel, q.dtype) and flash_attn_varlen_func is not None:
-        starts = F.pad(docs[:, 1:] != docs[:, :-1], (1, 0), value=True).flatten()
-        cu = F.pad(torch.nonzero(starts)[:, 0], (0, 1), value=B * T).int()
+        cu = docs[1]
         out = flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, T, T, causal=True)
     else:
-        mask = None if docs is None else (docs[:, None, :, None] == docs[:, None, None, :]) & torch.ones(
+        mask = None if docs is None else (docs[0][:, None, :, None] == docs[0][:, None, None, :]) & torch.ones(
             T, T, dtype=torch.bool, device=q.device).tril()
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
                                            is_causal=docs is None, enable_gqa=k.size(2) != q.size(2))
@@ -677,7 +776,7 @@ class Attention(nn.Module):
             nn.init.zeros_(self.gate.weight)
             self.gate_scale = hp.attn_gate_scale
 
-    def forward(self, x: Tensor, ve: Tensor | None, docs: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, ve: Tensor | None, docs: tuple | None = None) -> Tensor:
         B, T, _ = x.shape
         q = self.q(x).view(B, T, self.h, self.d)
         k = self.k(x).view(B, T, self.kv, self.d)
@@ -728,13 +827,13 @@ class Block(nn.Module):
         parallel = 0 < hp.parallel_start <= layer  # lane mix: row 0 keeps each lane, rows 1-2 add attention and MLP
         self.lanes = nn.Parameter(torch.tensor([[1.1, 1.1], [1.0, 1.0], [1.0, 1.0]])) if parallel else None
 
-    def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None, docs: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None, docs: tuple | None = None) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.norm_scale, ve, docs)
         return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale)
 
-    def parallel(self, lanes: list[Tensor], x0: Tensor, ve: Tensor | None, docs: Tensor | None) -> list[Tensor]:
+    def parallel(self, lanes: list[Tensor], x0: Tensor, ve: Tensor | None, docs: tuple | None) -> list[Tensor]:
         """Parallel residual lanes: attention reads lane 0 (mixed with x0), the MLP lane 1, both at once; each lane
         keeps itself and takes both outputs through the learned 3x2 lane mix."""
         mix, w = self.resid_mix.to(x0.dtype), self.lanes.to(x0.dtype)
@@ -809,7 +908,7 @@ class GPT(nn.Module):
             g = torch.sigmoid(self.smear.to(x.dtype)) * (idx != BOS_ID)[..., None]
             x = (1 - g) * x + g * F.pad(x[:, :-1], (0, 0, 1, 0))
         x0, skips = x, []
-        docs = torch.cumsum(idx == BOS_ID, 1) if self.hp.doc_mask else None
+        docs = doc_spans(idx) if self.hp.doc_mask else None
         ve = self.ve_proj(self.ve_embed(idx)) if self.ve_layers else None
         order, lanes = self.layer_order(self.looping), None
         n_enc = len(order) // 2 if self.skip_weights is not None else 0
@@ -887,13 +986,16 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, eps: float = 1e-7, po
 class Muon(torch.optim.Optimizer):
     """Nesterov momentum, orthogonalized per matrix. Matrices go in buckets of one per rank: each rank computes its
     matrix's update and the bucket is all-reduced asynchronously (in comm_dtype: bf16 on CUDA, where the update is
-    already bf16) while the next bucket is computed."""
+    already bf16) while the next bucket is computed. compile: Newton-Schulz compiled, one graph per matrix shape."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float = 0.0,
-                 comm_dtype: torch.dtype = torch.float32, polar: bool = False, row_norm: bool = False):
+                 comm_dtype: torch.dtype = torch.float32, polar: bool = False, row_norm: bool = False,
+                 compile: bool = False):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay,
                                       polar=polar, row_norm=row_norm))
         self.comm_dtype = comm_dtype
+        self.orthogonalize = torch.compile(zeropower_via_newtonschulz5, dynamic=False) if compile else \
+            zeropower_via_newtonschulz5
 
     @torch.no_grad()
     def step(self):
@@ -910,7 +1012,7 @@ class Muon(torch.optim.Optimizer):
                     g = p.grad.add(buf, alpha=group["momentum"])  # nesterov
                     if group["row_norm"]:  # MuonEq-R
                         g = g / g.norm(dim=1, keepdim=True).clamp_min(1e-7)
-                    g = zeropower_via_newtonschulz5(g, steps=group["backend_steps"], polar=group["polar"])
+                    g = self.orthogonalize(g, steps=group["backend_steps"], polar=group["polar"])
                     offset = sum(q.numel() for q in bucket[:rank])
                     flat[offset:offset + p.numel()] = g.reshape(-1) * max(1.0, g.size(0) / g.size(1)) ** 0.5
                 pending.append((bucket, flat, dist.all_reduce(flat, async_op=True) if distributed else None))
@@ -940,7 +1042,7 @@ def build_optimizers(run: Run) -> list[torch.optim.Optimizer]:
                              weight_decay=hp.adam_wd, fused=run.device.type == "cuda")
     muon = Muon(matrices, lr=hp.matrix_lr, momentum=hp.muon_momentum, backend_steps=hp.muon_backend_steps,
                 weight_decay=hp.muon_wd, comm_dtype=torch.bfloat16 if run.device.type == "cuda" else torch.float32,
-                polar=hp.muon_polar, row_norm=hp.muon_row_norm)
+                polar=hp.muon_polar, row_norm=hp.muon_row_norm, compile=hp.compile and run.device.type == "cuda")
     for g in muon.param_groups:
         g["base_lr"] = hp.matrix_lr
     return [adam, muon]
@@ -1051,6 +1153,19 @@ def train_step(run: Run, loader, optimizers, ga: int, lr_mult: float, step: int)
 
 def compiled_graphs() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def agree_late(run: Run, flags: tuple[bool, ...], pending: tuple | None) -> tuple[tuple[bool, ...], tuple]:
+    """Flags of each rank's host clock (the wall-clock cap, LOOP_START's share of it) that every rank must act on at
+    the same step: MAX-reduced over the host (gloo) group asynchronously and acted on one step later, so no step waits
+    for the device (reading a device tensor drains its queue) or for the slowest rank. Returns the previous step's
+    agreed flags and this step's reduction in flight (pending, for the next call)."""
+    sent = torch.tensor(flags, dtype=torch.int32)
+    work = dist.all_reduce(sent, op=dist.ReduceOp.MAX, group=run.host_group, async_op=True)
+    if pending is None:
+        return (False,) * len(flags), (work, sent)
+    pending[0].wait()
+    return tuple(bool(v) for v in pending[1].tolist()), (work, sent)
 
 
 def train_budget(hp: Hyperparameters) -> float:
@@ -1326,14 +1441,18 @@ def gptq_codes(w: Tensor, H: Tensor, levels: Tensor, s: Tensor, hp: Hyperparamet
         return None, damp
     U, w, s = U.float(), w[:, perm].clone(), s[:, None]
     codes = torch.empty_like(w, dtype=torch.uint8)
-    for i in range(0, w.size(1), hp.gptq_block):
-        j = min(i + hp.gptq_block, w.size(1))
-        err = torch.empty_like(w[:, i:j])
-        for c in range(i, j):
-            codes[:, c:c + 1], v = nearest(w[:, c:c + 1] / s, levels)
-            err[:, c - i:c - i + 1] = e = (w[:, c:c + 1] - v * s) / U[c, c]
-            w[:, c:j] -= e * U[c, c:j]
-        w[:, j:] -= err @ U[i:j, j:]
+    tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False  # setup() allows TF32:
+    try:  # the block updates need full fp32, or rounding errors pile up over the columns
+        for i in range(0, w.size(1), hp.gptq_block):
+            j = min(i + hp.gptq_block, w.size(1))
+            err = torch.empty_like(w[:, i:j])
+            for c in range(i, j):
+                codes[:, c:c + 1], v = nearest(w[:, c:c + 1] / s, levels)
+                err[:, c - i:c - i + 1] = e = (w[:, c:c + 1] - v * s) / U[c, c]
+                w[:, c:j] -= e * U[c, c:j]
+            w[:, j:] -= err @ U[i:j, j:]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     return codes[:, torch.argsort(perm)], damp
 
 
@@ -1539,23 +1658,40 @@ def codecs() -> dict:
     return {c: fns for c, fns in table.items() if mods[c]}
 
 
-def encode_groups(groups: dict[str, np.ndarray], codec: str) -> tuple[dict, list[bytes]]:
+def sample_values(a: np.ndarray, n: int, slices: int = 16) -> np.ndarray:
+    """About n values of a in evenly spaced slices, so statistics that drift along it are all seen; a if n covers it."""
+    if n >= a.size:
+        return a
+    k = max(1, n // slices)
+    return np.concatenate([a[i:i + k] for i in np.linspace(0, a.size - k, slices).astype(np.int64)])
+
+
+def encode_groups(groups: dict[str, np.ndarray], codec: str, sample: int = 0) -> tuple[dict, list[bytes], dict]:
     """Each group's smallest (packing, codec) among the installed codecs (auto) or of CODEC; dense bit packing is
-    only tried at <= 4 bits, where it can help."""
-    cs, jobs = codecs(), {}
+    only tried at <= 4 bits, where it can help. auto with sample > 0 picks on ~sample bytes of each group
+    (sample_values), then only the pick compresses the whole group. Returns (header meta, buffers, per group the
+    values sampled and each candidate's bytes on them)."""
+    cs, jobs, meta, bufs, seen = codecs(), {}, {}, [], {}
     bits = {g: 16 if g in FP16_GROUPS else {"fd": 8, "pos": 3}.get(g) or int(g.lstrip("intqasp")) for g in groups}
-    packed = {(g, p): pack(a, p, bits[g]) for g, a in groups.items()
-              for p in (["shuffle"] if bits[g] == 16 else ["u8", "bits"][:1 + (bits[g] <= 4)])}
+    part = {g: sample_values(a, sample // a.itemsize) if codec == "auto" and sample else a for g, a in groups.items()}
     with ThreadPoolExecutor(os.cpu_count()) as pool:
-        for (g, p), b in packed.items():
-            for c in cs if codec == "auto" else [codec]:
-                jobs[g, p, c] = pool.submit(cs[c][0], b)
-    meta, bufs = {}, []
-    for g, a in groups.items():
-        (_, p, c), best = min(((k, j.result()) for k, j in jobs.items() if k[0] == g), key=lambda kv: len(kv[1]))
-        meta[g] = dict(codec=c, pack=p, bits=bits[g], n=a.size, raw=len(packed[g, p]), len=len(best))
-        bufs.append(best)
-    return meta, bufs
+        for g, a in part.items():
+            for p in ["shuffle"] if bits[g] == 16 else ["u8", "bits"][:1 + (bits[g] <= 4)]:
+                b = pack(a, p, bits[g])
+                for c in cs if codec == "auto" else [codec]:
+                    jobs[g, p, c] = len(b), pool.submit(cs[c][0], b)
+        tried = {g: {(p, c): len(j.result()) for (h, p, c), (_, j) in jobs.items() if h == g} for g in groups}
+        picks = {g: min(t, key=t.get) for g, t in tried.items()}
+        for g, (p, c) in picks.items():  # a sampled group: only its pick runs on all of it
+            if part[g] is not groups[g]:
+                b = pack(groups[g], p, bits[g])
+                jobs[g, p, c] = len(b), pool.submit(cs[c][0], b)
+        for g, a in groups.items():
+            raw, job = jobs[(g, *picks[g])]
+            bufs.append(job.result())
+            meta[g] = dict(codec=picks[g][1], pack=picks[g][0], bits=bits[g], n=a.size, raw=raw, len=len(bufs[-1]))
+            seen[g] = dict(values=part[g].size, bytes={"/".join(k): n for k, n in tried[g].items()})
+    return meta, bufs, seen
 
 
 def code_entropy(a: np.ndarray) -> float:
@@ -1584,6 +1720,50 @@ def narrower_spec(hp: Hyperparameters, model: nn.Module, excess: int) -> str | N
                 spec[r] = (f := parse_fmt(spec[r]))._replace(bits=f.bits - 1).tag
                 saved += params[r] // 8
     return ",".join(f"{r}:{t}" for r, t in spec.items()) if saved else None
+
+
+def set_step_params(hp: Hyperparameters, model: nn.Module) -> int:
+    """Weights in set-step formats (intN@K: step K row RMS / Q) if they are most of the quantized ones, else 0."""
+    state, n = model.state_dict(), [0, 0]
+    for name, (_, f) in quant_formats(hp, model).items():
+        if f.kind != "fp16":
+            n[f.kind == "int" and f.clip > 0] += state[name].numel()
+    return n[1] if n[1] >= n[0] else 0
+
+
+def widened(hp: Hyperparameters, factor: float) -> str:
+    """QUANT_SPEC with each intN@K entry's step (or QUANT_CLIP_SIGMAS's) factor times wider: intN@(K x factor)."""
+    spec = {r: parse_fmt(t, hp.quant_clip_sigmas) for r, t in parse_spec(hp.quant_spec).items()}
+    return ",".join(f"{r}:{f._replace(clip=round(f.clip * factor, 3)).tag if f.kind == 'int' and f.clip else f.tag}"
+                    for r, f in spec.items())
+
+
+QUANT_FIT_TRIALS = 4  # re-exports the set-step search may spend
+
+
+def fit_spec(hp: Hyperparameters, model: nn.Module, tried: list[list], room: int) -> tuple[str, float] | None:
+    """QUANT_FIT: the next (QUANT_SPEC, step factor) to export after those tried ([spec, model bytes, factor] each,
+    the first at QUANT_SPEC), or None to keep the last. Model bytes over room (the cap less the code): where set
+    steps hold most weights, all widen by one factor, each next one a secant of bytes on log factor through the
+    nearest trials (first: a doubled step saves 1 bit a weight), until one lands within QUANT_FIT_MARGIN..2x that
+    under room or QUANT_FIT_TRIALS re-exports are spent; then the largest that fit is kept. Else narrower_spec."""
+    (spec, size, _), margin, params = tried[-1], hp.quant_fit_margin, set_step_params(hp, model)
+    if not params:
+        nxt = size > room and narrower_spec(dataclasses.replace(hp, quant_spec=spec), model, size - room)
+        return (nxt, 1.0) if nxt else None
+    if tried[0][1] <= room or room - 2 * margin <= size <= room - margin:
+        return None
+    target = room - 1.5 * margin
+    over = sorted((t for t in tried if t[1] > target), key=lambda t: t[1])  # holds tried[0]
+    under = sorted((t for t in tried if t[1] <= target), key=lambda t: -t[1])
+    a, b, slope = over[0], (under or over[1:] or [None])[0], -params / 8 / math.log(2)  # bytes per unit log factor
+    if b and b[2] != a[2] and (sec := (b[1] - a[1]) / math.log(b[2] / a[2])) < 0:
+        slope = sec
+    f = round(a[2] * math.exp((target - a[1]) / slope), 4)
+    if len(tried) > QUANT_FIT_TRIALS or widened(hp, f) in (t[0] for t in tried):
+        best = max((t for t in reversed(tried) if t[1] <= room), key=lambda t: t[1], default=tried[-1])
+        return None if best[0] == spec else (best[0], best[2])
+    return widened(hp, f), f
 
 
 def lqer_topk(state: dict, fmts: dict, parts: dict, hessians: dict, hp: Hyperparameters, cache: dict) -> dict:
@@ -1649,11 +1829,11 @@ def export_artifact(model: nn.Module, hp: Hyperparameters, path: str | Path, hes
             groups.setdefault(g, []).append((p.half() if g in FP16_GROUPS else p).cpu().numpy().ravel())
         tensors.append([name, list(t.shape), f.tag])
     groups = {g: np.concatenate(a) for g, a in groups.items()}
-    meta, bufs = encode_groups(groups, hp.codec)
-    header, data = frame(ARTIFACT_MAGIC, dict(seed=hp.quant_seed, groups=meta, tensors=tensors, colmajor=colmajor), bufs)
-    write_atomic(path, data)
+    meta, bufs, seen = encode_groups(groups, hp.codec, hp.codec_sample_bytes)
+    header, parts = frame(ARTIFACT_MAGIC, dict(seed=hp.quant_seed, groups=meta, tensors=tensors, colmajor=colmajor), bufs)
+    write_atomic(path, data := b"".join(parts))
     for g, m in meta.items():
-        m["bits_per_value"] = round(8 * m["len"] / m["n"], 4)
+        m.update(bits_per_value=round(8 * m["len"] / m["n"], 4), sampled=seen[g])
         if g not in FP16_GROUPS:
             m["entropy_bits"] = round(code_entropy(groups[g]), 4)
     for r in roles.values():
@@ -1663,11 +1843,14 @@ def export_artifact(model: nn.Module, hp: Hyperparameters, path: str | Path, hes
                 seconds=round(time.perf_counter() - t0, 3))
 
 
-def frame(magic: bytes, header: dict, bufs: list[bytes]) -> tuple[bytes, bytes]:
-    """(header, file): magic, u32 header length, sha256 of the rest, JSON header, buffers. No pickle."""
+def frame(magic: bytes, header: dict, bufs: list) -> tuple[bytes, list]:
+    """(header, the file's parts): magic, u32 header length, sha256 of every byte after it and the length, JSON
+    header, buffers (bytes or arrays, which are not copied). No pickle."""
     head = json.dumps(header, separators=(",", ":")).encode()
-    body = head + b"".join(bufs)
-    return head, magic + len(head).to_bytes(4, "little") + hashlib.sha256(body).digest() + body
+    length, digest = len(head).to_bytes(4, "little"), hashlib.sha256(len(head).to_bytes(4, "little") + head)
+    for b in bufs:
+        digest.update(b)
+    return head, [magic + length + digest.digest(), head, *bufs]
 
 
 def unframe(path: str | Path, magic: bytes, what: str, fix: str) -> tuple[dict, bytes, int]:
@@ -1676,10 +1859,18 @@ def unframe(path: str | Path, magic: bytes, what: str, fix: str) -> tuple[dict, 
     data = path.read_bytes() if path.is_file() else b""
     if data[:4] != magic:
         raise ConfigError(f"{path}: {f'not a {what} (bad magic)' if data else 'missing or empty'}; {fix}")
+    digest = hashlib.sha256(data[4:8])
+    digest.update(memoryview(data)[40:])
+    if digest.digest() != data[8:40]:
+        raise ConfigError(f"{path}: corrupt, truncated or from an older train_gpt.py (checksum mismatch); {fix}")
     n = int.from_bytes(data[4:8], "little")
-    if hashlib.sha256(data[40:]).digest() != data[8:40]:
-        raise ConfigError(f"{path}: corrupt or truncated (checksum mismatch); {fix}")
-    return json.loads(data[40:40 + n]), data, 40 + n
+    try:
+        header = json.loads(data[40:40 + n])
+    except ValueError:  # the checksum holds but the bytes are no header: not written by train_gpt.py
+        header = None
+    if not isinstance(header, dict):
+        raise ConfigError(f"{path}: not a {what} (unreadable header); {fix}")
+    return header, data, 40 + n
 
 
 def read_groups(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
@@ -1778,9 +1969,14 @@ def window_logprobs(model: nn.Module, toks: Tensor, first: np.ndarray, ends: np.
     return model(toks[idx])[scored].float().log_softmax(-1), toks[idx + 1][scored]
 
 
-def eval_rows(hp: Hyperparameters, share: int = 1) -> int:
-    """Sequences per evaluation batch: EVAL_BATCH_SEQS, else VAL_BATCH_TOKENS / share worth of EVAL_SEQ_LEN rows."""
-    return hp.eval_batch_seqs or max(1, hp.val_batch_tokens // (share * hp.eval_seq_len))
+LOGIT_BUDGET = 1 << 28  # float32 logits one evaluation forward may hold (1 GiB): bounds memory at any vocabulary
+
+
+def eval_rows(hp: Hyperparameters, share: int = 1, width: int = 0) -> int:
+    """Sequences per evaluation batch: EVAL_BATCH_SEQS, else VAL_BATCH_TOKENS / share worth of EVAL_SEQ_LEN rows,
+    at most LOGIT_BUDGET logits of `width` (default EVAL_SEQ_LEN) positions."""
+    rows = max(1, hp.val_batch_tokens // (share * hp.eval_seq_len))
+    return hp.eval_batch_seqs or min(rows, max(1, LOGIT_BUDGET // ((width or hp.eval_seq_len) * hp.vocab_size)))
 
 
 def target_stats(lp: Tensor, tgt: Tensor, hint: Tensor | None) -> Tensor:
@@ -1940,32 +2136,60 @@ def note(run: Run, kind: str, key: tuple, params):
         run.observe(kind, key, float(sum((p.detach().double() * (1 + p.detach().double())).sum() for p in params)))
 
 
-def eval_ttt(run: Run, model: nn.Module, toks: Tensor, hint: Tensor | None = None, box: float = math.inf) -> Tensor:
+@dataclass(frozen=True)
+class TTTBudget:
+    """TTT's clock. The stage ends within `deadline` seconds of `t0` by construction: a document batch (or full TTT's
+    chunk) is adapted on only while what would be left still covers scoring everything after it plainly, at the
+    seconds per forward token-position TTT has measured (before that, `rate`: the roundtrip's); and adapting stops
+    after `adapt_seconds` (TTT_SECONDS)."""
+    deadline: float = math.inf
+    adapt_seconds: float = math.inf
+    rate: float = 0.0
+    clock: Callable[[], float] = time.perf_counter
+    t0: float = 0.0
+
+    def elapsed(self) -> float:
+        return self.clock() - self.t0
+
+    def fits(self, seconds: float) -> bool:
+        """Whether adapting may go on, if what it starts takes `seconds` (with the scoring that must follow)."""
+        return bool(self.elapsed() < self.adapt_seconds and self.elapsed() + seconds < self.deadline)
+
+
+SAFETY = 1.25  # the plain scoring still to come is budgeted at this multiple of its estimate
+
+
+def eval_ttt(run: Run, model: nn.Module, toks: Tensor, hint: Tensor | None = None, budget: TTTBudget = TTTBudget()) -> Tensor:
     """Score-first test-time training on a copy of the model: the sliding windows in chunks of TTT_CHUNK_TOKENS
     targets, each chunk scored first, then adapted on (never re-scored), so chunk c is scored with the weights
     adapted on chunks < c. full: every weight (or the last TTT_BLOCKS blocks'), TTT_OPTIMIZER and a cosine LR over the
-    chunks; every rank adapts
-    on the same chunk with all-reduced gradients, so all hold identical weights. Adapting stops once `box` seconds
-    have passed; later chunks are only scored. The audit observes each chunk's weights when scored and adapted."""
-    hp = run.hp
+    chunks; every rank adapts on the same chunk with all-reduced gradients, so all hold identical weights. Adapting
+    stops when the budget says so (all ranks together); later chunks are only scored. The audit observes each
+    chunk's weights when scored and adapted."""
+    hp, budget = run.hp, dataclasses.replace(budget, t0=budget.clock())
     model = copy.deepcopy(model)
     if hp.ttt_mode != "full":
-        return eval_ttt_lora(run, model.requires_grad_(False), toks, hint, box)
+        return eval_ttt_lora(run, model.requires_grad_(False), toks, hint, budget)
     W, first, ends = plan = sliding_plan(toks.numel() - 1, hp.eval_seq_len, hp.eval_stride)
     per, params = max(1, hp.ttt_chunk_tokens // hp.eval_stride), list(model.parameters())
     n_chunks = -(-len(ends) // per)
     opt = ttt_optimizer(hp, model)
     stats = torch.zeros(3, toks.numel() - 1, device=toks.device)
-    t0, adapting = time.perf_counter(), True
+    adapting, spent = True, [0.0, 0.0]  # seconds scoring, seconds adapting
     note(run, "adapt", (0, -1), params)
     for c in range(n_chunks):
         k0, k1 = c * per, min((c + 1) * per, len(ends))
         note(run, "score", (0, c), params)
+        t = budget.clock()
         score_windows(run, model, toks, plan, k0, k1, hint, stats)
-        adapting = adapting and c + 1 < n_chunks and not run.all_reduce(float(time.perf_counter() - t0 > box))[0]
+        spent[0] += budget.clock() - t
+        need = spent[1] / max(c, 1) + SAFETY * spent[0] / (c + 1) * (n_chunks - c - 1)
+        adapting = adapting and c + 1 < n_chunks and not run.all_reduce(float(not budget.fits(need)),
+                                                                         op=dist.ReduceOp.MAX)[0]
         if adapting:
-            lr = hp.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / (n_chunks - 1)))
+            t, lr = budget.clock(), hp.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / (n_chunks - 1)))
             adapt_full(run, model, opt, toks[first[k0]:ends[k1 - 1] + 1], lr)
+            spent[1] += budget.clock() - t
         note(run, "adapt", (0, c), params)
     if run.distributed:
         dist.all_reduce(stats)
@@ -2004,63 +2228,141 @@ def adapt_full(run: Run, model: nn.Module, opt: torch.optim.Optimizer, span: Ten
         opt.step()
 
 
-def eval_ttt_lora(run: Run, model: nn.Module, toks: Tensor, hint: Tensor | None, box: float) -> Tensor:
-    """TTT_MODE=lora: documents (cut before each boundary token; each also scores the next one's first token) in
-    batches of EVAL_BATCH_SEQS rows, longest first, shared out over ranks; each batch gets fresh adapters (lora_batch),
-    so ranks never communicate until the final all-reduce. TTT_MODE=phased: documents in their order, each round a
-    batch per rank; once the documents scored reach a phase boundary (TTT_PREFIX_DOCS split in TTT_PHASES), one
-    global SGD pass on every weight over all documents before it (all scored), then per-document LoRA goes on."""
-    hp, dev, M = run.hp, toks.device, toks.numel() - 1
-    starts = torch.unique(F.pad(torch.nonzero(torch.as_tensor(run.luts[2], device=dev)[toks[:-1]])[:, 0], (1, 0)))
-    lengths = torch.diff(starts, append=starts.new_full((1,), M))
-    per_batch, D, t0 = eval_rows(hp, 8), len(starts), time.perf_counter()  # rows train here: 1/8 of the scoring batch
-    stats, scored = torch.zeros(3, M, device=dev), torch.zeros(M, dtype=torch.bool, device=dev)
+TTT_PAD = 0.1  # a TTT batch's rows all run as long as its longest: padding at most this share of its token-positions
+
+
+def doc_positions(n: np.ndarray, c: int, L: int) -> np.ndarray:
+    """Token-positions of scoring documents of n targets chunk by chunk: chunk i (c targets) runs over the last
+    min((i + 1) c, L) tokens of the document up to its end (whole chunks: the last one padded)."""
+    k = -(-np.asarray(n, dtype=np.int64) // c)
+    m = np.minimum(k, L // c)
+    return c * m * (m + 1) // 2 + (k - m) * L
+
+
+def plain_chunk(n_max: int, L: int) -> int:
+    """The plain path's chunk for a batch whose longest document has n_max targets: the whole document in one window
+    (rounded up to 64, so few shapes), or windows of L."""
+    return min(L, -(-n_max // 64) * 64)
+
+
+def pack_batches(docs: np.ndarray, pos: np.ndarray, rows) -> list[np.ndarray]:
+    """Documents (longest first) in batches of at most rows(longest) documents, each batch's padding at most TTT_PAD
+    of its token-positions (pos: each document's own)."""
+    batches, cur, total = [], [], 0
+    for d in docs.tolist():
+        if cur and (len(cur) == rows(cur[0]) or total + pos[d] < (1 - TTT_PAD) * (len(cur) + 1) * pos[cur[0]]):
+            batches.append(np.array(cur))
+            cur, total = [], 0
+        cur.append(d)
+        total += pos[d]
+    return batches + [np.array(cur)] * bool(cur)
+
+
+def ttt_plan(lengths: np.ndarray, hp: Hyperparameters, world: int) -> list[list[list[np.ndarray]]]:
+    """lora/phased TTT's schedule, [phase][rank] -> batches of document indices. phased: phases end after documents
+    TTT_PREFIX_DOCS * k / TTT_PHASES (k = 1..TTT_PHASES), whatever follows them, so no score depends on how many
+    documents come later; lora: one phase. Within a phase documents go longest first into batches (pack_batches),
+    and each batch to the rank with the least work so far: the same batches at any world size."""
+    L, c = hp.eval_seq_len, min(hp.ttt_chunk_tokens, hp.eval_seq_len)
+    pos = doc_positions(lengths, c, L)
+    rows = lambda d: eval_rows(hp, 8, min(L, -(-int(lengths[d]) // c) * c))  # noqa: E731
+    cuts = {hp.ttt_prefix_docs * (k + 1) // hp.ttt_phases for k in range(hp.ttt_phases)} if hp.ttt_mode == "phased" else ()
+    plan, lo = [], 0
+    for hi in sorted(b for b in cuts if 0 < b < len(lengths)) + [len(lengths)]:
+        docs = lo + np.argsort(-lengths[lo:hi], kind="stable")
+        ranks, load = [[] for _ in range(world)], np.zeros(world)
+        for b in sorted(pack_batches(docs, pos, rows), key=lambda b: -len(b) * pos[b[0]]):
+            r = int(load.argmin())
+            ranks[r].append(b)
+            load[r] += len(b) * pos[b[0]]
+        plan.append(ranks)
+        lo = hi
+    return plan
+
+
+def doc_starts(run: Run, toks: Tensor) -> np.ndarray:
+    """Target index where each document starts: 0 and every boundary (BOS) token; it also scores the first token of
+    the next document."""
+    bos = torch.nonzero(torch.as_tensor(run.luts[2], device=toks.device)[toks[:-1]])[:, 0]
+    return torch.unique(F.pad(bos, (1, 0))).cpu().numpy()
+
+
+def ttt_work(hp: Hyperparameters, lengths: np.ndarray, plan: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per rank: token-positions to adapt and score by the plan (forward-equivalents: the scoring forward, then
+    TTT_EPOCHS x forward + backward ~ 3 x TTT_EPOCHS), and to score plainly; and each global pass's targets."""
+    c, L, E = min(hp.ttt_chunk_tokens, hp.eval_seq_len), hp.eval_seq_len, hp.ttt_epochs
+    adapt, plain = np.zeros(len(plan[0])), np.zeros(len(plan[0]))
+    for ranks in plan:
+        for r, batches in enumerate(ranks):
+            for b in batches:
+                n = int(lengths[b[0]])
+                adapt[r] += 3 * E * len(b) * doc_positions(n, c, L)
+                plain[r] += len(b) * doc_positions(n, plain_chunk(n, L), L)
+    ends = np.cumsum([sum(len(b) for bs in ranks for b in bs) for ranks in plan])[:-1]
+    return adapt, plain, np.array([lengths[:e].sum() for e in ends])
+
+
+def eval_ttt_lora(run: Run, model: nn.Module, toks: Tensor, hint: Tensor | None, budget: TTTBudget) -> Tensor:
+    """TTT_MODE=lora|phased: documents (cut before each boundary token) in the batches of ttt_plan, each batch with
+    fresh adapters (lora_batch), so ranks never communicate within a phase. phased: after each phase but the last,
+    one global SGD pass on every weight over all documents before its end (all scored). A batch is adapted on only
+    while the budget fits it and the plain scoring of this rank's batches after it; then the rest is scored plainly
+    (lora_batch without adapting, whole documents per window), so the stage ends inside the budget."""
+    hp, dev = run.hp, toks.device
+    starts = doc_starts(run, toks)
+    lengths = np.diff(starts, append=toks.numel() - 1)
+    plan = ttt_plan(lengths, hp, run.world_size)
+    stats, scored = torch.zeros(3, toks.numel() - 1, device=dev), torch.zeros(toks.numel() - 1, dtype=torch.bool, device=dev)
     gen = torch.Generator(device=dev).manual_seed(hp.seed)  # every document starts from the same adapters
     linears = [m for m in model.blocks.modules() if isinstance(m, CastedLinear)]
-    init = [torch.randn(hp.ttt_lora_rank, m.in_features, device=dev, generator=gen) / m.in_features ** 0.5
-            for m in linears]
-    batch = lambda bi, s, n: lora_batch(run, model, toks, s, n, linears, init, hint, stats, scored,  # noqa: E731
-                                        lambda: time.perf_counter() - t0 < box, bi)
-    if hp.ttt_mode == "lora":
-        share = slice(D * run.rank // run.world_size, D * (run.rank + 1) // run.world_size)
-        order = torch.argsort(lengths[share], descending=True, stable=True)
-        starts, lengths = starts[share][order], lengths[share][order]
-        for bi, b in enumerate(range(0, len(starts), per_batch)):
-            batch(bi, starts[b:b + per_batch], lengths[b:b + per_batch])
-    else:  # rounds of a batch per rank never straddle a boundary: the same result at any world size
-        bounds = sorted({min(D, hp.ttt_prefix_docs) * (i + 1) // hp.ttt_phases for i in range(hp.ttt_phases)} - {0, D})
-        lo, bi, R = 0, 0, per_batch * run.world_size
-        for b in bounds + [D]:
-            for r0 in range(lo, b, R):
-                mine = slice(min(b, r0 + run.rank * per_batch), min(b, r0 + (run.rank + 1) * per_batch))
-                batch(bi, starts[mine], lengths[mine])
-                bi += 1
-            if b < D and not run.all_reduce(float(time.perf_counter() - t0 > box))[0]:  # all ranks pass, or none
-                global_pass(run, model, toks[:int(starts[b]) + 1], scored, b)
-            lo = b
+    lora = linears, [torch.randn(hp.ttt_lora_rank, m.in_features, device=dev, generator=gen) / m.in_features ** 0.5
+                     for m in linears]
+    c, L, E = min(hp.ttt_chunk_tokens, hp.eval_seq_len), hp.eval_seq_len, hp.ttt_epochs
+    mine = [b for ranks in plan for b in ranks[run.rank]]
+    rest = np.cumsum([0] + [len(b) * doc_positions(lengths[b[0]], plain_chunk(lengths[b[0]], L), L)
+                            for b in mine[::-1]])[::-1]  # rest[j]: plain token-positions of my batches j, j+1, ..
+    done, adapted, rate, bi = [0.0, 0.0], 0, budget.rate, 0  # done: seconds and forward token-positions measured
+    for phase, ranks in enumerate(plan):
+        for b in ranks[run.rank]:
+            n_max = int(lengths[b[0]])
+            adapt_pos = 3 * E * len(b) * doc_positions(n_max, c, L)
+            adapt = budget.fits(rate * (adapt_pos + SAFETY * rest[bi + 1]))
+            chunk = c if adapt else plain_chunk(n_max, L)
+            t = budget.clock()
+            lora_batch(run, model, toks, (torch.as_tensor(starts[b], device=dev), torch.as_tensor(lengths[b], device=dev)),
+                       lora, hint, stats, scored, chunk, adapt, bi)
+            done[0] += budget.clock() - t
+            done[1] += adapt_pos if adapt else len(b) * doc_positions(n_max, chunk, L)
+            rate, adapted, bi = done[0] / done[1], adapted + adapt * len(b), bi + 1
+        if phase + 1 < len(plan):
+            end = int(sum(len(b) for ranks in plan[:phase + 1] for bs in ranks for b in bs))
+            span = toks[:int(starts[end]) + 1]
+            need = rate * (3 * E * (span.numel() - 1) / run.world_size + SAFETY * rest[bi])
+            if not run.all_reduce(float(not budget.fits(need)), op=dist.ReduceOp.MAX)[0]:  # all ranks pass, or none
+                global_pass(run, model, span, scored, end)
+    run.log(f"ttt {hp.ttt_mode}: {len(plan)} phase(s), rank 0 adapted on {adapted} of its {sum(len(b) for b in mine)} "
+            f"documents, the rest scored plainly; {budget.elapsed():.1f}s of a {budget.deadline:.0f}s deadline")
     if run.distributed:
         dist.all_reduce(stats)
     return stats
 
 
-def lora_batch(run: Run, model: nn.Module, toks: Tensor, s: Tensor, n: Tensor, linears: list, init: list,
-               hint: Tensor | None, stats: Tensor, scored: Tensor, adapting, bi: int):
-    """Documents at starts s, lengths n, one per row, each with fresh rank-TTT_LORA_RANK adapters on every attention
-    and MLP projection (base weights frozen). Chunk i (TTT_CHUNK_TOKENS targets of every document, with up to
-    EVAL_SEQ_LEN tokens of the document as context) is scored into stats (and `scored`), then trained on with AdamW
-    (TTT_LR, TTT_BETA2, TTT_WD) while adapting() holds."""
-    hp, dev, M = run.hp, toks.device, toks.numel() - 1
-    if not len(s):
-        return
-    L, c = hp.eval_seq_len, min(hp.ttt_chunk_tokens, hp.eval_seq_len)
+def lora_batch(run: Run, model: nn.Module, toks: Tensor, docs: tuple[Tensor, Tensor], lora: tuple[list, list],
+               hint: Tensor | None, stats: Tensor, scored: Tensor, c: int, adapt: bool, bi: int):
+    """Documents at starts s, lengths n (docs), one per row, each with fresh rank-TTT_LORA_RANK adapters on every
+    attention and MLP projection (lora: the modules and the A factors' initialization; base weights frozen). Chunk i
+    (c targets of every document, with up to EVAL_SEQ_LEN tokens of the document as context) is scored into stats
+    (and `scored`), then, if adapt, trained on with AdamW (TTT_LR, TTT_BETA2, TTT_WD)."""
+    (s, n), hp, dev, M = docs, run.hp, toks.device, toks.numel() - 1
+    L = hp.eval_seq_len
     T = -(-int(n.max()) // c) * c  # whole chunks, so a document's windows do not depend on its batch
     X = toks[(s[:, None] + torch.arange(T + 1, device=dev)).clamp_max(M)]  # past a document: causal, unscored
     ab = [(a.expand(len(s), -1, -1).clone(), torch.zeros(len(s), m.out_features, hp.ttt_lora_rank, device=dev))
-          for m, a in zip(linears, init)]
+          for m, a in zip(*lora)]
     adapters = [t.requires_grad_() for pair in ab for t in pair]
     hooks = [m.register_forward_hook(lambda m, inp, out, A=A, B=B: out + torch.einsum(
         "btr,bor->bto", torch.einsum("bti,bri->btr", inp[0], A.to(out.dtype)), B.to(out.dtype)))
-        for m, (A, B) in zip(linears, ab)]
+        for m, (A, B) in zip(lora[0], ab)]
     opt = torch.optim.AdamW(adapters, lr=hp.ttt_lr, betas=(0.9, hp.ttt_beta2), weight_decay=hp.ttt_wd)
     note(run, "adapt", (bi, -1), adapters)
     for i in range(T // c):
@@ -2069,14 +2371,14 @@ def lora_batch(run: Run, model: nn.Module, toks: Tensor, s: Tensor, n: Tensor, l
         live = (col >= i * c) & (col < n[:, None])
         pos, tgt = (s[:, None] + col)[live], X[:, col + 1][live]
         note(run, "score", (bi, i), adapters)
-        adapt = e < T and adapting()
-        for epoch in range(hp.ttt_epochs if adapt else 1):
-            with run.autocast(), torch.set_grad_enabled(adapt):
+        train = adapt and e < T
+        for epoch in range(hp.ttt_epochs if train else 1):
+            with run.autocast(), torch.set_grad_enabled(train):
                 lp = model(X[:, col])[live].float().log_softmax(-1)
             if epoch == 0:
                 stats[:, pos] = target_stats(lp.detach(), tgt, None if hint is None else hint[pos])
                 scored[pos] = True
-            if adapt:
+            if train:
                 opt.zero_grad()
                 (-lp.gather(1, tgt[:, None])).sum().backward()  # a sum: each row's gradient is its own
                 opt.step()
@@ -2086,9 +2388,9 @@ def lora_batch(run: Run, model: nn.Module, toks: Tensor, s: Tensor, n: Tensor, l
 
 
 def global_pass(run: Run, model: nn.Module, span: Tensor, scored: Tensor, docs: int):
-    """Phased TTT: one SGD pass (TTT_GLOBAL_LR, TTT_MOMENTUM, cosine over its chunks) on every weight over span, the
-    documents scored so far, in chunks of TTT_GLOBAL_CHUNK_TOKENS. The audit observes the span's targets that no rank
-    had scored yet (its ttt_weights: must be 0)."""
+    """Phased TTT: one SGD pass (TTT_GLOBAL_LR, TTT_MOMENTUM, cosine over its chunks, never 0) on every weight over
+    span, the documents scored so far, in chunks of TTT_GLOBAL_CHUNK_TOKENS. The audit observes the span's targets
+    that no rank had scored yet (its ttt_weights: must be 0)."""
     hp, n = run.hp, span.numel() - 1
     if run.observe is not None:
         seen = scored[:n].float()
@@ -2099,18 +2401,24 @@ def global_pass(run: Run, model: nn.Module, span: Tensor, scored: Tensor, docs: 
     opt, chunks = torch.optim.SGD(params, lr=hp.ttt_global_lr, momentum=hp.ttt_momentum), -(-n // hp.ttt_global_chunk_tokens)
     model.requires_grad_(True)
     for c in range(chunks):
-        lr = hp.ttt_global_lr * 0.5 * (1 + math.cos(math.pi * c / max(1, chunks - 1)))
+        lr = hp.ttt_global_lr * 0.5 * (1 + math.cos(math.pi * c / chunks))
         adapt_full(run, model, opt, span[c * hp.ttt_global_chunk_tokens:(c + 1) * hp.ttt_global_chunk_tokens + 1], lr)
     model.requires_grad_(False)
     run.log(f"ttt phased: global pass over {docs} documents ({n:,} targets, {chunks} steps)")
 
 
-def scoring_seconds(hp: Hyperparameters, M: int, roundtrip_s: float) -> tuple[float, float]:
-    """Estimated seconds to score M targets by sliding windows, and by TTT (full: the same windows; lora/phased: one
-    window per TTT_CHUNK_TOKENS chunk), from the roundtrip's seconds for M // EVAL_SEQ_LEN plain windows."""
-    L = hp.eval_seq_len
-    slide = roundtrip_s * len(sliding_plan(M, L, hp.eval_stride)[2]) / max(1, M // L)
-    return slide, slide if hp.ttt_mode == "full" else roundtrip_s * L / min(hp.ttt_chunk_tokens, L)
+def stage_estimates(hp: Hyperparameters, lengths: np.ndarray, world: int, rate: float) -> dict[str, float]:
+    """Seconds per stage at `rate` seconds per forward token-position on a rank (the roundtrip's), from each stage's
+    plan: sliding (its windows), ttt (its plan: adapting and scoring, the global passes; full: the sliding windows
+    plus TTT_EPOCHS x forward + backward of every target) and ttt_min, what the TTT stage needs at least (its plain
+    scoring: it stops adapting when the budget runs short)."""
+    M, L = int(lengths.sum()), hp.eval_seq_len
+    slide = rate * len(sliding_plan(M, L, hp.eval_stride)[2]) * min(L, M) / world
+    if hp.ttt_mode == "full":
+        return dict(sliding=slide, ttt=slide + rate * 3 * hp.ttt_epochs * M / world, ttt_min=slide)
+    adapt, plain, passes = ttt_work(hp, lengths, ttt_plan(lengths, hp, world))
+    glob = rate * 3 * hp.ttt_epochs * passes.sum() / world
+    return dict(sliding=slide, ttt=rate * adapt.max() + glob, ttt_min=SAFETY * rate * plain.max())
 
 
 @dataclass
@@ -2126,7 +2434,6 @@ class Scoring:
     pre: tuple | None = None
     stats: Tensor | None = None
     z: Tensor | None = None
-    box: float = math.inf
     ngram_s: float = 0.0
 
     def __post_init__(self):
@@ -2138,17 +2445,23 @@ class Scoring:
     def hint(self) -> Tensor | None:
         return None if self.pre is None else self.pre[1][1:]
 
-    def estimates(self) -> tuple[float, float]:
-        """Seconds to score the stream by sliding windows and by TTT, from the roundtrip stage's time."""
-        return scoring_seconds(self.run.hp, self.toks.numel() - 1, self.run.results["stages"]["roundtrip"]["seconds"])
+    @property
+    def rate(self) -> float:
+        """Seconds per forward token-position on a rank, as the roundtrip stage ran (0 before it has)."""
+        done = self.run.results["stages"].get("roundtrip")
+        return 1.0 / max(1, done["targets_per_s"]) if done else 0.0
+
+    def estimates(self) -> dict[str, float]:
+        return stage_estimates(self.run.hp, np.diff(doc_starts(self.run, self.toks), append=self.toks.numel() - 1),
+                               self.run.world_size, self.rate)
 
 
 @dataclass(frozen=True)
 class EvalStage:
-    """An evaluation stage: on(hp) says whether it runs, seconds(s) estimates its time, run(s) returns per-target
-    statistics (3, m) or NLL (m,). `sliding`: it scores every target by sliding windows, so its statistics feed the
-    n-gram stage; `instead_of`: it runs only in that stage's place, skipped once that one has run (TTT scores the
-    sliding windows itself)."""
+    """An evaluation stage: on(hp) says whether it runs, seconds(s) estimates the least time it needs, run(s) returns
+    per-target statistics (3, m) or NLL (m,). `sliding`: it scores every target by sliding windows, so its statistics
+    feed the n-gram stage; `instead_of`: it runs only in that stage's place, skipped once that one has run (TTT scores
+    the sliding windows itself)."""
     name: str
     on: Callable[[Hyperparameters], bool]
     seconds: Callable[[Scoring], float]
@@ -2157,11 +2470,11 @@ class EvalStage:
     instead_of: str = ""
 
 
-def ttt_seconds(s: Scoring) -> float:
-    """TTT's estimate; it adapts for at most TTT_SECONDS and only while the scoring and the n-gram stage still fit."""
-    score_s = s.estimates()[1]
-    s.box = s.run.all_reduce(min(s.run.hp.ttt_seconds, s.left() - 1.1 * score_s - s.ngram_s), op=dist.ReduceOp.MIN)[0]
-    return score_s + s.box if s.box > 0 else math.inf
+def ttt_stage(s: Scoring) -> Tensor:
+    """TTT with a budget of what is left of EVAL_BUDGET_SECONDS less the n-gram stage's estimate."""
+    hp = s.run.hp
+    budget = TTTBudget(s.left() - s.ngram_s, hp.ttt_seconds, s.rate)
+    return eval_ttt(s.run, s.trained, s.toks, s.hint, budget)
 
 
 def ngram_stage(s: Scoring) -> Tensor:
@@ -2172,9 +2485,9 @@ def ngram_stage(s: Scoring) -> Tensor:
 # The stages in order; evaluate and the audit both iterate this list. A new stage is one entry here.
 EVAL_STAGES = (
     EvalStage("roundtrip", lambda hp: True, lambda s: 0.0, lambda s: plain_windows(s.run, s.model, s.toks)),
-    EvalStage("ttt", lambda hp: hp.ttt_enabled, ttt_seconds,
-              lambda s: eval_ttt(s.run, s.trained, s.toks, s.hint, s.box), sliding=True),
-    EvalStage("sliding", lambda hp: True, lambda s: 1.1 * s.estimates()[0],
+    EvalStage("ttt", lambda hp: hp.ttt_enabled and hp.ttt_seconds > 0,
+              lambda s: s.estimates()["ttt_min"] + s.ngram_s, ttt_stage, sliding=True),
+    EvalStage("sliding", lambda hp: True, lambda s: 1.1 * s.estimates()["sliding"],
               lambda s: eval_sliding(s.run, s.model, s.toks, s.hint), sliding=True, instead_of="ttt"),
     EvalStage("ngram", lambda hp: hp.ngram_order > 0, lambda s: math.inf if s.stats is None else s.ngram_s, ngram_stage),
 )
@@ -2253,18 +2566,60 @@ def audit(run: Run, model: nn.Module, n_pos: int = 2) -> dict:
 ARTIFACT_CAP_BYTES = 16_000_000
 CODE = Path(__file__).read_bytes()  # read at start: the code that ran (launched from the packed file: that file)
 CODE_BYTES, CODE_FORM = len(CODE), "packed" if CODE.startswith(b"# packed train_gpt.py") else "readable"
+STOP_GRACE_S = 15.0  # after SIGTERM/SIGINT, the main thread's time to stop at a step boundary (torchrun kills at 30)
 
 
-def write_atomic(path: str | Path, data: bytes | str):
-    """Write to a temp file beside the target, then rename, so readers never see half a file."""
+class WriteFailed(OSError):
+    """A file could not be written (disk full, permissions); the message names it. The old file is intact."""
+
+
+class Interrupted(RuntimeError):
+    """SIGTERM/SIGINT stopped training at a step boundary, after the training state was saved."""
+
+
+def run_file(hp: Hyperparameters, ext: str) -> Path:
+    return Path(hp.log_dir) / f"{hp.run_id}.{ext}"
+
+
+def artifact_path(hp: Hyperparameters) -> Path:
+    return Path(hp.artifact_path) if hp.artifact_path else run_file(hp, "artifact")
+
+
+def reserve_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.reserve")
+
+
+def reserve(path: Path, size: int):
+    """size bytes allocated beside path, which write_atomic fills instead of a new temp file."""
+    with open(reserve_path(path), "ab") as f:
+        getattr(os, "posix_fallocate", lambda fd, _, n: os.ftruncate(fd, n))(f.fileno(), 0, size)
+
+
+def write_atomic(path: str | Path, data: bytes | str | list):
+    """data (bytes, text or buffers) to a temp file beside the target (its reserve, if any), then renamed: readers
+    never see half a file; a failure raises WriteFailed, the old file as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    spare = reserve_path(path)
+    tmp = spare if spare.is_file() else path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    size = tmp.stat().st_size if tmp == spare else 0
     try:
-        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "r+b" if tmp == spare else "wb") as f:
+            for part in data if isinstance(data, list) else [data.encode() if isinstance(data, str) else data]:
+                f.write(part)
+            f.truncate()
         os.replace(tmp, path)
-    finally:  # a failed write (disk full) leaves nothing behind
-        tmp.unlink(missing_ok=True)
+    except OSError as e:
+        raise WriteFailed(f"{path}: write failed ({e.strerror or e}); free disk space there or set LOG_DIR / "
+                          "ARTIFACT_PATH elsewhere") from None
+    finally:  # a failed write leaves no temp file behind (a reserve stays, still reserved)
+        if tmp != spare and tmp.exists():
+            tmp.unlink()
+    if size:  # the space comes back for the next write of this file
+        try:
+            reserve(path, size)
+        except OSError:
+            pass
 
 
 @dataclass
@@ -2281,6 +2636,9 @@ class Run:
     val_tokens: np.ndarray | None = None
     results: dict = field(default_factory=dict)
     observe: Callable | None = None  # the audit's hook: observe(kind, key, value) from inside the TTT loops
+    host_group: object = None  # process group of host-side (CPU) collectives: gloo beside NCCL; None: the default
+    lock: int | None = None  # the RUN_ID lock's file descriptor (rank 0 of a launched run)
+    stop_signal: int | None = None  # SIGTERM/SIGINT received: training stops at a step boundary
     cache: dict = field(default_factory=dict, init=False, repr=False)  # val_stream's copy, score's byte counts
 
     @property
@@ -2300,8 +2658,11 @@ class Run:
     def log(self, msg: str):
         if self.master:
             print(msg, flush=True)
-            with open(Path(self.hp.log_dir) / f"{self.hp.run_id}.txt", "a") as f:
-                f.write(msg + "\n")
+            try:
+                with open(run_file(self.hp, "txt"), "a") as f:
+                    f.write(msg + "\n")
+            except OSError as e:  # a full disk: the line is on stdout
+                print(f"WARNING: {run_file(self.hp, 'txt')}: cannot append ({e.strerror})", file=sys.stderr)
 
     def autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else torch.autocast("cpu", enabled=False)
@@ -2313,6 +2674,18 @@ class Run:
         return t.tolist()
 
 
+def gather_json(run: Run, obj) -> list:
+    """obj of every rank, in rank order: their JSON bytes, padded to the longest, in one all_gather (no pickle)."""
+    if not run.distributed:
+        return [obj]
+    data = json.dumps(obj).encode()
+    buf = torch.zeros(int(run.all_reduce(len(data), op=dist.ReduceOp.MAX)[0]), dtype=torch.uint8, device=run.device)
+    buf[:len(data)] = torch.tensor(list(data), dtype=torch.uint8)
+    out = [torch.empty_like(buf) for _ in range(run.world_size)]
+    dist.all_gather(out, buf)
+    return [json.loads(bytes(t.tolist()).rstrip(b"\0")) for t in out]
+
+
 def resolve_tokenizer(hp: Hyperparameters) -> str:
     if hp.tokenizer_path:
         return hp.tokenizer_path
@@ -2322,8 +2695,48 @@ def resolve_tokenizer(hp: Hyperparameters) -> str:
     return str(Path(hp.data_path).parent.parent / "tokenizers" / f"fineweb_{hp.vocab_size}_bpe.model")
 
 
-def setup(hp: Hyperparameters) -> Run:
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+def run_files(hp: Hyperparameters) -> list[Path]:
+    return [run_file(hp, "txt"), run_file(hp, "json"), run_file(hp, "ckpt"), artifact_path(hp)]
+
+
+def refuse_taken(hp: Hyperparameters):
+    """One run per RUN_ID: one whose files exist is refused unless OVERWRITE=1 (every rank, before any writes)."""
+    if hp.resume_from and Path(hp.resume_from).resolve() in {f.resolve() for f in run_files(hp)}:
+        raise ConfigError(f"RESUME_FROM={hp.resume_from} is this run's own file; give the resumed run its own RUN_ID")
+    if (old := [str(f) for f in run_files(hp) if f.exists()]) and not hp.overwrite:
+        raise ConfigError(f"RUN_ID={hp.run_id}: {', '.join(old)} exist(s); choose another RUN_ID, or set OVERWRITE=1 "
+                          "to replace them")
+
+
+def lock_run(hp: Hyperparameters) -> int:
+    """Rank 0's lock on LOG_DIR/RUN_ID.lock against a run of that RUN_ID started at the same time (the kernel drops
+    it with the process, however it ends); then OVERWRITE's old files go."""
+    lock = run_file(hp, "lock")
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise ConfigError(f"LOG_DIR={hp.log_dir}: cannot create {lock.name} ({e.strerror}); set LOG_DIR elsewhere") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise ConfigError(f"RUN_ID={hp.run_id}: another run holds {lock} now; choose another RUN_ID") from None
+    for f in run_files(hp):
+        f.unlink(missing_ok=True)
+    return fd
+
+
+def release(run: Run):
+    """What a launched run holds until it ends: the lock and the disk reserves."""
+    if run.lock is not None:
+        for f in (reserve_path(run_file(run.hp, "ckpt")), reserve_path(artifact_path(run.hp)), run_file(run.hp, "lock")):
+            f.unlink(missing_ok=True)
+        os.close(run.lock)
+        run.lock = None
+
+
+def init_device(rank: int, world: int) -> torch.device:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
@@ -2331,34 +2744,71 @@ def setup(hp: Hyperparameters) -> Run:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if world > 1:
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-    run = Run(hp, device, rank, world)
-    Path(hp.log_dir).mkdir(parents=True, exist_ok=True)
+    return device
+
+
+def setup(hp: Hyperparameters, launched: bool = False) -> Run:
+    """Process group, inputs checked, model built; nothing is written before every check has passed. launched (main):
+    the RUN_ID is claimed and the disk space reserved."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if launched:
+        refuse_taken(hp)
+    device = init_device(rank, world)
+    run = Run(hp, device, rank, world, host_group=dist.new_group(backend="gloo") if device.type == "cuda" and world > 1
+              else None)
+    hp.run_id = gather_json(run, hp.run_id)[0]  # one RUN_ID: each rank generates its own when none is given
+    notes = check_inputs(run) + unknown_variables(dict(os.environ))
+    torch.manual_seed(hp.seed)
+    np.random.seed(hp.seed)
+    run.model = GPT(hp).to(device)
+    run.lock = lock_run(hp) if launched and run.master else None
+    try:
+        check_disk(run, sum(p.numel() for p in run.model.parameters()))
+    except ConfigError:
+        release(run)
+        raise
+    cuda = device.type == "cuda"
     run.log(f"config: {json.dumps(dataclasses.asdict(hp), sort_keys=True)}")
     run.log(f"runtime: torch {torch.__version__} device {device} world_size {world} "
             f"attention {'flash-attn' if cuda and use_flash(hp.attn_kernel, torch.bfloat16) else 'sdpa'}")
     run.results.update(run_id=hp.run_id, seed=hp.seed, status="running", config=dataclasses.asdict(hp), stages={},
                        code_form=CODE_FORM, device=torch.cuda.get_device_name(device) if cuda else "cpu",
-                       world_size=world, torch=torch.__version__)
+                       world_size=world, torch=torch.__version__, params=sum(p.numel() for p in run.model.parameters()))
     run.log(f"code: {Path(__file__).name} {CODE_BYTES:,} bytes ({CODE_FORM}), counted in the artifact")
-    check_inputs(run)
-    torch.manual_seed(hp.seed)
-    np.random.seed(hp.seed)
-    run.model = GPT(hp).to(device)
-    n_params = sum(p.numel() for p in run.model.parameters())
-    run.results["params"] = n_params
-    run.log(f"model: {n_params:,} parameters")
-    need = 4 * n_params + 2 * ARTIFACT_CAP_BYTES  # the float32 checkpoint, the artifact and its temp file
-    for d in {Path(hp.log_dir), Path(hp.artifact_path or hp.log_dir).resolve().parent}:
-        if (free := shutil.disk_usage(d if d.is_dir() else Path(hp.log_dir)).free) < need:
-            raise ConfigError(f"{d}: {free:,} bytes free, the checkpoint and artifact need {need:,}; free disk space "
-                              "or set LOG_DIR / ARTIFACT_PATH elsewhere")
+    for note in notes:
+        run.log(note)
+    run.log(f"model: {run.results['params']:,} parameters")
     return run
 
 
-def check_inputs(run: Run):
-    """Everything the configured run will need, checked before training so a ten-minute run cannot die at the end:
-    attention kernel, codecs, validation and training shards, tokenizer and vocabulary."""
-    hp, cuda = run.hp, run.device.type == "cuda"
+def check_disk(run: Run, n_params: int):
+    """Room for the checkpoint (at most the training state: weights, EMA, SWA, two optimizer moments) and the
+    artifact: allocated now by a launched run, so a disk that fills later cannot lose them; else compared."""
+    hp = run.hp
+    if not run.master:  # rank 0 writes every file
+        return
+    need = {run_file(hp, "ckpt"): 4 * n_params * (3 + (hp.ema_decay > 0) + (hp.swa_every > 0)) + (1 << 20),
+            artifact_path(hp): ARTIFACT_CAP_BYTES}
+    for path, size in need.items():
+        d = path.resolve().parent
+        while not d.is_dir():
+            d = d.parent
+        try:
+            if run.lock is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                reserve(path, size)
+            elif (free := shutil.disk_usage(d).free) < sum(need.values()):
+                raise OSError(28, f"{free:,} bytes free")
+        except OSError as e:
+            raise ConfigError(f"{d}: {e.strerror}, the checkpoint and artifact need {sum(need.values()):,} bytes; "
+                              "free disk space or set LOG_DIR / ARTIFACT_PATH elsewhere") from None
+
+
+def check_inputs(run: Run) -> list[str]:
+    """Everything the configured run will need, checked before anything is written, so a ten-minute run cannot die
+    at the end: attention kernel, codecs, every shard's header, the vocabulary of the validation split and the first
+    training shard, tokenizer. Returns the warnings for the log."""
+    hp, cuda, notes = run.hp, run.device.type == "cuda", []
     if hp.attn_kernel == "flash" and not (cuda and flash_attn_func is not None):
         raise ConfigError("ATTN_KERNEL=flash: flash-attn is not importable here (or no CUDA); pip install flash-attn "
                           "(or FlashAttention-3's flash_attn_interface) or set ATTN_KERNEL=auto")
@@ -2366,136 +2816,267 @@ def check_inputs(run: Run):
         if hp.codec in missing:
             raise ConfigError(f"CODEC={hp.codec}: module {CODEC_MODULES[hp.codec]} is not installed; "
                               f"pip install {CODEC_MODULES[hp.codec]} or set CODEC=auto")
-        run.log(f"WARNING: codecs {', '.join(missing)} not installed; CODEC=auto chooses among the others")
-    run.val_tokens = load_val_tokens(hp.data_path, hp.eval_seq_len, hp.val_max_tokens)
+        notes.append(f"WARNING: codecs {', '.join(missing)} not installed; CODEC=auto chooses among the others")
+    run.val_tokens = load_val_tokens(hp.data_path, hp.eval_seq_len, hp.val_max_tokens, hp.vocab_size)
+    train_shards = shard_files(os.path.join(hp.data_path, "fineweb_train_*.bin"))
+    for f in train_shards[1:]:
+        shard_tokens(f)
+    load_data_shard(train_shards[0], hp.vocab_size)
     import sentencepiece as spm
     tok_path = resolve_tokenizer(hp)
     if not Path(tok_path).is_file():
         raise ConfigError(f"TOKENIZER_PATH={tok_path}: file not found; set TOKENIZER_PATH or build data with scripts/prepare_data.py")
-    run.luts = build_byte_luts(spm.SentencePieceProcessor(model_file=tok_path), hp.vocab_size)
-    first_train = shard_files(os.path.join(hp.data_path, "fineweb_train_*.bin"))[0]
-    for name, toks in (("validation", run.val_tokens), (Path(first_train).name, load_data_shard(first_train))):
-        if int(toks.max()) >= hp.vocab_size:
-            raise ConfigError(f"{hp.data_path}: {name} token {int(toks.max())} >= VOCAB_SIZE={hp.vocab_size}; "
-                              "the data and tokenizer/vocab do not match")
+    try:
+        run.luts = build_byte_luts(spm.SentencePieceProcessor(model_file=tok_path), hp.vocab_size)
+    except (RuntimeError, OSError, ConfigError) as e:
+        raise ConfigError(f"TOKENIZER_PATH={tok_path}: {str(e).strip().splitlines()[0]}") from None
+    return notes
 
 
-def train(run: Run):
+def prime(run: Run, optimizers: list, ga: int, pattern: str):
+    """WARMUP_STEPS: compile / warm the kernels of every graph the loop will run, then restore the initial state so
+    priming is free."""
+    hp = run.hp
+    saved = ([t.clone() for t in run.model.state_dict().values()], [o.state_dict() for o in optimizers])
+    loader, looping, qat_on = DistributedTokenLoader(pattern, run.rank, run.world_size, run.device), run.model.looping, False
+    phases = [(looping, False)] + [(True, False)] * (run.model.loop is not None and not looping)
+    phases += [(phases[-1][0], True)] * bool(hp.qat_threshold)  # each graph the loop will run, in its order:
+    for i in range(hp.warmup_steps):  # otherwise it compiles inside the timed window when looping or QAT starts
+        run.model.looping, qat = phases[i * len(phases) // hp.warmup_steps]
+        if qat and not qat_on:
+            set_qat(run, 0)
+            qat_on = True
+        train_step(run, loader, optimizers, ga, 1.0, i)
+        refresh_qat(run.model)
+    run.model.looping = looping
+    set_qat(run, None)
+    for t, s in zip(run.model.state_dict().values(), saved[0]):
+        t.copy_(s)
+    for o, s in zip(optimizers, saved[1]):
+        o.load_state_dict(s)
+
+
+@dataclass
+class Trainer:
+    """What the loop carries from step to step: what a training checkpoint saves."""
+    optimizers: list
+    loader: DistributedTokenLoader
+    averager: WeightAverager
+    step: int = 0
+    train_s: float = 0.0
+
+
+def train(run: Run, saved: tuple[dict, dict] | None = None):
+    """Train (saved: a training checkpoint's header and tensors, to go on from), then apply WEIGHT_AVG."""
     hp = run.hp
     ga = grad_accum_steps(hp, run.world_size)
     model = torch.compile(run.model, dynamic=False) if hp.compile else run.model
-    if run.distributed:  # no buffers to broadcast (Rotary keeps none), so none is broadcast per forward
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda" else None,
-                                                    broadcast_buffers=False)
+    if run.distributed:  # the model has no buffers (Rotary keeps none): DDP broadcasts nothing per forward
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda"
+                                                    else None)
     run.train_model = model
     optimizers = build_optimizers(run)
     pattern = os.path.join(hp.data_path, "fineweb_train_*.bin")
     set_qat(run, None)  # the state the loop starts in, so the graph primed for it is the one the loop uses
-    if hp.warmup_steps:  # prime compilation / kernels, then restore the initial state so priming is free
-        saved = ([t.clone() for t in run.model.state_dict().values()], [o.state_dict() for o in optimizers])
-        loader, looping, qat_on = DistributedTokenLoader(pattern, run.rank, run.world_size, run.device), run.model.looping, False
-        phases = [(looping, False)] + [(True, False)] * (run.model.loop is not None and not looping)
-        phases += [(phases[-1][0], True)] * bool(hp.qat_threshold)  # each graph the loop will run, in its order:
-        for i in range(hp.warmup_steps):  # otherwise it compiles inside the timed window when looping or QAT starts
-            run.model.looping, qat = phases[i * len(phases) // hp.warmup_steps]
-            if qat and not qat_on:
-                set_qat(run, 0)
-                qat_on = True
-            train_step(run, loader, optimizers, ga, 1.0, i)
-            refresh_qat(run.model)
-        run.model.looping = looping
-        set_qat(run, None)
-        for t, s in zip(run.model.state_dict().values(), saved[0]):
-            t.copy_(s)
-        for o, s in zip(optimizers, saved[1]):
-            o.load_state_dict(s)
+    if hp.warmup_steps:
+        prime(run, optimizers, ga, pattern)
     loader = (CurriculumLoader(pattern, run) if hp.curriculum_buckets else
               DistributedTokenLoader(pattern, run.rank, run.world_size, run.device))
-    cap = train_budget(hp)
-    sched = Schedule(hp.iterations, hp.warmdown_iters, hp.lr_warmup_steps, cap, hp.warmdown_frac, hp.min_lr)
-    averager = WeightAverager(run.model, hp)
+    tr, cap = Trainer(optimizers, loader, WeightAverager(run.model, hp)), train_budget(hp)
+    if saved:
+        restore_training(run, tr, *saved)
     run.log(f"train: grad_accum {ga}, {hp.train_batch_tokens} tokens/step, {hp.iterations} iterations, "
             f"wall-clock cap {cap:.0f}s")
-    step, train_s, stop, graphs = 0, 0.0, False, compiled_graphs()
-    t0 = time.perf_counter()
-    while step < hp.iterations and not stop:
-        lr_mult, loader.progress = sched.lr_mult(step, train_s), sched.progress(step, train_s)
-        loss = train_step(run, loader, optimizers, ga, lr_mult, step)
-        late_mult = sched.warmdown_mult(step, lr_mult)
-        averager.update(step, late_mult)
-        on_train_step(run, step, late_mult)
-        step += 1
-        train_s = time.perf_counter() - t0
-        loop_due = bool(run.model.loop) and not run.model.looping and (
-            train_s / cap if cap else step / hp.iterations) >= hp.loop_start
-        capped = cap > 0 and train_s >= cap  # every rank stops (and starts looping) on the same step
-        stop, loop_now = (v > 0 for v in run.all_reduce(float(capped), float(loop_due), op=dist.ReduceOp.MAX))
-        if loop_now:
-            run.model.looping, run.results["looping_from_step"] = True, step + 1
-            run.log(f"loop: from step {step + 1}, layers {hp.loop_layers} run {hp.loop_count} times")
-        if step % hp.train_log_every == 0 or step == hp.iterations or stop:
-            loss_v = run.all_reduce(loss.item())[0] / run.world_size
-            if not math.isfinite(loss_v):
-                raise TrainingDiverged(f"train loss is {loss_v} at step {step}; lower the learning rates or check the data")
-            tok_s = step * hp.train_batch_tokens / train_s
-            eta = (hp.iterations - step) * train_s / step
-            run.log(f"step {step}/{hp.iterations} loss {loss_v:.4f} lr_mult {lr_mult:.3f} tok/s {tok_s:,.0f} "
-                    f"ms/step {1000 * train_s / step:.1f} eta {eta:.0f}s")
-        if hp.val_loss_every and step % hp.val_loss_every == 0:
-            loss_v, bpb = eval_plain(run, run.model)
-            run.log(f"step {step} val_loss {loss_v:.4f} val_bpb {bpb:.4f}")
-            t0 = time.perf_counter() - train_s  # evaluation time is not training time
-    if stop:
-        run.log(f"stopping at step {step}: wall-clock cap {cap:.0f}s reached")
+    graphs = compiled_graphs()
+    if train_loop(run, tr, Schedule(hp.iterations, hp.warmdown_iters, hp.lr_warmup_steps, cap, hp.warmdown_frac,
+                                    hp.min_lr), ga, cap):
+        run.log(f"stopping at step {tr.step}: wall-clock cap {cap:.0f}s reached")
     if hp.compile:  # each graph compiled inside the timed loop cost seconds of training
         run.results["recompiles_in_loop"] = recompiles = compiled_graphs() - graphs
         if recompiles:
             run.log(f"WARNING: {recompiles} graph(s) compiled inside the timed loop; see scripts/preflight.py")
-    used = averager.apply(hp.weight_avg)
-    run.results.update(steps=step, train_loop_seconds=round(train_s, 3), weights=used)
-    run.log(f"train: done, {step} steps in {train_s:.1f}s; exporting {used} weights")
+    used = tr.averager.apply(hp.weight_avg)
+    run.results.update(steps=tr.step, train_loop_seconds=round(tr.train_s, 3), weights=used)
+    run.log(f"train: done, {tr.step} steps in {tr.train_s:.1f}s; exporting {used} weights")
+
+
+def ckpt_due(hp: Hyperparameters, step: int, since_s: float) -> tuple[bool, bool]:
+    """CKPT_EVERY due by each rank's clock (Ns: seconds since the last one; the ranks agree on it) and by the step (N:
+    the same on every rank); never at the end, where the final checkpoint follows."""
+    every, clock = int(hp.ckpt_every.rstrip("s") or 0), hp.ckpt_every.endswith("s")
+    due = 0 < every and step < hp.iterations
+    return due and clock and since_s >= every, due and not clock and step % every == 0
+
+
+def train_loop(run: Run, tr: Trainer, sched: Schedule, ga: int, cap: float) -> bool:
+    """Steps until ITERATIONS or the wall-clock cap (then returns True). What each rank's clock or a signal decides
+    (the cap, LOOP_START of the cap, a CKPT_EVERY of seconds, SIGTERM/SIGINT: the training state is saved, Interrupted
+    raised) every rank acts on at the same step (agree_late); the loss is checked every 10 steps and at each log."""
+    hp, capped, stopped, last_ckpt_s, pending = run.hp, False, False, tr.train_s, None
+    t0 = time.perf_counter() - tr.train_s
+    while tr.step < hp.iterations and not (capped or stopped):
+        step = tr.step
+        lr_mult, tr.loader.progress = sched.lr_mult(step, tr.train_s), sched.progress(step, tr.train_s)
+        loss = train_step(run, tr.loader, tr.optimizers, ga, lr_mult, step)
+        late_mult = sched.warmdown_mult(step, lr_mult)
+        tr.averager.update(step, late_mult)
+        on_train_step(run, step, late_mult)
+        step, train_s = step + 1, time.perf_counter() - t0
+        tr.step, tr.train_s = step, train_s
+        run.results.update(steps=step, train_loop_seconds=round(train_s, 3))  # what an interrupted run reports
+        loop_due = bool(run.model.loop) and not run.model.looping and (
+            train_s / cap if cap else step / hp.iterations) >= hp.loop_start
+        by_clock, by_step = ckpt_due(hp, step, train_s - last_ckpt_s)
+        flags = (cap > 0 and train_s >= cap, loop_due, run.stop_signal is not None, by_clock)
+        if run.distributed:  # flags of each rank's clock or signals: every rank acts on them at the same step
+            flags, pending = agree_late(run, flags, pending)
+        capped, loop_now, stopped, by_clock = flags
+        if (loop_now if cap else loop_due) and not run.model.looping:  # without a cap: the same step on every rank
+            run.model.looping, run.results["looping_from_step"] = True, step + 1
+            run.log(f"loop: from step {step + 1}, layers {hp.loop_layers} run {hp.loop_count} times")
+        log_now = step % hp.train_log_every == 0 or step == hp.iterations or capped or stopped
+        if log_now or step % 10 == 0:
+            check_loss(run, loss, step, train_s, lr_mult, log_now)
+        if by_step or (by_clock and step < hp.iterations):
+            save_training(run, tr)
+            last_ckpt_s = train_s
+        if hp.val_loss_every and step % hp.val_loss_every == 0:
+            loss_v, bpb = eval_plain(run, run.model)
+            run.log(f"step {step} val_loss {loss_v:.4f} val_bpb {bpb:.4f}")
+            t0 = time.perf_counter() - train_s  # evaluation time is not training time
+    if pending:
+        pending[0].wait()
+    if stopped:
+        hint = f"; RESUME_FROM={run_file(hp, 'ckpt')} trains on from there" if save_training(run, tr) else ""
+        raise Interrupted(f"stopped by {signal_name(run)} at step {tr.step}/{hp.iterations} after {tr.train_s:.1f}s{hint}")
+    return capped
+
+
+def check_loss(run: Run, loss: Tensor, step: int, train_s: float, lr_mult: float, log: bool):
+    """The mean loss over the ranks: TrainingDiverged if it is not finite; log: the step's line."""
+    hp = run.hp
+    loss_v = run.all_reduce(loss.item())[0] / run.world_size
+    if not math.isfinite(loss_v):
+        raise TrainingDiverged(f"train loss is {loss_v} at step {step}; lower the learning rates or check the data")
+    if log:
+        tok_s, eta = step * hp.train_batch_tokens / train_s, (hp.iterations - step) * train_s / step
+        run.log(f"step {step}/{hp.iterations} loss {loss_v:.4f} lr_mult {lr_mult:.3f} tok/s {tok_s:,.0f} "
+                f"ms/step {1000 * train_s / step:.1f} eta {eta:.0f}s")
+
+
+def signal_name(run: Run) -> str:
+    return signal.Signals(run.stop_signal).name if run.stop_signal else "a signal to another rank"
 
 
 CKPT_MAGIC = b"PGW1"
 
 
+def write_checkpoint(run: Run, tensors: dict[str, Tensor], **header) -> bool:
+    """Rank 0 writes LOG_DIR/RUN_ID.ckpt: configuration, results, header, then the tensors raw (name, shape, dtype in
+    the header). A failed write is one ERROR line and results["checkpoint_error"]; the run goes on. Returns whether
+    it was written, on every rank."""
+    error = None
+    if run.master:
+        arrays = {k: (v.detach().float() if v.is_floating_point() else v).cpu().contiguous().numpy()
+                  for k, v in tensors.items()}
+        header.update(config=dataclasses.asdict(run.hp), results=run.results,
+                      tensors=[[k, list(a.shape), a.dtype.str] for k, a in arrays.items()])
+        try:
+            write_atomic(run_file(run.hp, "ckpt"), frame(CKPT_MAGIC, header, [a.reshape(-1).view(np.uint8)
+                                                                              for a in arrays.values()])[1])
+        except WriteFailed as e:
+            error = run.results["checkpoint_error"] = str(e)
+            run.log(f"ERROR: checkpoint: {e}; the weights are still in memory and the run goes on")
+    return not run.all_reduce(float(error is not None))[0]
+
+
 def save_checkpoint(run: Run):
     """The trained, averaged float32 weights and the results so far, before export (LOG_DIR/RUN_ID.ckpt): a crash in
     export or evaluation loses nothing, RESUME_FROM=that file finishes the run with the same results."""
-    t0, path = time.perf_counter(), Path(run.hp.log_dir) / f"{run.hp.run_id}.ckpt"
-    if run.master:
-        state = {k: v.detach().float().cpu().contiguous() for k, v in run.model.state_dict().items()}
-        header = dict(config=dataclasses.asdict(run.hp), results=run.results,
-                      tensors=[[k, list(v.shape)] for k, v in state.items()])
-        write_atomic(path, frame(CKPT_MAGIC, header, [v.numpy().tobytes() for v in state.values()])[1])
-    if run.distributed:
-        dist.barrier()
-    run.results.update(checkpoint_path=str(path), checkpoint_seconds=round(time.perf_counter() - t0, 3))
-    run.log(f"checkpoint: {path} in {run.results['checkpoint_seconds']:.1f}s; RESUME_FROM={path} reruns export and evaluation")
+    t0, path = time.perf_counter(), run_file(run.hp, "ckpt")
+    if write_checkpoint(run, run.model.state_dict()):
+        run.results.update(checkpoint_path=str(path), checkpoint_seconds=round(time.perf_counter() - t0, 3))
+        run.log(f"checkpoint: {path} in {run.results['checkpoint_seconds']:.1f}s; RESUME_FROM={path} reruns export "
+                "and evaluation")
+
+
+def save_training(run: Run, tr: Trainer) -> bool:
+    """All that training needs to go on exactly (CKPT_EVERY, a signal): weights, EMA/SWA, optimizer states (Muon's
+    gathered from the rank that updates each matrix), every rank's loader state, the torch RNG, step and seconds."""
+    t0, avg, tensors, groups = time.perf_counter(), tr.averager, dict(run.model.state_dict()), []
+    tensors.update({f"ema/{i}": t for i, t in enumerate(avg.ema or [])} | {f"swa/{i}": t for i, t in enumerate(avg.swa or [])})
+    for j, opt in enumerate(tr.optimizers):
+        groups.append(opt.state_dict()["param_groups"])
+        for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
+            state = opt.state.get(p, {})
+            if isinstance(opt, Muon) and run.distributed:  # one group: matrix i is updated by rank i % world
+                state = dict(momentum_buffer=state.get("momentum_buffer", torch.zeros_like(p)).clone())
+                dist.all_reduce(state["momentum_buffer"])  # zeros from the others
+            tensors.update({f"opt{j}/{i}/{k}": v for k, v in state.items()})
+    tensors["rng/torch"] = torch.get_rng_state()
+    ok = write_checkpoint(run, tensors, train=dict(step=tr.step, train_s=tr.train_s, optimizers=groups,
+                                                   swa_count=avg.swa_count, loaders=gather_json(run, tr.loader.state())))
+    if ok:
+        run.results["checkpoint_path"] = str(run_file(run.hp, "ckpt"))
+        run.log(f"checkpoint: training state at step {tr.step} in {time.perf_counter() - t0:.1f}s; "
+                f"RESUME_FROM={run_file(run.hp, 'ckpt')} trains on from it")
+    return ok
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, Tensor]]:
     header, data, pos = unframe(path, CKPT_MAGIC, "train_gpt.py checkpoint",
                                 "point RESUME_FROM at the LOG_DIR/RUN_ID.ckpt a training run wrote")
-    state = {}
-    for name, shape in header["tensors"]:
-        n = math.prod(shape)
-        state[name] = torch.from_numpy(np.frombuffer(data, "<f4", n, pos).reshape(shape).copy())
-        pos += 4 * n
-    return header, state
+    tensors = {}
+    for name, shape, dtype in header["tensors"]:
+        a = np.frombuffer(data, dtype, math.prod(shape), pos)
+        tensors[name] = torch.from_numpy(a.reshape(shape).copy())
+        pos += a.nbytes
+    return header, tensors
 
 
-def resume(run: Run):
-    """RESUME_FROM: the checkpoint's weights and training results instead of training (its configuration was
-    taken by load_hparams)."""
-    header, state = read_checkpoint(run.hp.resume_from)
+def load_weights(run: Run, header: dict, tensors: dict[str, Tensor]):
+    """A checkpoint's weights (its tensors without a '/' in the name) and the results it saved, into this run."""
     try:
-        run.model.load_state_dict(state)
+        run.model.load_state_dict({k: v for k, v in tensors.items() if "/" not in k})
     except RuntimeError as e:
         raise ConfigError(f"RESUME_FROM={run.hp.resume_from}: weights do not fit the configured model "
                           f"({str(e).splitlines()[0]}); do not override shape variables when resuming") from None
-    run.results.update({k: v for k, v in header["results"].items() if k not in ("status", "config", "stages")})
+    run.results.update({k: v for k, v in header["results"].items() if k not in run.results})
     run.model.looping = run.model.looping or "looping_from_step" in run.results
+
+
+def restore_training(run: Run, tr: Trainer, header: dict, tensors: dict[str, Tensor]):
+    """What save_training wrote, into a freshly built run of the same number of processes."""
+    state = header["train"]
+    if len(state["loaders"]) != run.world_size:
+        raise ConfigError(f"RESUME_FROM={run.hp.resume_from}: saved by {len(state['loaders'])} processes, this run has "
+                          f"{run.world_size}; launch with --nproc_per_node={len(state['loaders'])}")
+    load_weights(run, header, tensors)
+    avg = tr.averager
+    for i, t in enumerate(avg.ema or []):
+        t.copy_(tensors[f"ema/{i}"])
+    if "swa/0" in tensors:
+        avg.swa = [tensors[f"swa/{i}"].to(run.device) for i in range(len(avg.params))]
+    for j, (opt, groups) in enumerate(zip(tr.optimizers, state["optimizers"])):
+        saved = {}
+        for name, v in tensors.items():
+            if name.startswith(f"opt{j}/"):
+                _, i, key = name.split("/")
+                if not isinstance(opt, Muon) or int(i) % run.world_size == run.rank:  # Muon: its rank's matrices
+                    saved.setdefault(int(i), {})[key] = v
+        opt.load_state_dict(dict(state=saved, param_groups=groups))
+    torch.set_rng_state(tensors["rng/torch"])
+    tr.loader.restore(state["loaders"][run.rank])
+    tr.step, tr.train_s, avg.swa_count = state["step"], state["train_s"], state["swa_count"]
+    if stages := run.results.get("qat_stages"):
+        set_qat(run, stages[-1][1])
+    run.log(f"resume: {run.hp.resume_from} at step {tr.step}/{run.hp.iterations}; training goes on")
+
+
+def resume(run: Run, header: dict, tensors: dict[str, Tensor]):
+    """RESUME_FROM a finished training's checkpoint: its weights and results instead of training (its configuration
+    was taken by load_hparams)."""
+    load_weights(run, header, tensors)
     run.log(f"resume: {run.hp.resume_from}, {run.results.get('steps')} steps trained; training skipped")
 
 
@@ -2503,7 +3084,7 @@ def export(run: Run):
     """GPTQ calibration, quantize, write the artifact, count its bytes (all train time: it reads training data and
     makes the artifact), then reload it into a fresh model, compiled for evaluation."""
     hp, t0 = run.hp, time.perf_counter()
-    path = Path(hp.artifact_path or Path(hp.log_dir) / f"{hp.run_id}.artifact")
+    path = artifact_path(hp)
     set_qat(run, None)  # QAT's weights are of the raw weights; export takes the averaged ones
     sort = column_major(hp, quant_formats(hp, run.model))
     for name, m in run.model.named_modules():  # before calibration: the Hessians see the sorted units
@@ -2514,26 +3095,27 @@ def export(run: Run):
         run.results["gptq_calib_seconds"] = calib_s = round(time.perf_counter() - t0, 3)
         run.log(f"gptq: Hessians of {len(hessians)} layers from {run.results['gptq_tokens_used']:,} train tokens "
                 f"in {calib_s:.1f}s")
-    qhp, tried, cache = hp, [], {}
-    while True:  # QUANT_FIT: every rank sees the same byte count, so all take the same narrower spec
+    qhp, tried, cache, fit, room = hp, [], {}, (hp.quant_spec, 1.0), ARTIFACT_CAP_BYTES - CODE_BYTES
+    while True:  # QUANT_FIT: every rank sees the same byte count, so all take the same next spec
         report = export_artifact(run.model, qhp, path, hessians, cache) if run.master else dict(bytes=0)
         if run.distributed:
             dist.barrier()
         model_bytes = int(run.all_reduce(report["bytes"])[0])
-        tried.append([qhp.quant_spec, model_bytes])
-        excess = CODE_BYTES + model_bytes - ARTIFACT_CAP_BYTES
-        if excess <= 0 or not hp.quant_fit or not (spec := narrower_spec(qhp, run.model, excess)):
+        tried.append([qhp.quant_spec, model_bytes, fit[1]])
+        if not hp.quant_fit or not (fit := fit_spec(hp, run.model, tried, room)):
             break
-        qhp = dataclasses.replace(hp, quant_spec=spec)
-        run.log(f"export: {excess:,} bytes over the cap; QUANT_FIT re-exports with QUANT_SPEC={spec}")
+        qhp = dataclasses.replace(hp, quant_spec=fit[0])
+        run.log(f"export: {model_bytes - room:+,} bytes against the cap; QUANT_FIT re-exports with QUANT_SPEC={fit[0]}")
+    excess = CODE_BYTES + model_bytes - ARTIFACT_CAP_BYTES
     if len(tried) > 1:
         run.results["quant_fit"] = tried
     if run.master:
         run.results["quant"] = report
         for g, m in report["groups"].items():
             ent = f", code entropy {m['entropy_bits']:.3f}" if "entropy_bits" in m else ""
+            pick = f" (picked on {m['sampled']['values']:,} sampled values)" * (m["sampled"]["values"] < m["n"])
             run.log(f"quant {g}: {m['n']:,} values -> {m['len']:,} bytes ({m['bits_per_value']:.3f} bits/value{ent}) "
-                    f"{m['codec']}/{m['pack']}")
+                    f"{m['codec']}/{m['pack']}{pick}")
         run.log("quant rel. MSE: " + ", ".join(f"{k} {r['rel_mse']:.2e}" for k, r in report["roles"].items())
                 + f"; quantized and compressed in {report['seconds']:.1f}s")
         for name, how in report["gptq_fallbacks"].items():
@@ -2545,7 +3127,7 @@ def export(run: Run):
     account_time(run, time.perf_counter() - t0)
     if excess > 0:
         run.results["status"] = "over_cap"
-        run.log(f"ERROR: artifact is {excess:,} bytes over the cap{' at the QUANT_FIT floor (int4)' * hp.quant_fit}; "
+        run.log(f"ERROR: artifact is {excess:,} bytes over the cap{' after QUANT_FIT' * hp.quant_fit}; "
                 "use lower-bit formats or a smaller model")
     fresh = GPT(hp).to(run.device)
     fresh.load_state_dict(load_artifact(path))
@@ -2613,39 +3195,111 @@ def evaluate(run: Run):
 
 def report(run: Run):
     if run.master:
-        write_atomic(Path(run.hp.log_dir) / f"{run.hp.run_id}.json", json.dumps(run.results, indent=2, default=str))
-        run.log(f"results: {Path(run.hp.log_dir) / (run.hp.run_id + '.json')} status {run.results['status']} "
-                f"val_bpb {run.results.get('val_bpb', float('nan')):.4f}")
+        path = run_file(run.hp, "json")
+        try:
+            write_atomic(path, json.dumps(run.results, indent=2, default=str))
+        except WriteFailed as e:
+            print(f"error: results: {e}", file=sys.stderr)
+        run.log(f"results: {path} status {run.results['status']} val_bpb {run.results.get('val_bpb', float('nan')):.4f}")
+
+
+class Stop:
+    """SIGTERM/SIGINT set run.stop_signal: every rank stops at the next step boundary, saves the training state and
+    reports `interrupted`. Python runs handlers only between the main thread's bytecodes, and it may be stuck in a
+    collective whose peer died, so a thread woken by the signal's wakeup byte writes rank 0's results (no collective)
+    and exits if the run has not ended STOP_GRACE_S later, or at once on another signal a second or more later."""
+
+    def __init__(self, run: Run):
+        self.run, self.reported = run, threading.Lock()  # held by whoever writes the final results
+        self.wake, waker = socket.socketpair()
+        waker.setblocking(False)
+        signal.set_wakeup_fd(waker.fileno(), warn_on_full_buffer=False)
+        self.waker = waker  # kept open as long as the wakeup fd is set
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, self.note)
+        threading.Thread(target=self.watch, daemon=True).start()
+
+    def note(self, signum: int, frame=None):
+        self.run.stop_signal = self.run.stop_signal or signum
+
+    def watch(self):
+        self.note(self.wake.recv(1)[0])
+        t0 = time.monotonic()
+        while (left := t0 + STOP_GRACE_S - time.monotonic()) > 0:
+            self.wake.settimeout(left)
+            try:
+                self.wake.recv(1)
+            except TimeoutError:
+                break
+            if time.monotonic() - t0 >= 1:  # not the same stop reaching us twice (Ctrl-C, then torchrun's SIGTERM)
+                break
+        self.finish()
+
+    def finish(self):
+        run = self.run
+        if self.reported.acquire(blocking=False):
+            try:
+                if run.results.get("status") == "running":
+                    hint = f"; RESUME_FROM={run.results['checkpoint_path']}" if "checkpoint_path" in run.results else ""
+                    run.results.update(status="interrupted", error=f"stopped by {signal_name(run)} after step "
+                                       f"{run.results.get('steps', 0)}, not at a step boundary within {STOP_GRACE_S:.0f}s{hint}")
+                    run.log(f"STOPPED: {run.results['error']}")
+                report(run)
+                release(run)
+            except Exception as e:  # the main thread may be changing what is written; exit regardless
+                print(f"error: results not written ({e})", file=sys.stderr)
+        sys.stdout.flush()
+        os._exit(128 + run.stop_signal)
+
+
+def run_stages(run: Run):
+    hp = run.hp
+    if hp.resume_from:
+        header, tensors = read_checkpoint(hp.resume_from)
+        if "train" in header:
+            train(run, (header, tensors))
+            save_checkpoint(run)
+        else:
+            resume(run, header, tensors)
+    else:
+        train(run)
+        save_checkpoint(run)
+    export(run)
+    evaluate(run)
+    if run.results["status"] == "running":
+        run.results["status"] = "ok"
 
 
 def main() -> int:
     try:
         hp = load_hparams()
-        run = setup(hp)
+        run = setup(hp, launched=True)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank of a torchrun meets it: one line, not one per process
+            print(f"error: {e}", file=sys.stderr)
         return 2
+    stop = Stop(run)
     try:
-        if hp.resume_from:
-            resume(run)
-        else:
-            train(run)
-            save_checkpoint(run)
-        export(run)
-        evaluate(run)
-        if run.results["status"] == "running":
-            run.results["status"] = "ok"
-    except (TrainingDiverged, ConfigError) as e:
-        run.results.update(status="failed", error=str(e))
-        run.log(f"ERROR: {e}")
+        run_stages(run)
+    except (TrainingDiverged, ConfigError, WriteFailed, Interrupted) as e:
+        stopped = isinstance(e, Interrupted)
+        run.results.update(status="interrupted" if stopped else "failed", error=str(e))
+        run.log(f"{'STOPPED' if stopped else 'ERROR'}: {e}")
+    except Exception as e:  # a crash (a peer process gone, a bug): one line in the results, the traceback on stderr
+        run.results.update(error=f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}")
+        run.log(f"ERROR: {run.results['error']}")
+        raise
     finally:
-        if run.results["status"] == "running":  # an exception or interrupt escaped the stages
-            run.results.update(status="failed", error="interrupted or crashed; see the log")
+        stop.reported.acquire()  # from here on the watcher only exits
+        if run.results["status"] == "running":  # escaped the stages
+            run.results.update(status="interrupted" if run.stop_signal else "failed")
+            run.results.setdefault("error", "stopped before the end; see the log")
         report(run)
+        release(run)
         if run.distributed:
             dist.destroy_process_group()
             time.sleep(0.1)  # releases the GIL: gloo threads freeing the last collectives' tensors need it, and abort at exit
-    return {"ok": 0, "over_cap": 3}.get(run.results["status"], 1)
+    return {"ok": 0, "over_cap": 3, "interrupted": 128 + (run.stop_signal or signal.SIGTERM)}.get(run.results["status"], 1)
 
 
 if __name__ == "__main__":

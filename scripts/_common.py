@@ -227,7 +227,7 @@ def add_launch_args(p: argparse.ArgumentParser, what: str):
     p.add_argument("--script", type=Path, default=Path("train_gpt.py"), help="training script (default ./train_gpt.py)")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing, write nothing")
     p.add_argument("--overwrite", action="store_true",
-                   help="delete an existing <RUN_ID>.json/.txt/.artifact before re-running that RUN_ID")
+                   help="delete an existing <RUN_ID>.json/.txt/.artifact/.ckpt before re-running that RUN_ID")
     p.add_argument("--skip-existing", action="store_true",
                    help="reuse runs whose <RUN_ID>.json already says status ok (resume an interrupted batch)")
     p.add_argument("--no-check", action="store_true",
@@ -335,7 +335,7 @@ def log_dir_for(env: dict[str, str]) -> Path:
 
 def result_paths(spec: RunSpec) -> list[Path]:
     d = log_dir_for(spec.env)
-    return [d / f"{spec.run_id}{ext}" for ext in (".json", ".txt", ".artifact")]
+    return [d / f"{spec.run_id}{ext}" for ext in (".json", ".txt", ".artifact", ".ckpt")]  # what train_gpt.py refuses to reuse
 
 
 def torchrun_argv(nproc: int, script: Path) -> list[str]:

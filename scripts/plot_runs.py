@@ -12,8 +12,9 @@ the .txt beside it). Parsed lines:
   eval <stage>: val_loss X val_bpb Y                                        (kind=eval, at the last step)
 If a log holds several runs (a RUN_ID reused; train_gpt.py appends), only the last is used.
 
-The PNG (needs matplotlib, optional: pip install matplotlib) has train/val loss vs step, plus
-val_bpb vs step when the logs have validation points. Default --out: <log>.png for one log,
+The PNG (needs matplotlib, optional: pip install matplotlib) has train/val loss vs step, val_bpb
+vs step when the logs have validation points (VAL_LOSS_EVERY), and the val_bpb of each evaluation
+stage (roundtrip, ttt or sliding, ngram) of each run. Default --out: <log>.png for one log,
 plot_runs.png for several. --csv FILE writes the parsed points (run, kind, stage, step, loss,
 val_bpb, lr_mult, tok_s, ms_step) and needs no matplotlib; with --csv a PNG is only drawn if
 --out is also given.
@@ -103,7 +104,13 @@ def to_csv(points: list[dict]) -> str:
     return buf.getvalue()
 
 
+def stage_scores(points: list[dict]) -> list[tuple[str, float]]:
+    """Each evaluation stage's val_bpb in the order the stages ran (roundtrip, ttt or sliding, ngram)."""
+    return [(p["stage"], p["val_bpb"]) for p in points if p["kind"] == "eval" and p["val_bpb"] is not None]
+
+
 def plot(series: dict[str, list[dict]], out: Path, from_step: int) -> None:
+    """Train/val loss by step; val_bpb by step when the logs have validation points; each evaluation stage's val_bpb."""
     try:
         import matplotlib
     except ImportError:
@@ -112,49 +119,60 @@ def plot(series: dict[str, list[dict]], out: Path, from_step: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    has_bpb = any(p["val_bpb"] is not None for pts in series.values() for p in pts)
-    fig, axes = plt.subplots(1, 2 if has_bpb else 1, figsize=(13 if has_bpb else 7.5, 4.8), squeeze=False)
-    ax_loss, ax_bpb = axes[0][0], (axes[0][1] if has_bpb else None)
-    for i, (run, pts) in enumerate(series.items()):
-        color = f"C{i % 10}"
-        pts = [p for p in pts if p["step"] >= from_step and p["loss"] is not None and math.isfinite(p["loss"])]
-        train = [p for p in pts if p["kind"] == "train"]
-        val = [p for p in pts if p["kind"] == "val"]
-        final = [p for p in pts if p["kind"] == "eval"]
-        if train:
-            ax_loss.plot([p["step"] for p in train], [p["loss"] for p in train], color=color, lw=1.4,
-                         marker="." if len(train) < 30 else None, label=f"{run} train")
-        if val:
-            ax_loss.plot([p["step"] for p in val], [p["loss"] for p in val], color=color, ls="--", marker="o", ms=3,
-                         label=f"{run} val")
-        if final:
-            ax_loss.scatter([final[-1]["step"]], [final[-1]["loss"]], color=color, marker="*", s=90, zorder=3,
-                            label=f"{run} {final[-1]['stage']}")
-        if ax_bpb is not None:
-            vb = [p for p in val if p["val_bpb"] is not None]
-            fb = [p for p in final[-1:] if p["val_bpb"] is not None]
-            if vb:
-                ax_bpb.plot([p["step"] for p in vb], [p["val_bpb"] for p in vb], color=color, marker="o", ms=3,
-                            label=f"{run} val")
-            if fb:
-                ax_bpb.scatter([fb[0]["step"]], [fb[0]["val_bpb"]], color=color, marker="*", s=90, zorder=3,
-                               label=f"{run} {fb[0]['stage']} {fb[0]['val_bpb']:.4f}")
-    ax_loss.set_xlabel("step")
-    ax_loss.set_ylabel("loss (nats/token)")
-    ax_loss.set_title("train / val loss")
-    ax_loss.grid(alpha=0.3)
-    ax_loss.legend(fontsize=7)
-    if ax_bpb is not None:
-        ax_bpb.set_xlabel("step")
-        ax_bpb.set_ylabel("val_bpb")
-        ax_bpb.set_title("validation bits per byte")
-        ax_bpb.grid(alpha=0.3)
-        ax_bpb.legend(fontsize=7)
+    has_val = any(p["kind"] == "val" and p["val_bpb"] is not None for pts in series.values() for p in pts)
+    has_eval = any(stage_scores(pts) for pts in series.values())
+    n = 1 + has_val + has_eval
+    fig, axes = plt.subplots(1, n, figsize=(6.5 * n, 4.8), squeeze=False)
+    draw_loss(axes[0][0], series, from_step)
+    if has_val:
+        draw_val_bpb(axes[0][1], series, from_step)
+    if has_eval:
+        draw_stages(axes[0][n - 1], series)
+    for ax in axes[0]:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
     write_atomic(out, buf.getvalue())
+
+
+def draw_loss(ax, series: dict[str, list[dict]], from_step: int) -> None:
+    for i, (run, pts) in enumerate(series.items()):
+        pts = [p for p in pts if p["step"] >= from_step and p["loss"] is not None and math.isfinite(p["loss"])]
+        train = [p for p in pts if p["kind"] == "train"]
+        val = [p for p in pts if p["kind"] == "val"]
+        if train:
+            ax.plot([p["step"] for p in train], [p["loss"] for p in train], color=f"C{i % 10}", lw=1.4,
+                    marker="." if len(train) < 30 else None, label=f"{run} train")
+        if val:
+            ax.plot([p["step"] for p in val], [p["loss"] for p in val], color=f"C{i % 10}", ls="--", marker="o", ms=3,
+                    label=f"{run} val")
+    ax.set(xlabel="step", ylabel="loss (nats/token)", title="train / val loss")
+
+
+def draw_val_bpb(ax, series: dict[str, list[dict]], from_step: int) -> None:
+    for i, (run, pts) in enumerate(series.items()):
+        vb = [p for p in pts if p["kind"] == "val" and p["val_bpb"] is not None and p["step"] >= from_step]
+        if vb:
+            ax.plot([p["step"] for p in vb], [p["val_bpb"] for p in vb], color=f"C{i % 10}", marker="o", ms=3,
+                    label=f"{run} val")
+    ax.set(xlabel="step", ylabel="val_bpb", title="validation bits per byte during training")
+
+
+def draw_stages(ax, series: dict[str, list[dict]]) -> None:
+    """One line per run across the evaluation stages, each point labelled with its score."""
+    names = list(dict.fromkeys(name for pts in series.values() for name, _ in stage_scores(pts)))
+    for i, (run, pts) in enumerate(series.items()):
+        scores = stage_scores(pts)
+        xs = [names.index(name) for name, _ in scores]
+        ax.plot(xs, [bpb for _, bpb in scores], color=f"C{i % 10}", marker="*", ms=9, label=run)
+        for x, (_, bpb) in zip(xs, scores):
+            ax.annotate(f"{bpb:.4f}", (x, bpb), textcoords="offset points", xytext=(6, 4), fontsize=7)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_xlim(-0.5, len(names) - 0.5)
+    ax.set(xlabel="evaluation stage (in the order they ran)", ylabel="val_bpb", title="val_bpb of each evaluation stage")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,12 +16,14 @@ every evaluation stage projected to the whole split against EVAL_BUDGET_SECONDS.
 
 Projections divide this device's time by --nproc (default 8): with GRAD_ACCUM_STEPS=0 one step
 here computes the same micro-batches that each of the 8 ranks computes in one step, so they are
-compute-only (no all-reduce, no NCCL start-up). On a CPU each neural evaluation stage also gets a
-FLOPs model: its FLOPs per scored target (stage_flops), its FLOP rate here relative to training's,
-and the seconds that gives for --targets (default the real split's ~62M) on --nproc H100s when
-training runs at --h100-mfu (default 0.40, an assumption) there: an estimate until measured. Exit 0: all green. Exit 1: a red flag, one
-'RED FLAG:' line each saying what to change. Exit 2: bad input (one 'error:' line). The logs and
-the artifact go to a temporary directory unless --log-dir is given.
+compute-only (no all-reduce, no NCCL start-up); steps with looped layers (LOOP_LAYERS) are timed
+and projected apart from the others. A stage's slice time is carried to the whole split by its
+plan's work (TTT: its documents' token-positions, not its targets). On a CPU each evaluation
+stage also gets scripts/clock_model.py's estimate for 8 x H100 (its plan on the FineWeb split's
+documents, efficiencies calibrated on the records' logs). On a CPU torch gets the cores that are
+free (OMP_NUM_THREADS if set): threads beyond them spin against each other. Exit 0: all green.
+Exit 1: a red flag, one 'RED FLAG:' line each saying what to change. Exit 2: bad input (one
+'error:' line). The logs and the artifact go to a temporary directory unless --log-dir is given.
 """
 from __future__ import annotations
 
@@ -38,12 +40,12 @@ import time
 from pathlib import Path
 from unittest import mock
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import UserError, cli, import_trainer, peak_rss_bytes  # noqa: E402
 
 H100_BF16_DENSE_TFLOPS = 989.0  # H100 SXM (and H200), bf16 dense tensor-core peak
-FINEWEB_VAL_TARGETS = 62_000_000  # the real split: the first 50,000 FineWeb documents, ~62M tokens at SP1024
-ASSUMED_TRAIN_MFU = 0.40  # CPU runs: the H100 training MFU the evaluation projections are scaled from (an assumption)
 CPU_SLICE_TOKENS = 1 << 15  # default --val-tokens without compile: no batch padding, any slice times fairly
 NGRAM_PROBE_TOKENS = 1 << 18  # train_gpt.evaluate times n-gram counting on this long a prefix to estimate the stage
 TTT_FIX = "lower TTT_SECONDS or set TTT_ENABLED=0"
@@ -63,10 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=8, help="GPUs of the real run to project to (default 8)")
     p.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS,
                    help=f"device peak for MFU (default {H100_BF16_DENSE_TFLOPS:g}: H100 SXM bf16 dense)")
-    p.add_argument("--targets", type=int, default=FINEWEB_VAL_TARGETS,
-                   help=f"CPU runs: validation targets of the real split for the FLOPs projection (default {FINEWEB_VAL_TARGETS:,})")
-    p.add_argument("--h100-mfu", type=float, default=ASSUMED_TRAIN_MFU,
-                   help=f"CPU runs: training MFU assumed on the H100 (default {ASSUMED_TRAIN_MFU:g})")
     p.add_argument("--log-dir", type=Path, default=None,
                    help="keep train_gpt.py's log, checkpoint and artifact here (default: a temporary directory)")
     p.add_argument("--verbose", action="store_true", help="show train_gpt.py's own log lines as they come")
@@ -81,7 +79,7 @@ class StepTimer:
     without on_train_step, so they are never recorded."""
 
     def __init__(self, T, sync):
-        self.T, self.sync, self.start, self.steps = T, sync, 0.0, []  # steps: (seconds, QAT on in its forward)
+        self.T, self.sync, self.start, self.steps = T, sync, 0.0, []  # steps: (seconds, QAT on, layers looped)
         self.train_step, self.on_train_step = T.train_step, T.on_train_step
 
     def step(self, *args, **kwargs):
@@ -91,9 +89,10 @@ class StepTimer:
 
     def hook(self, run, step: int, lr_mult: float):
         qat = any(getattr(m, "qat_fmt", None) is not None for m in run.model.modules())
+        looped = bool(run.model.looping)
         self.on_train_step(run, step, lr_mult)
         self.sync()
-        self.steps.append((time.perf_counter() - self.start, qat))
+        self.steps.append((time.perf_counter() - self.start, qat, looped))
 
     def patched(self) -> contextlib.ExitStack:
         stack = contextlib.ExitStack()
@@ -123,29 +122,54 @@ def attention_calls(T, run, torch) -> dict[str, int]:
     return calls
 
 
-def flops_per_token(T, model, hp) -> float:
-    """Model FLOPs per training token: 6 x (weights used in matrix multiplies: every CastedLinear, plus the tied
-    embedding as the output head) for forward + backward, plus causal attention 6 x L x T x d (QK^T and AV are
-    2 x T x d multiply-adds per token per layer over the full context, halved by the causal mask, x3 for forward +
-    backward), T = TRAIN_SEQ_LEN, d = NUM_HEADS x head_dim. Embedding lookups, norms and the optimizer are not
-    counted (the usual MFU convention)."""
+def flops_per_token(T, model, hp, looping: bool) -> float:
+    """Model FLOPs per training token: 6 x (weights used in matrix multiplies, once per application: a block's
+    CastedLinears as often as the layer order runs the block, LOOP_COUNT times for looped layers when looping; the
+    others and the tied embedding as the output head once) for forward + backward, plus causal attention 6 x T x d
+    per block application (QK^T and AV are 2 x T x d multiply-adds per token over the full context, halved by the
+    causal mask, x3 for forward + backward), T = TRAIN_SEQ_LEN, d = NUM_HEADS x head_dim. Parallel lanes run each
+    block's attention and MLP once, as a plain block does: no extra FLOPs. Embedding lookups, norms and the
+    optimizer are not counted (the usual MFU convention)."""
+    order = model.layer_order(looping)
+    block = lambda m: sum(x.weight.numel() for x in m.modules() if isinstance(x, T.CastedLinear))  # noqa: E731
     matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, T.CastedLinear))
+    matmul += sum((order.count(i) - 1) * block(b) for i, b in enumerate(model.blocks))
     if model.lm_head is None:
         matmul += model.tok_emb.weight.numel()
-    return 6.0 * matmul + 6.0 * hp.num_layers * hp.train_seq_len * hp.num_heads * hp.head_dim
+    return 6.0 * matmul + 6.0 * len(order) * hp.train_seq_len * hp.num_heads * hp.head_dim
 
 
-def stage_flops(hp, fwd: float) -> dict[str, float]:
-    """Model FLOPs per scored target of each neural evaluation stage; fwd = forward FLOPs per token at EVAL_SEQ_LEN.
-    roundtrip: one window per EVAL_SEQ_LEN targets; sliding: EVAL_SEQ_LEN / EVAL_STRIDE window tokens per target;
-    ttt: full: the sliding windows plus TTT_EPOCHS x forward + backward (3 x fwd) of each token; lora/phased: an
-    EVAL_SEQ_LEN window per TTT_CHUNK_TOKENS chunk, TTT_EPOCHS x forward + backward (the scoring forward is the
-    first epoch's).
-    Phased TTT's global passes are not counted (a few % of the split at the record's 2500 of 50,000 documents)."""
-    L = hp.eval_seq_len
-    sliding, window = fwd * L / min(hp.eval_stride, L), fwd * L / min(hp.ttt_chunk_tokens, L)
-    ttt = sliding + 3 * fwd * hp.ttt_epochs if hp.ttt_mode == "full" else window * 3 * hp.ttt_epochs
-    return dict(roundtrip=fwd, sliding=sliding, ttt=ttt)
+def cpu_threads() -> int:
+    """Threads for torch on a CPU: OMP_NUM_THREADS when set, else the cores this process may run on less the load
+    already running there (at least 1). More threads than free cores spin against each other: under load a step
+    measured 67 s where it takes ~1.5 s."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, round(cores - os.getloadavg()[0])))
+
+
+def split_lengths(T, run, toks) -> np.ndarray:
+    """Targets per document of a token stream (a document starts at each boundary token)."""
+    import torch
+    return np.diff(T.doc_starts(run, torch.as_tensor(toks.astype(np.int64))), append=toks.size - 1)
+
+
+def work_ratio(T, hp, run, full, part, nproc: int) -> dict[str, float]:
+    """Per stage, the whole split's work on nproc ranks over the slice's on one (train_gpt.stage_estimates at one
+    second per token-position): TTT's cost follows its documents' lengths, not its targets."""
+    whole = T.stage_estimates(hp, split_lengths(T, run, full), nproc, 1.0)
+    piece = T.stage_estimates(hp, split_lengths(T, run, part), 1, 1.0)
+    return {k: whole[k] / max(piece[k], 1e-9) for k in ("sliding", "ttt")}
+
+
+def clock_estimates(hp) -> tuple[dict[str, float], str]:
+    """scripts/clock_model.py's seconds per evaluation stage on 8 x H100 for the configuration, on the FineWeb
+    split's documents (an estimate: calibrated on the records' logs), and where the documents came from."""
+    import clock_model
+    T = clock_model.import_trainer(clock_model.ROOT / "train_gpt.py")
+    lengths, source = clock_model.val_lengths(T, hp)
+    return clock_model.our_eval(T, hp, lengths)["stages"], source
 
 
 def warm_eval_model(run, torch, sync) -> float:
@@ -194,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def preflight(T, hp, ga: tuple[int, int], args, log_dir: Path) -> int:
     import torch
+    if not torch.cuda.is_available():
+        torch.set_num_threads(cpu_threads())
     short = short_run_hp(hp, args.steps, log_dir)
     captured = io.StringIO()
     flags: list[str] = []
@@ -230,7 +256,7 @@ def preflight(T, hp, ga: tuple[int, int], args, log_dir: Path) -> int:
             rows_tokens = T.eval_rows(short) * short.eval_seq_len
             want = args.val_tokens or (4 * rows_tokens if short.compile else CPU_SLICE_TOKENS)
             n = min(max(want, short.eval_seq_len), n_full)
-            run.val_tokens = run.val_tokens[:n + 1]
+            full, run.val_tokens = run.val_tokens, run.val_tokens[:n + 1]
             eval_compile_s = warm_eval_model(run, torch, sync) if short.compile else 0.0
             graphs = T.compiled_graphs()
             T.evaluate(run)
@@ -258,9 +284,13 @@ def preflight(T, hp, ga: tuple[int, int], args, log_dir: Path) -> int:
     echo_log()
 
     # --- training pace -------------------------------------------------------------------------------------------
-    plain = [s for s, q in timer.steps if not q] or [s for s, _ in timer.steps]
-    qat = [s for s, q in timer.steps if q]
+    plain = [s for s, q, _ in timer.steps if not q] or [s for s, _, _ in timer.steps]
+    qat = [s for s, q, _ in timer.steps if q]
     t_plain, t_qat = statistics.median(plain), statistics.median(qat) if qat else None
+    looped = [s for s, q, lp in timer.steps if lp and not q]  # looped layers (LOOP_LAYERS) run from LOOP_START on
+    t_loop = statistics.median(looped) if looped else None
+    if looped and len(looped) < len(plain):
+        t_plain = statistics.median([s for s, q, lp in timer.steps if not lp and not q])
     warm_s = train_call_s - r["train_loop_seconds"]
     tok_s = hp.train_batch_tokens / t_plain
     micro = hp.train_batch_tokens // ga[0]
@@ -268,15 +298,21 @@ def preflight(T, hp, ga: tuple[int, int], args, log_dir: Path) -> int:
           f"{micro // hp.train_seq_len}x{hp.train_seq_len}) after {hp.warmup_steps} warm-up step(s) "
           f"({warm_s:.1f}s incl. compile and optimizer set-up)"
           + (f"; QAT on for the last {len(qat)} step(s)" if qat else "; QAT off (QAT_THRESHOLD=0)" * (not hp.qat_threshold)))
-    print(f"ms/step: {1000 * t_plain:.1f} on this device (median of {len(plain)} step(s)"
+    print(f"ms/step: {1000 * t_plain:.1f} on this device (median of {len(plain) - len(looped)} step(s)"
+          + (f"); {1000 * t_loop:.1f} with layers looped (median of {len(looped)})" if t_loop else "")
           + (f"); {1000 * t_qat:.1f} with QAT (median of {len(qat)})" if qat else ")"))
     print(f"tokens/s: {tok_s:,.0f} on this device")
-    fpt = flops_per_token(T, run.model, hp)
+    fpt = flops_per_token(T, run.model, hp, False)
+    fpt_loop = flops_per_token(T, run.model, hp, True) if run.model.loop else fpt
+    loop_note = f", {fpt_loop / 1e9:.4g} looped" if fpt_loop != fpt else ""
     if cuda[0]:
-        print(f"MFU: {fpt * tok_s / (args.peak_tflops * 1e12):.1%} ({fpt / 1e9:.4g} GFLOP/token x {tok_s:,.0f} "
-              f"tokens/s / {args.peak_tflops:g} TFLOP/s peak)")
+        mfu = f"{fpt * tok_s / (args.peak_tflops * 1e12):.1%}"
+        if t_loop:
+            mfu += f", {fpt_loop * hp.train_batch_tokens / t_loop / (args.peak_tflops * 1e12):.1%} looped"
+        print(f"MFU: {mfu} ({fpt / 1e9:.4g} GFLOP/token{loop_note} x {tok_s:,.0f} tokens/s / {args.peak_tflops:g} "
+              "TFLOP/s peak)")
     else:
-        print(f"MFU: n/a on CPU (model FLOPs {fpt / 1e9:.4g} GFLOP/token)")
+        print(f"MFU: n/a on CPU (model FLOPs {fpt / 1e9:.4g} GFLOP/token{loop_note})")
     rss = f"process peak RSS {peak_rss_bytes() / 2**20:,.0f} MiB"
     if cuda[0]:
         total = torch.cuda.get_device_properties(run.device).total_memory
@@ -308,17 +344,19 @@ def preflight(T, hp, ga: tuple[int, int], args, log_dir: Path) -> int:
         print("recompiles in the timed loop: n/a (COMPILE=0)")
 
     # --- projected training on N GPUs -----------------------------------------------------------------------------
-    p_plain, p_qat = t_plain / N, (t_qat or t_plain) / N
+    p_plain, p_qat, p_loop = t_plain / N, (t_qat or t_plain) / N, (t_loop or t_plain) / N
     budget = T.train_budget(hp)
     print(f"projected ms/step on {target}: {1000 * p_plain:.1f} (this device's / {N}, compute only: all-reduce not "
           f"included; GRAD_ACCUM {ga[0]} here, {ga[1]} per rank there)"
+          + (f", {1000 * p_loop:.1f} with layers looped" if t_loop else "")
           + (f", {1000 * p_qat:.1f} with QAT" if t_qat else ""))
     if hp.grad_accum_steps:
         print(f"note: GRAD_ACCUM_STEPS={hp.grad_accum_steps} is fixed, so {N} ranks run smaller micro-batches than "
               "measured here; the projection is rougher")
     q = hp.qat_threshold * hp.warmdown_iters if t_qat else 0.0  # steps a full run spends in QAT
-    if budget > 0:
-        steps = q + (budget - q * p_qat) / p_plain if budget >= q * p_qat else budget / p_qat
+    if budget > 0:  # train_gpt's own schedule: looping from LOOP_START, QAT from its LR threshold
+        from clock_model import simulate_training
+        steps = simulate_training(T, hp, lambda lp, qat: p_qat if qat and t_qat else p_loop if lp else p_plain)
         verdict = (f"< ITERATIONS={hp.iterations:,}: the wall-clock warmdown governs" if steps < hp.iterations else
                    f">= ITERATIONS={hp.iterations:,}: training ends at ITERATIONS")
         print(f"projected steps in {budget:.0f}s (MAX_WALLCLOCK_SECONDS={hp.max_wallclock_seconds:g} - "
@@ -352,7 +390,8 @@ def preflight(T, hp, ga: tuple[int, int], args, log_dir: Path) -> int:
     print(f"eval: {n:,} of {n_full:,} validation targets timed (x{scale:.2f} to the whole split); projected on "
           f"{N} ranks against EVAL_BUDGET_SECONDS={hp.eval_budget_seconds:g}:")
     proj: dict[str, float] = {}
-    flops = stage_flops(hp, flops_per_token(T, run.model, dataclasses.replace(hp, train_seq_len=hp.eval_seq_len)) / 3)
+    work = work_ratio(T, hp, run, full, run.val_tokens, N)  # the whole split's plan on N ranks / the slice's on one
+    h100, docs = clock_estimates(hp) if not cuda[0] else ({}, "")
     for name in ("roundtrip", "sliding", "ttt", "ngram"):
         if name not in stages:
             print(f"  {name:<9} {'scored by ttt' if name == 'sliding' and 'ttt' in stages else 'off'}")
@@ -361,24 +400,18 @@ def preflight(T, hp, ga: tuple[int, int], args, log_dir: Path) -> int:
         if name == "ngram":  # every rank counts the whole split
             proj[name] = s * scale
             how = "every rank counts the whole split: not divided"
+        elif name in work:
+            proj[name] = s * work[name]
+            how = f"x{work[name]:.3g}: the whole split's {name} plan on {N} ranks over the slice's on one"
         else:
             proj[name] = s * scale / N
             how = f"shared over {N} ranks"
-        if name == "ttt":
-            score = T.scoring_seconds(hp, n, proj["roundtrip"])[1]  # train_gpt.evaluate's estimate of TTT's scoring
-            boxed = s > hp.ttt_seconds
-            how += (f"; adaptation is time-boxed (TTT_SECONDS={hp.ttt_seconds:g}): "
-                    + ("it hit the box on the slice already" if boxed else "the slice adapted on every chunk"))
-            if score + hp.ttt_seconds < proj[name]:
-                proj[name] = score + hp.ttt_seconds
-                how += f"; on the whole split only ~{score:.0f}s of scoring + the {hp.ttt_seconds:g}s box"
+        if name == "ttt":  # not capped: at the deadline TTT stops adapting and scores the rest plainly
+            how += f"; adapting stops at TTT_SECONDS={hp.ttt_seconds:g} or when the budget runs short"
         print(f"  {name:<9} {s:8.2f}s on the slice -> {proj[name]:8.1f}s projected ({how})")
-        if name in flops and not cuda[0]:  # the stage's FLOP rate here, relative to training's, carried to the H100
-            rel = flops[name] * n / s / (fpt * tok_s)
-            h100 = flops[name] * args.targets / (N * args.peak_tflops * 1e12 * args.h100_mfu * rel)
-            print(f"  {'':<9} {n / s:,.0f} targets/s here, {flops[name] / 1e9:.4g} GFLOP/target, {rel:.0%} of "
-                  f"training's FLOP rate -> ~{h100:.1f}s for {args.targets:,} targets on {N} x H100 (estimate: "
-                  f"training at {args.h100_mfu:.0%} MFU there, this stage at the same relative rate)")
+        if name in h100:
+            print(f"  {'':<9} ~{h100[name]:.3g}s on 8 x H100 for the FineWeb split (scripts/clock_model.py's estimate "
+                  f"from the stage's plan; {docs})")
     other = max(r.get("eval_seconds", 0.0) - sum(v["seconds"] for v in stages.values()), 0.0)
     if hp.ngram_order and hp.ngram_mode == "tilt":  # the whole split's counts, for the hint, outside the stages
         proj["other"] = other * scale

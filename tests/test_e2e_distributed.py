@@ -97,7 +97,7 @@ def test_run_killed_during_evaluation_is_finished_by_resume_with_the_same_score(
     assert ckpt.is_file()
 
     # 3. resume: the configuration comes from the checkpoint
-    proc, resumed = run_train(tmp_path, clean_env(RESUME_FROM=ckpt, LOG_DIR=resumed_dir, DATA_PATH=brown_data))
+    proc, resumed = run_train(tmp_path, clean_env(RESUME_FROM=ckpt, LOG_DIR=resumed_dir, DATA_PATH=brown_data, RUN_ID="r"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert resumed["status"] == "ok"
     assert resumed["val_bpb"] == full["val_bpb"] and resumed["val_loss"] == full["val_loss"]

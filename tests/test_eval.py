@@ -369,3 +369,55 @@ def test_two_processes_match_one(tiny_run, tmp_path):
     assert torch.allclose(lora, T.eval_ttt(one, r.model, toks), atol=1e-4)
     one = dataclasses.replace(one, hp=dataclasses.replace(one.hp, ttt_mode="phased", ttt_prefix_docs=1, ttt_phases=1))
     assert torch.allclose(phase, T.eval_ttt(one, r.model, toks), atol=1e-4)
+
+
+def test_ttt_plan_batches_sorted_documents_with_little_padding():
+    hp = T.load_hparams(dict(PRESET="frontier"))  # chunks of 48 targets, windows of 2048
+    lengths = np.random.default_rng(0).pareto(1.2, 3000).astype(np.int64) * 300 + 20  # skewed: most short, a long tail
+    pos = T.doc_positions(lengths, hp.ttt_chunk_tokens, hp.eval_seq_len)
+    plans = {world: T.ttt_plan(lengths, hp, world) for world in (1, 8)}
+    cuts = [0, 833, 1666, 2500, 3000]  # TTT_PREFIX_DOCS=2500 in TTT_PHASES=3, then the rest
+    for world, plan in plans.items():
+        assert len(plan) == 4 and all(len(ranks) == world for ranks in plan)
+        for (lo, hi), ranks in zip(zip(cuts, cuts[1:]), plan):
+            batches = [b for bs in ranks for b in bs]
+            assert sorted(np.concatenate(batches).tolist()) == list(range(lo, hi))  # every document once, in its phase
+            for b in batches:
+                assert pos[b].sum() >= 0.9 * len(b) * pos[b].max()  # padding at most 10% of the token-positions
+    one, eight = ([sorted(map(tuple, (b for bs in ranks for b in bs))) for ranks in plans[w]] for w in (1, 8))
+    assert one == eight  # the same batches at any world size
+    stream_order = sum(len(b) * pos[b].max() for b in np.array_split(np.arange(3000), 3000 // 32))
+    assert sum(pos[b[0]] * len(b) for ranks in plans[1] for b in ranks[0]) < 0.5 * stream_order
+
+
+def test_ttt_ends_inside_its_deadline_and_scores_the_rest_plainly(tiny_run, monkeypatch):
+    r = sub_run(tiny_run, 40001, ttt_mode="lora", ttt_chunk_tokens=128, eval_batch_seqs=2)
+    toks, now, tau = stream(r), [0.0], 1e-6  # a fake clock: tau per token-position forward, 3 tau with a backward
+    real_forward, real_batch, adapted = T.GPT.forward, T.lora_batch, []
+
+    def timed_forward(self, idx, targets=None):
+        now[0] += tau * idx.numel() * (3 if torch.is_grad_enabled() else 1)
+        return real_forward(self, idx, targets)
+
+    def spy(run, model, toks, docs, lora, hint, stats, scored, c, adapt, bi):
+        adapted.append(adapt)
+        return real_batch(run, model, toks, docs, lora, hint, stats, scored, c, adapt, bi)
+    monkeypatch.setattr(T.GPT, "forward", timed_forward)
+    monkeypatch.setattr(T, "lora_batch", spy)
+    lengths = np.diff(T.doc_starts(r, toks), append=toks.numel() - 1)
+    work = T.stage_estimates(r.hp, lengths, 1, tau)
+    deadline = work["ttt_min"] + 0.4 * (work["ttt"] - work["ttt_min"])
+    stats = T.eval_ttt(r, r.model, toks, budget=T.TTTBudget(deadline, rate=tau, clock=lambda: now[0]))
+    assert now[0] <= deadline and (stats[0] > 0).all() and torch.isfinite(stats).all()
+    assert any(adapted) and not all(adapted)  # the batches that fitted were adapted on, the others scored plainly
+    plain = T.eval_ttt(r, r.model, toks, budget=T.TTTBudget(0.0, clock=lambda: now[0]))  # no time: all plain
+    assert (plain[0] > 0).all() and not any(adapted[-len(adapted) // 2:])
+    frozen = T.eval_ttt(dataclasses.replace(r, hp=dataclasses.replace(r.hp, ttt_lr=0.0)), r.model, toks)
+    assert plain[0].mean() > frozen[0].mean()  # windows of EVAL_SEQ_LEN without overlap: less context than chunks
+
+
+def test_phased_scores_do_not_depend_on_the_documents_that_follow(tiny_run):
+    short, long = (phased(tiny_run, n, ttt_prefix_docs=50, ttt_phases=3) for n in (23000, 40001))
+    a, b = (T.eval_ttt(r, r.model, stream(r)) for r in (short, long))
+    end = T.doc_starts(short, stream(short))[-1]  # the documents wholly inside the shorter stream
+    assert torch.allclose(a[:, :end], b[:, :end], atol=1e-6)

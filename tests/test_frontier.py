@@ -165,5 +165,5 @@ def test_frontier_preset_end_to_end_at_reduced_width(brown_data, tmp_path):
     res = json.loads((tmp_path / "f.json").read_text())
     assert res["status"] == "ok" and res["looping_from_step"] == 4 and res["audit"]["passed"]
     assert list(res["stages"]) == ["roundtrip", "ttt"]  # NGRAM_ORDER=0, as the record; TTT scores the windows
-    assert {"embed:int7@14", "gate:int8", "mlp_up:int6@11.5"} <= {r.split("+")[0] for r in res["quant"]["roles"]}
+    assert {"embed:int7@14.4", "gate:int8", "mlp_up:int6@11.85"} <= {r.split("+")[0] for r in res["quant"]["roles"]}
     assert len(res["quant"]["lqer"]) == 3 and {r["rank"] for r in res["quant"]["lqer"].values()} == {4}  # LQER top 3

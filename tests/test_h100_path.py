@@ -3,12 +3,15 @@ CUDA autocast, a recording flash_attn_func for flash-attn, a counting torch.comp
 device for a GPU (host-to-device copies), a fake process group for NCCL and skewed clocks for disagreeing ranks."""
 import dataclasses
 import functools
+import itertools
 import os
 import socket
 import subprocess
 import sys
 import threading
 import time
+import types
+import warnings
 from datetime import timedelta
 
 import numpy as np
@@ -180,7 +183,7 @@ def test_qat_refresh_makes_no_host_to_device_copy_per_matrix(brown_data, tmp_pat
 def _skewed_clock_worker(rank, port, model, hp, luts, val, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=600))
     if rank == 1:  # this rank's clock runs a million times fast: no later stage fits its budget
         real = time.perf_counter
         T.time.perf_counter = lambda: real() * 1e6
@@ -191,19 +194,24 @@ def _skewed_clock_worker(rank, port, model, hp, luts, val, out):
     dist.destroy_process_group()
 
 
-def test_ranks_with_disagreeing_clocks_run_the_same_stages(brown_data, tmp_path):
-    run = small_run(brown_data, tmp_path, TTT_CHUNK_TOKENS=64)
+def spawn_two(worker, args: tuple, where: str):
+    """worker(rank, port, *args) on two gloo ranks; the test fails if they deadlock."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ctx = mp.spawn(_skewed_clock_worker, nprocs=2, join=False,
-                   args=(port, run.model, run.hp, run.luts, run.val_tokens[:2049], str(tmp_path / "stages")))
-    deadline = time.time() + 240
+    ctx = mp.spawn(worker, nprocs=2, join=False, args=(port, *args))
+    deadline = time.time() + 900  # a deadlock, not a slow machine
     while not ctx.join(timeout=5):
         if time.time() > deadline:
             for p in ctx.processes:
                 p.kill()
-            pytest.fail("ranks deadlocked in evaluation")
+            pytest.fail(f"ranks deadlocked {where}")
+
+
+def test_ranks_with_disagreeing_clocks_run_the_same_stages(brown_data, tmp_path):
+    run = small_run(brown_data, tmp_path, TTT_CHUNK_TOKENS=64)
+    spawn_two(_skewed_clock_worker, (run.model, run.hp, run.luts, run.val_tokens[:2049], str(tmp_path / "stages")),
+              "in evaluation")
     a, b = (torch.load(tmp_path / f"stages.{r}") for r in (0, 1))
     assert a == b and list(a) == ["roundtrip"]
 
@@ -262,7 +270,7 @@ def test_next_shard_loads_in_the_background(tmp_path, monkeypatch):
     monkeypatch.setattr(T, "load_data_shard", lambda p: loads.append(
         (os.path.basename(p), threading.current_thread() is threading.main_thread())) or real(p))
     stream, t0 = T.TokenStream(str(tmp_path / "fineweb_train_*.bin")), time.time()
-    while len(loads) < 2 and time.time() < t0 + 10:  # shard 1 loads before anything asks for it
+    while len(loads) < 2 and time.time() < t0 + 300:  # shard 1 loads before anything asks for it
         time.sleep(0.01)
     assert loads == [("fineweb_train_000000.bin", True), ("fineweb_train_000001.bin", False)]
     assert np.array_equal(stream.take(1500), np.repeat([0, 1], [1000, 500]))
@@ -335,7 +343,7 @@ def test_missing_codec_is_found_before_training(brown_data, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines() == ["error: CODEC=brotli: module brotli is not installed; "
                                                 "pip install brotli or set CODEC=auto"]
-    assert "step " not in (tmp_path / "test.txt").read_text()
+    assert not (tmp_path / "test.txt").exists()  # refused before anything is written
     proc = run_without("brotli", tmp_path, brown_data, CODEC="auto", RUN_ID="auto")
     assert proc.returncode == 0, proc.stderr[-2000:]
     log = (tmp_path / "auto.txt").read_text()
@@ -360,3 +368,168 @@ def test_looping_switches_on_in_the_loop_with_its_graph_primed(brown_data, tmp_p
     T.train(run)
     assert run.results["looping_from_step"] == 4 and run.model.looping
     assert run.results["recompiles_in_loop"] == 0 and len(counter.graphs) == 3  # plain, looped, looped + QAT
+
+
+# 9. Issue 23: whole compiled graphs with DOC_MASK and the loop switch, Newton-Schulz compiled on CUDA, no per-step
+# device read for the cap, no deprecated DDP argument.
+
+
+def within_pieces(q, k, v, cu):
+    """Causal attention of (N, H, D) tokens within the pieces cu_seqlens cuts them into, written in torch."""
+    n = q.size(0)
+    piece = torch.searchsorted(cu, torch.arange(n, dtype=cu.dtype, device=q.device), right=True)
+    mask = (piece[:, None] == piece[None, :]) & torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+    y = F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in (q, k, v)), attn_mask=mask, enable_gqa=True)
+    return y[0].transpose(0, 1).contiguous()
+
+
+@torch.library.custom_op("pgtest::flash_varlen", mutates_args=())
+def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+    """A stand-in for flash-attn's varlen kernel as flash-attn registers it: an opaque operator in the graph."""
+    return within_pieces(q, k, v, cu)
+
+
+flash_varlen.register_fake(lambda q, k, v, cu, max_seqlen: torch.empty_like(q))
+
+
+def _varlen_grad(ctx, g):
+    with torch.enable_grad():
+        qkv = [t.detach().requires_grad_() for t in ctx.saved_tensors[:3]]
+        return (*torch.autograd.grad(within_pieces(*qkv, ctx.saved_tensors[3]), qkv, g), None, None)
+
+
+flash_varlen.register_autograd(_varlen_grad, setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs[:4]))
+
+
+def fake_flash(monkeypatch, calls: list | None = None):
+    """flash-attn's two entry points: the dense one as SDPA, varlen as the flash_varlen operator (calls: each varlen
+    call's (cu_seqlens dtype, length, max_seqlen), recorded in eager runs only)."""
+    def varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal):
+        assert cu_q is cu_k and max_q == max_k and causal
+        if calls is not None:
+            calls.append((cu_q.dtype, cu_q.numel(), max_q))
+        return flash_varlen(q, k, v, cu_q, max_q)
+
+    monkeypatch.setattr(T, "flash_attn_func", lambda q, k, v, causal: F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, enable_gqa=True).transpose(1, 2))
+    monkeypatch.setattr(T, "flash_attn_varlen_func", varlen)
+
+
+def varlen_calls(gm) -> list[tuple]:
+    """(cu_seqlens shape, max_seqlen) of each flash_varlen call in a captured graph."""
+    return [(tuple(n.args[3].meta["example_value"].shape), n.args[4]) for n in gm.graph.nodes
+            if n.op == "call_function" and n.target in (flash_varlen, torch.ops.pgtest.flash_varlen,
+                                                        torch.ops.pgtest.flash_varlen.default)]
+
+
+def test_doc_spans_cut_each_row_at_its_bos_tokens_in_one_shape():
+    idx = torch.full((2, 128), 7)
+    idx[0, [0, 50, 51]] = idx[1, 100] = T.BOS_ID
+    docs, cu = T.doc_spans(idx)  # K = 128 // 64 + 1 = 3 pieces per row
+    assert torch.equal(docs, torch.cumsum(idx == T.BOS_ID, 1))
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 50, 51, 128, 228, 256, 256]  # row 1's third piece empty
+    idx[0, ::16] = T.BOS_ID  # 8 documents in row 0: the last 6 stay in its third piece, rows are never joined
+    assert T.doc_spans(idx)[1].tolist() == [0, 16, 32, 128, 228, 256, 256]
+
+
+def test_flash_varlen_doc_mask_matches_the_sdpa_mask(monkeypatch):
+    calls = []
+    fake_flash(monkeypatch, calls)
+    torch.manual_seed(0)
+    model = T.GPT(T.load_hparams({"PRESET": "frontier", "SHAPE": "tiny", "MODEL_DIM": "64", "NUM_HEADS": "4"}))
+    with torch.no_grad():  # zero-initialized projections would hide the attention
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.randint(4, 1024, (3, 128), generator=torch.Generator().manual_seed(1))
+    x[0, [0, 40, 90]] = x[1, 64] = x[2, 127] = T.BOS_ID
+
+    def logits(kernel: str, doc_mask: bool) -> torch.Tensor:
+        for m in model.modules():
+            if isinstance(m, T.Attention):
+                m.kernel = kernel
+        model.hp.doc_mask = doc_mask
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(x).float()
+
+    flash, sdpa = logits("auto", True), logits("sdpa", True)
+    assert calls and set(calls) == {(torch.int32, 3 * 3 + 1, 128)}
+    assert (flash - sdpa).abs().max() < 0.05
+    assert (logits("auto", False) - sdpa).abs().max() > 0.5  # without the mask the documents see each other
+
+
+def test_frontier_tiny_trains_and_evaluates_in_whole_graphs_with_doc_mask_and_loop_switch(brown_data, tmp_path,
+                                                                                          monkeypatch):
+    """PRESET=frontier SHAPE=tiny compiled on the flash-attn path (bf16 autocast, a stand-in operator for its varlen
+    kernel): DOC_MASK and the loop switch mid-run; warm-up primes both graphs, 20 timed steps compile none, nothing
+    breaks a graph; then the compiled evaluation model (FixedBatch) compiles one graph, unbroken."""
+    counter = CountingCompile(monkeypatch)
+    fake_flash(monkeypatch)
+    bf16_autocast(monkeypatch)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    env = dict(PRESET="frontier", SHAPE="tiny", DATA_PATH=str(brown_data), LOG_DIR=str(tmp_path), RUN_ID="test",
+               COMPILE="1", WARMUP_STEPS="2", ITERATIONS="20", TRAIN_BATCH_TOKENS="1024", GRAD_ACCUM_STEPS="1",
+               TRAIN_LOG_EVERY="20", GPTQ="0", EVAL_BATCH_SEQS="4")
+    run = T.setup(T.load_hparams(env))
+    assert run.hp.doc_mask and run.model.loop and not run.model.looping and run.hp.max_wallclock_seconds == 0
+    assert run.hp.qat_threshold == 0  # the preset trains without QAT: no QAT graph to prime
+    T.train(run)
+    assert run.results["steps"] == 20 and run.results["looping_from_step"] == 8  # LOOP_START 0.35 of 20 steps
+    assert run.results["recompiles_in_loop"] == 0
+    assert len(counter.graphs) == 2 and not torch._dynamo.utils.counters["graph_break"]  # plain and looped, whole
+    call = ((4 * (256 // T.DOC_MIN_TOKENS + 1) + 1,), 256)  # 4 rows of 256 tokens; max_seqlen a constant
+    assert [varlen_calls(gm) for gm in counter.graphs] == [[call] * 4, [call] * 8]  # every attention in the graph
+    T.export(run)
+    r = dataclasses.replace(run, val_tokens=run.val_tokens[:9 * 256 + 1])  # 9 windows: batches of 4, 4, 1 (padded)
+    T.eval_plain(r, r.eval_model)
+    T.eval_sliding(r, r.eval_model, torch.from_numpy(r.val_tokens.astype(np.int64)))
+    assert len(counter.graphs) == 3 and not torch._dynamo.utils.counters["graph_break"]
+    assert varlen_calls(counter.graphs[2]) == [call] * 8
+
+
+def test_newton_schulz_compiles_once_per_matrix_shape_and_computes_the_same(brown_data, tmp_path, monkeypatch):
+    counter = CountingCompile(monkeypatch)
+    torch._dynamo.reset()
+    shapes = [(16, 8), (8, 16), (16, 8), (12, 12)]
+    a, b = ([torch.nn.Parameter(torch.randn(*s, generator=torch.Generator().manual_seed(i)))
+             for i, s in enumerate(shapes)] for _ in range(2))
+    compiled = T.Muon(a, lr=0.1, momentum=0.9, backend_steps=5, polar=True, compile=True)
+    eager = T.Muon(b, lr=0.1, momentum=0.9, backend_steps=5, polar=True)
+    gen = torch.Generator().manual_seed(7)
+    for step in range(2):
+        for pa, pb in zip(a, b):
+            pa.grad = torch.randn(pa.shape, generator=gen)
+            pb.grad = pa.grad.clone()
+        compiled.step()
+        eager.step()
+        assert len(counter.graphs) == 3  # one graph per shape, all in the first step
+    assert all(torch.equal(pa, pb) for pa, pb in zip(a, b))
+    run = small_run(brown_data, tmp_path, COMPILE=1)
+    assert T.build_optimizers(run)[1].orthogonalize is T.zeropower_via_newtonschulz5  # compiled on CUDA only
+
+
+def _capped_worker(rank, port, env, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    if rank == 1:  # this rank's clock (train_gpt's alone) moves a second per reading: LOOP_START and the cap come
+        clock = itertools.count()  # within a few steps; rank 0's, real, never reaches them
+        T.time = types.SimpleNamespace(strftime=time.strftime, sleep=time.sleep, perf_counter=lambda: float(next(clock)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run = T.setup(T.load_hparams(env))
+        T.train(run)
+    torch.save(dict(steps=run.results["steps"], loop=run.results.get("looping_from_step"),
+                    warnings=[str(w.message) for w in caught]), f"{out}.{rank}")
+    dist.barrier()  # no rank tears gloo down while its peer still talks to it
+    dist.destroy_process_group()
+
+
+def test_ranks_with_skewed_clocks_stop_and_loop_on_the_same_step(brown_data, tmp_path):
+    env = tiny_env(brown_data, tmp_path, **{**SMALL, "ITERATIONS": 50, "MAX_WALLCLOCK_SECONDS": 10,
+                                            "EXPORT_RESERVE_SECONDS": 0, "LOOP_LAYERS": "1-1", "LOOP_COUNT": 2,
+                                            "LOOP_START": 0.3})
+    spawn_two(_capped_worker, (env, str(tmp_path / "capped")), "in training: they stopped on different steps")
+    a, b = (torch.load(tmp_path / f"capped.{r}") for r in (0, 1))
+    assert (a["steps"], a["loop"]) == (b["steps"], b["loop"]) and 2 < a["loop"] <= a["steps"] < 50, (a, b)
+    assert (tmp_path / "test.txt").read_text().count("loop: from step") == 1  # switched on once
+    assert not [w for w in a["warnings"] + b["warnings"] if "broadcast_buffers" in w]  # deprecated in torch 2.13

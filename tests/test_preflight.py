@@ -19,7 +19,7 @@ def preflight(data, *args: str, **env: str) -> subprocess.CompletedProcess:
     full = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "RESUME_FROM")}
     full.update(PRESET="tiny", DATA_PATH=str(data), TRAIN_BATCH_TOKENS="2048", GPTQ_TOKENS="2048", **env)
     return subprocess.run([sys.executable, str(SCRIPT), "--steps", "2", "--val-tokens", "2048", *args], cwd=ROOT,
-                          env=full, capture_output=True, text=True, timeout=300)
+                          env=full, capture_output=True, text=True, timeout=900)
 
 
 def test_preflight_green_on_the_tiny_preset(brown_data):
@@ -48,7 +48,7 @@ def test_preflight_bad_input_is_one_line(brown_data):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: bad configuration: NUM_HEADS='x': expected int"]
     proc = subprocess.run([sys.executable, str(SCRIPT), "--steps", "1"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=600)
     assert proc.returncode == 2 and proc.stderr.startswith("error: --steps must be >= 2")
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--help"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "usage:" in proc.stdout and "RED FLAG" in proc.stdout

@@ -475,10 +475,105 @@ def test_quant_fit_reexports_narrower_until_under_the_cap(tiny_run, brown_data, 
     run = dataclasses.replace(tiny_run, hp=hp, results=dict(status="running"))
     monkeypatch.setattr(T, "ARTIFACT_CAP_BYTES", T.CODE_BYTES + first - 1)
     T.export(run)
-    (spec0, bytes0), (spec1, bytes1) = run.results["quant_fit"]
-    assert bytes0 == first and T.parse_spec(spec1)["mlp_up"] == "int4" and bytes1 < first
+    (spec0, bytes0, _), (spec1, bytes1, factor) = run.results["quant_fit"]
+    assert bytes0 == first and T.parse_spec(spec1)["mlp_up"] == "int4" and bytes1 < first and factor == 1.0
     assert run.results["status"] == "running" and run.results["quant"]["spec"] == spec1
     monkeypatch.setattr(T, "ARTIFACT_CAP_BYTES", 1000)
     run = dataclasses.replace(tiny_run, hp=hp, results=dict(status="running"))
     T.export(run)
     assert run.results["status"] == "over_cap" and set(run.results["quant"]["groups"]) <= {"int4", "scales", "fp16"}
+
+
+SET_STEPS = "attn_qk:int6@12,attn_vo:int6@12,mlp_up:int6@12,mlp_down:int6@12,embed:int8,aux:int6@12"
+
+
+def test_quant_fit_widens_set_steps_to_land_under_the_cap(tiny_run, brown_data, tmp_path, monkeypatch):
+    """Over the cap with set-step formats (intN@K), QUANT_FIT widens every such step by one factor, found by a
+    secant on the measured bytes, and lands QUANT_FIT_MARGIN..2x that under the cap within QUANT_FIT_TRIALS
+    re-exports; the int8 embedding (no set step) keeps its format."""
+    hp = T.load_hparams(tiny_env(brown_data, tmp_path, CODEC="ac", GPTQ="0", MLP_SORT="0", QUANT_SPEC=SET_STEPS,
+                                 QUANT_FIT_MARGIN="5000"))
+    first = T.export_artifact(tiny_run.model, hp, tmp_path / "probe.artifact")["bytes"]
+    room = first - 120_000  # ~7% smaller: about a third of a bit per weight
+    monkeypatch.setattr(T, "ARTIFACT_CAP_BYTES", T.CODE_BYTES + room)
+    run = dataclasses.replace(tiny_run, hp=hp, results=dict(status="running"))
+    T.export(run)
+    tried, spec = run.results["quant_fit"], T.parse_spec(run.results["quant"]["spec"])
+    assert tried[0] == [SET_STEPS, first, 1.0] and 2 <= len(tried) <= 2 + T.QUANT_FIT_TRIALS, tried
+    assert room - 10_000 <= run.results["model_bytes"] <= room - 5_000, (room, tried)
+    assert run.results["status"] == "running" and spec["embed"] == "int8"
+    factor = tried[-1][2]
+    assert factor > 1 and {spec[r] for r in ("attn_qk", "attn_vo", "mlp_up", "mlp_down", "aux")} == {
+        f"int6@{round(12 * factor, 3):g}"}
+
+
+def fit_trials(sizes, margin: int = 1000, room: int = 1_000_000) -> list[list]:
+    """fit_spec driven by a byte model sizes(factor) instead of exports, on the tiny model at SET_STEPS."""
+    hp = T.load_hparams({"PRESET": "tiny", "QUANT_SPEC": SET_STEPS, "QUANT_FIT_MARGIN": str(margin)})
+    with torch.device("meta"):
+        model = T.GPT(hp)
+    tried, nxt = [], (hp.quant_spec, 1.0)
+    while nxt:
+        tried.append([nxt[0], sizes(nxt[1]), nxt[1]])
+        nxt = T.fit_spec(hp, model, tried, room)
+    return tried
+
+
+def test_fit_spec_lands_in_the_window_or_keeps_the_largest_fit():
+    smooth = fit_trials(lambda f: round(1_150_000 - 250_000 * math.log(f) ** 0.9))  # entropy falls ~ log of the step
+    assert len(smooth) <= 1 + T.QUANT_FIT_TRIALS and 998_000 <= smooth[-1][1] <= 999_000, smooth
+    cliff = fit_trials(lambda f: 1_200_000 if f < 1.3 else 900_000 + round(10_000 * (2 - f)))  # nothing lands
+    fits = [t for t in cliff if t[1] <= 1_000_000]
+    assert len(cliff) <= 2 + T.QUANT_FIT_TRIALS and cliff[-1][1] == max(t[1] for t in fits), cliff
+    assert fit_trials(lambda f: 999_999) == [[SET_STEPS, 999_999, 1.0]]  # under the cap: nothing to do
+    hp = T.load_hparams({"PRESET": "tiny", "QUANT_SPEC": SET_STEPS, "QUANT_FIT_MARGIN": "1000"})
+    short, landed = [T.widened(hp, 1.2), 999_950, 1.2], [T.widened(hp, 1.25), 998_400, 1.25]
+    assert T.fit_spec(hp, T.GPT(hp), [[SET_STEPS, 1_200_000, 1.0], short, landed], 1_000_000) is None  # kept, not short
+    mixed = T.load_hparams({"PRESET": "tiny", "QUANT_SPEC": "mlp_up:int6@12,mlp_down:int6"})  # set steps: a minority
+    assert T.set_step_params(mixed, T.GPT(mixed)) == 0
+
+
+def test_sampled_codec_choice_within_half_percent_of_every_codec_on_every_group(tiny_run, brown_data, tmp_path):
+    """CODEC=auto picking each group's codec on a sample (64 KB here, so the trained tiny model's int5, int6 and int8
+    groups are sampled) stores the same values within 0.5% of the bytes of trying every codec on every whole
+    group; the report says what was sampled and what each candidate made of it."""
+    hp, cache = T.load_hparams(tiny_env(brown_data, tmp_path, CODEC_SAMPLE_BYTES="65536")), {}
+    full = T.export_artifact(tiny_run.model, dataclasses.replace(hp, codec_sample_bytes=0), tmp_path / "f", cache=cache)
+    sampled = T.export_artifact(tiny_run.model, hp, tmp_path / "s", cache=cache)
+    assert abs(sampled["bytes"] - full["bytes"]) <= 0.005 * full["bytes"], (sampled["bytes"], full["bytes"])
+    picked = [g for g, m in sampled["groups"].items() if m["sampled"]["values"] < m["n"]]
+    assert {"int5", "int6", "int8"} <= set(picked) and all(m["sampled"]["values"] == m["n"] for m in full["groups"].values())
+    for g in picked:
+        m = sampled["groups"][g]
+        assert m["sampled"]["values"] == 65536 and len(m["sampled"]["bytes"]) == len(T.codecs())
+        assert min(m["sampled"]["bytes"], key=m["sampled"]["bytes"].get) == f"{m['pack']}/{m['codec']}"
+    a, b = T.load_artifact(tmp_path / "s"), T.load_artifact(tmp_path / "f")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sample_values_evenly_spaced_and_fixed_codecs_see_whole_groups():
+    a = np.arange(1000)
+    s = T.sample_values(a, 160)
+    assert s.size == 160 and s[0] == 0 and s[-1] == 999 and (np.diff(s.reshape(16, 10), axis=1) == 1).all()
+    assert T.sample_values(a, 1000) is a
+    codes = {"int6": np.random.default_rng(0).integers(20, 43, 300_000).astype(np.uint8)}
+    meta, _, seen = T.encode_groups(codes, "zstd", 4096)
+    assert seen["int6"]["values"] == 300_000 and list(seen["int6"]["bytes"]) == ["u8/zstd"]
+    meta, _, seen = T.encode_groups(codes, "auto", 4096)
+    assert seen["int6"]["values"] == 4096 and meta["int6"]["n"] == 300_000
+
+
+def test_gptq_block_updates_run_without_tf32(monkeypatch):
+    """setup() allows TF32 for training matmuls on CUDA; GPTQ turns it off for its rounding and block updates and
+    restores it after (on CPU the flag changes nothing)."""
+    seen, nearest, g = [], T.nearest, torch.Generator().manual_seed(0)
+    x, w, levels = torch.randn(512, 64, generator=g), torch.randn(32, 64, generator=g), T.grid(T.Fmt("int", 4))
+    scales, hp, before = T.quantize_rows(w, levels)[1], T.load_hparams({"GPTQ_BLOCK": "16"}), torch.backends.cuda.matmul.allow_tf32
+    monkeypatch.setattr(T, "nearest", lambda x, levels: seen.append(torch.backends.cuda.matmul.allow_tf32) or
+                        nearest(x, levels))
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        codes, _ = T.gptq_codes(w, x.T @ x, levels, scales, hp)
+        assert codes is not None and len(seen) == 64 and not any(seen) and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before

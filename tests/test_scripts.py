@@ -15,6 +15,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -252,11 +253,11 @@ def test_compare_cli_exit_codes_and_bad_input(tmp_path):
                  ["--base", str(tmp_path / "nothing_*.json"), "--new", str(tmp_path / "a_seed1.json")],
                  ["--base", str(tmp_path / "junk.json"), "--new", str(tmp_path / "a_seed1.json")],
                  ["--base-loss", "abc", "--new", str(tmp_path / "a_seed1.json")]):
-        proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=60)
+        proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=600)
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
-    proc = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "one-sided Welch" in proc.stdout and "nats" in proc.stdout
 
 
@@ -464,9 +465,8 @@ def test_run_seeds_interrupt_stops_the_whole_run(tmp_path, monkeypatch, capfd):
     handler = signal.getsignal(signal.SIGTERM)
 
     def interrupt():
-        for _ in range(200):  # wait until the stand-in has started its worker
-            if pid_file.exists() and pid_file.read_text():
-                break
+        deadline = time.monotonic() + 300  # wait until the stand-in has started its worker (slow on a busy machine)
+        while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
             threading.Event().wait(0.05)
         os.kill(os.getpid(), signal.SIGTERM)
 
@@ -479,7 +479,8 @@ def test_run_seeds_interrupt_stops_the_whole_run(tmp_path, monkeypatch, capfd):
     assert "interrupted" in out and "remaining seeds were not run" in err
     assert "i_seed2" not in err and out.count("=== [") == 1  # the second seed never started
     worker = int(pid_file.read_text())
-    for _ in range(100):  # the worker was in the run's process group: killed (gone or a zombie)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # the worker was in the run's process group: killed (gone or a zombie)
         try:
             state = Path(f"/proc/{worker}/stat").read_text().split(")")[-1].split()[0]
         except FileNotFoundError:
@@ -571,12 +572,22 @@ def test_plot_runs_csv(tmp_path, capsys):
         plot_runs.main([str(tmp_path / "empty.txt"), "--csv", "-"])
 
 
+def test_plot_runs_shows_every_evaluation_stage():
+    points, _ = plot_runs.parse_log(LOG + "eval ngram: val_loss 4.5000 val_bpb 2.6000\n", "x")
+    assert plot_runs.stage_scores(points) == [("roundtrip", 2.8), ("sliding", 2.75), ("ngram", 2.6)]
+
+
 def test_plot_runs_png(tmp_path):
     pytest.importorskip("matplotlib")
     log = tmp_path / "x.txt"
     log.write_text(LOG)
     assert plot_runs.main([str(log)]) == 0
-    assert (tmp_path / "x.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    png = (tmp_path / "x.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert int.from_bytes(png[16:20], "big") == 3 * 6.5 * 120  # loss, val_bpb by step, the evaluation stages
+    log.write_text("\n".join(line for line in LOG.splitlines() if " val_loss " not in line or "eval" in line))
+    assert plot_runs.main([str(log)]) == 0
+    assert int.from_bytes((tmp_path / "x.png").read_bytes()[16:20], "big") == 2 * 6.5 * 120  # no validation points
 
 
 def test_plot_runs_without_matplotlib(tmp_path, monkeypatch):
@@ -628,8 +639,20 @@ def test_bench_export_times_every_codec_job(tmp_path, capsys, monkeypatch):
     every = list(importlib.import_module("train_gpt").CODEC_MODULES)  # CI installs every codec
     assert codecs == set(every)  # each once per group
     assert sorted(line.split()[0] for line in lines if " group (" in line) == sorted(["int5", "int6", "int8"] * len(every))
-    assert [line.split()[2] for line in lines if "whole export" in line] == [f"CODEC={c}" for c in [*every, "auto"]]
+    assert [line.split()[2] for line in lines if "whole export" in line] == [f"CODEC={c}" for c in [*every, "auto", "auto"]]
+    assert [line.split()[3] for line in lines if "whole export, CODEC=auto" in line] == [
+        "CODEC_SAMPLE_BYTES=0", "CODEC_SAMPLE_BYTES=1048576"]  # every codec on every group, then picked on samples
     assert "whole export, CODEC=auto" in (tmp_path / "B.md").read_text()
+    monkeypatch.setenv("QUANT_SPEC", "attn_qk:int6@12,attn_vo:int6@12,mlp_up:int6@12,mlp_down:int6@12,embed:int8@24,aux:int6@12")
+    monkeypatch.setenv("QUANT_FIT_MARGIN", "500")
+    left = lambda out: [int(line.split(" to the cap")[0].split()[-1].replace(",", ""))  # noqa: E731
+                        for line in out.splitlines() if "QUANT_FIT export" in line]
+    code, out, _ = output_of(bench_export.main, ["--auto-only", "--fit", "--cap", "99000000"], capsys)
+    assert code == 0 and len(left(out)) == 1 and "whole export" in out and " group (" not in out  # fits: one export
+    cap = 99000000 - left(out)[0] - 3000  # 3,000 bytes less than the model at QUANT_SPEC: QUANT_FIT widens the steps
+    code, out, _ = output_of(bench_export.main, ["--auto-only", "--fit", "--cap", str(cap)], capsys)
+    assert left(out)[0] == -3000 and 500 <= left(out)[-1] <= 1000, out  # landed within QUANT_FIT_MARGIN..2x
+    assert float(out.split("QUANT_FIT keeps QUANT_SPEC=attn_qk:int6@")[1].split(",")[0]) > 12  # wider steps
     monkeypatch.setenv("NUM_HEADS", "x")
     with pytest.raises(UserError, match="NUM_HEADS"):
         bench_export.main([])
@@ -664,27 +687,81 @@ def test_every_script_has_help(name, capsys):
     assert "usage:" in capsys.readouterr().out
 
 
-def test_predict_size_fits_and_quant_fit_fallback(monkeypatch, capsys):
-    """Meta-device parameter counts: the tiny config fits; a 16-layer d=512 model at int8 does not, and the
-    script names the narrower spec QUANT_FIT would export (MLP-up first) with its predicted size."""
+def test_predict_size_fits_and_quant_fit_fallback(monkeypatch, capsys, tmp_path):
+    """Meta-device parameter counts, the verdict first: the tiny config fits at its own spec (exit 0); a 16-layer
+    d=512 model at int8 does not, and QUANT_FIT's narrower spec (MLP-up first) does (exit 1); with QUANT_FIT=0
+    nothing fits (exit 3). Rates measured once come from the disk cache the next time."""
     predict_size = importlib.import_module("predict_size")
     monkeypatch.setenv("PRESET", "tiny")
-    assert predict_size.main(["--codec", "zstd", "--spec", "mlp_up:int5,embed:int8"]) == 0
-    out = capsys.readouterr().out
+    cache = ["--cache", str(tmp_path / "rates.json")]
+    assert predict_size.main(["--codec", "zstd", "--spec", "mlp_up:int5,embed:int8", *cache]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("verdict: FITS at its own QUANT_SPEC: predicted ") and "measuring int5 on rows of 256" in err
     assert "2,412,819 parameters" in out and ": fits" in out and "QUANT_FIT" not in out
     readable = int(out.split("| code (train_gpt.py) | | | ")[1].split(" ")[0].replace(",", ""))
-    assert predict_size.main(["--codec", "zstd", "--spec", "mlp_up:int5,embed:int8", "--packed"]) == 0
-    packed = int(capsys.readouterr().out.split("| code (train_gpt.py, packed) | | | ")[1].split(" ")[0].replace(",", ""))
+    assert predict_size.main(["--codec", "zstd", "--spec", "mlp_up:int5,embed:int8", "--packed", *cache]) == 0
+    out, err = capsys.readouterr()
+    assert "measuring" not in err  # every rate from the cache
+    packed = int(out.split("| code (train_gpt.py, packed) | | | ")[1].split(" ")[0].replace(",", ""))
     assert packed == len(pack_code.pack((ROOT / "train_gpt.py").read_bytes())[0]) < readable // 2
     monkeypatch.setenv("NUM_LAYERS", "16")
     monkeypatch.setenv("MODEL_DIM", "512")
-    assert predict_size.main(["--codec", "zstd", "--spec", "attn_qk:int8,attn_vo:int8,mlp_up:int8,mlp_down:int8"]) == 1
-    line = capsys.readouterr().out.split("QUANT_FIT=1 would re-export it as QUANT_SPEC=")[1].split("\n")[0]
+    assert predict_size.main(["--codec", "zstd", "--spec", "attn_qk:int8,attn_vo:int8,mlp_up:int8,mlp_down:int8", *cache]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("verdict: FITS after QUANT_FIT, at QUANT_SPEC=")
+    line = out.split("QUANT_FIT=1 would re-export it as QUANT_SPEC=")[1].split("\n")[0]
     bits = {r: int(f[3]) for r, f in (x.split(":") for x in line.split(" ")[0].rstrip(":").split(","))}
     assert line.endswith("(fits)") and bits["mlp_up"] <= bits["mlp_down"] <= bits["attn_vo"] <= bits["attn_qk"] < 8, line
     monkeypatch.setenv("QUANT_FIT", "0")
-    assert predict_size.main(["--codec", "zstd", "--spec", "mlp_up:int8"]) == 1
-    assert "QUANT_FIT" not in capsys.readouterr().out
+    assert predict_size.main(["--codec", "zstd", "--spec", "mlp_up:int8", *cache]) == 3
+    out = capsys.readouterr().out
+    assert out.startswith("verdict: DOES NOT FIT: ") and "would re-export" not in out
+
+
+def test_predict_size_quant_fit_widens_set_steps(monkeypatch, capsys, tmp_path):
+    """A set-step spec over the cap: QUANT_FIT (train_gpt.fit_spec on predicted bytes) widens every intN@K step by one
+    factor and the prediction lands QUANT_FIT_MARGIN..2x that under the cap."""
+    predict_size = importlib.import_module("predict_size")
+    for k, v in dict(PRESET="tiny", NUM_LAYERS="16", MODEL_DIM="512", QUANT_FIT_MARGIN="20000").items():
+        monkeypatch.setenv(k, v)
+    spec = "attn_qk:int8@24,attn_vo:int8@24,mlp_up:int8@24,mlp_down:int8@24,embed:int8"
+    assert predict_size.main(["--codec", "zstd", "--spec", spec, "--no-cache"]) == 1
+    out = capsys.readouterr().out
+    total = int(out.split("\n")[0].split("predicted ")[1].split(" ")[0].replace(",", ""))
+    assert 16_000_000 - 40_000 <= total <= 16_000_000 - 20_000, out.split("\n")[0]
+    final = out.split("QUANT_FIT=1 would re-export it as QUANT_SPEC=")[1].split(":")[0:3]
+    assert final[0] == "attn_qk" and float(final[1].split("@")[1].split(",")[0]) > 24
+
+
+def test_predict_size_prices_a_checkpoints_weights(monkeypatch, capsys, tmp_path):
+    """--ckpt draws each role's rows from a checkpoint's matrices: Gaussian matrices price like the Gaussian proxy,
+    heavier-tailed (Laplace) ones at the same row RMS cost fewer bytes at a set clip; a bad path is exit 2."""
+    import torch
+    T = importlib.import_module("train_gpt")
+    predict_size = importlib.import_module("predict_size")
+    monkeypatch.setenv("PRESET", "tiny")
+    spec = ["--codec", "zstd", "--no-cache", "--spec", "attn_qk:int6@12,attn_vo:int6@12,mlp_up:int6@12,mlp_down:int6@12"]
+    totals = {}
+    for name, draw in [("gauss", torch.randn), ("laplace", lambda *s: torch.distributions.Laplace(0, 1).sample(s))]:
+        hp = T.load_hparams({"PRESET": "tiny", "LOG_DIR": str(tmp_path), "RUN_ID": name})
+        run = T.Run(hp, torch.device("cpu"), model=T.GPT(hp))
+        with torch.no_grad():
+            torch.manual_seed(0)
+            for n, p in run.model.named_parameters():
+                if p.dim() == 2:
+                    p.copy_(draw(*p.shape) * torch.rand(p.shape[0], 1) * 0.05)  # rows of different spread
+        T.save_checkpoint(run)
+        capsys.readouterr()  # its log line
+        assert predict_size.main([*spec, "--ckpt", str(tmp_path / f"{name}.ckpt")]) == 0
+        out, err = capsys.readouterr()
+        assert f"from {tmp_path / name}.ckpt per role" in out.split("\n")[0] and "mlp_up rows of the checkpoint" in err
+        totals[name] = int(out.split("**total** | | | **")[1].split("*")[0].replace(",", ""))
+    predict_size.main(spec)
+    totals["proxy"] = int(capsys.readouterr().out.split("**total** | | | **")[1].split("*")[0].replace(",", ""))
+    model = {k: v - T.CODE_BYTES for k, v in totals.items()}  # measured: Laplace 0.96 of Gaussian
+    assert abs(model["gauss"] - model["proxy"]) < 0.01 * model["proxy"] and model["laplace"] < 0.975 * model["gauss"], totals
+    with pytest.raises(UserError, match="--ckpt"):
+        predict_size.main([*spec, "--ckpt", str(tmp_path / "missing.ckpt")])
 
 
 def test_predict_size_prices_lqer():
