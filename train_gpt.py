@@ -2341,7 +2341,7 @@ def eval_ttt_lora(run: Run, model: nn.Module, toks: Tensor, hint: Tensor | None,
             if not run.all_reduce(float(not budget.fits(need)), op=dist.ReduceOp.MAX)[0]:  # all ranks pass, or none
                 global_pass(run, model, span, scored, end)
     run.log(f"ttt {hp.ttt_mode}: {len(plan)} phase(s), rank 0 adapted on {adapted} of its {sum(len(b) for b in mine)} "
-            f"documents, the rest scored plainly; {budget.elapsed():.1f}s of a {budget.deadline:.0f}s deadline")
+            f"documents (the others scored plainly); {budget.elapsed():.1f}s of a {budget.deadline:.0f}s deadline")
     if run.distributed:
         dist.all_reduce(stats)
     return stats
