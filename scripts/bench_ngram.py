@@ -7,8 +7,7 @@
 Throughput: ngram_nll (exact counts of orders 1..K, interpolated absolute discounting, the online fit of the
 mixing weights) over the first --tokens train tokens with stand-in model statistics, reported as tokens/s and
 tokens/s per thread (torch's CPU threads, or the GPU). Gain: the model's sliding-window statistics on the whole
-validation split, then the mix stage per order K and the tilt stage at NGRAM_ORDER (it needs a sliding pass that
-also stores the model's probability of the hinted token), in val_bpb. The model is --artifact (an artifact of
+validation split, then the mix stage per order K, in val_bpb. The model is --artifact (an artifact of
 train_gpt.py, same configuration) or the PRESET (default tiny) trained here for --iterations steps. Configuration:
 the environment, like train_gpt.py, plus --env. Nothing is written unless --append-md is given.
 """
@@ -71,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
 
     toks = torch.from_numpy(train.astype(np.int64)).to(dev)
     gen = torch.Generator().manual_seed(0)
-    fake = torch.stack((torch.rand(toks.numel() - 1, generator=gen) * 8, torch.rand(toks.numel() - 1, generator=gen) * 6,
-                        torch.zeros(toks.numel() - 1))).to(dev)  # stand-in NLL and entropy
+    fake = torch.stack((torch.rand(toks.numel() - 1, generator=gen) * 8,
+                        torch.rand(toks.numel() - 1, generator=gen) * 6)).to(dev)  # stand-in NLL and entropy
     rates = {}
     T.ngram_nll(hp, toks[:4097], fake[:, :4096])  # warm-up: first-call allocations are not throughput
     for K in orders:
@@ -92,12 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"val: {M:,} targets; sliding (stride {hp.eval_stride}) val_bpb {base:.4f}")
     rows = []
     for K in orders:
-        mix = bpb(T.ngram_nll(dataclasses.replace(hp, ngram_order=K, ngram_mode="mix"), toks, stats)[0])
+        mix = bpb(T.ngram_nll(dataclasses.replace(hp, ngram_order=K), toks, stats)[0])
         rows.append((K, f"{mix:.4f} ({mix - base:+.4f})"))
         print(f"K={K}: mix val_bpb {mix:.4f} ({mix - base:+.4f})")
-    tilted = T.eval_sliding(run, run.model, toks, T.ngram_counts(toks, hp.ngram_order)[1][1:])
-    tilt = bpb(T.ngram_nll(dataclasses.replace(hp, ngram_mode="tilt"), toks, tilted)[0])
-    print(f"K={hp.ngram_order}: tilt val_bpb {tilt:.4f} ({tilt - base:+.4f})")
     if args.append_md:
         model = f"`{args.artifact}`" if args.artifact else f"PRESET={hp.preset} trained {args.iterations} steps here"
         lines = [f"## bench_ngram.py: {where}, {time.strftime('%Y-%m-%d', time.gmtime())}", "",
@@ -105,10 +101,9 @@ def main(argv: list[str] | None = None) -> int:
                  f"(torch {torch.__version__}); data `{hp.data_path}`, {M:,} validation targets; model {model}; "
                  f"sliding val_bpb {base:.4f} (stride {hp.eval_stride}, window {hp.eval_seq_len}); "
                  f"D = {hp.ngram_discount}.", "",
-                 "| K | tokens/s | tokens/s per thread | mix val_bpb (gain) | tilt val_bpb (gain) |",
-                 "|---:|---:|---:|---:|---:|"]
-        lines += [f"| {K} | {rates[K]:,.0f} | {rates[K] / threads:,.0f} | {mix} | "
-                  f"{f'{tilt:.4f} ({tilt - base:+.4f})' if K == hp.ngram_order else ''} |" for K, mix in rows]
+                 "| K | tokens/s | tokens/s per thread | mix val_bpb (gain) |",
+                 "|---:|---:|---:|---:|"]
+        lines += [f"| {K} | {rates[K]:,.0f} | {rates[K] / threads:,.0f} | {mix} |" for K, mix in rows]
         append_md(args.append_md, lines)
     return 0
 

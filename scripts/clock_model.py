@@ -424,7 +424,7 @@ def scoring_tally(T, hp, rows: int = 64) -> Tally:
     tally = Tally(hp.vocab_size)
     lp = torch.empty(rows, hp.vocab_size, device="meta")
     with tally:
-        T.target_stats(lp.float().log_softmax(-1), torch.zeros(rows, dtype=torch.long, device="meta"), None)
+        T.target_stats(lp.float().log_softmax(-1), torch.zeros(rows, dtype=torch.long, device="meta"))
     tally.bytes, tally.ops = tally.bytes / rows, tally.ops
     return tally
 
@@ -443,7 +443,7 @@ def ngram_s(T, hp, targets: int) -> float:
         return 0.0
     n = 1 << 14
     toks = torch.randint(hp.vocab_size, (n + 1,), generator=torch.Generator().manual_seed(0))
-    stats = torch.rand(3, n, generator=torch.Generator().manual_seed(1))
+    stats = torch.rand(2, n, generator=torch.Generator().manual_seed(1))
     tally = Tally()
     with tally:
         T.ngram_nll(hp, toks, stats)

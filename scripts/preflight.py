@@ -413,14 +413,12 @@ def preflight(T, hp, ga: tuple[int, int], args, log_dir: Path) -> int:
             print(f"  {'':<9} ~{h100[name]:.3g}s on 8 x H100 for the FineWeb split (scripts/clock_model.py's estimate "
                   f"from the stage's plan; {docs})")
     other = max(r.get("eval_seconds", 0.0) - sum(v["seconds"] for v in stages.values()), 0.0)
-    if hp.ngram_order and hp.ngram_mode == "tilt":  # the whole split's counts, for the hint, outside the stages
-        proj["other"] = other * scale
-    elif hp.ngram_order:  # the n-gram stage's time estimate counts a fixed-length prefix
+    if hp.ngram_order:  # the n-gram stage's time estimate counts a fixed-length prefix
         proj["other"] = other * min(n_full, NGRAM_PROBE_TOKENS) / min(n, NGRAM_PROBE_TOKENS)
     else:
         proj["other"] = other
     print(f"  {'other':<9} {other:8.2f}s on the slice -> {proj['other']:8.1f}s projected (outside the stages: "
-          "n-gram estimate / tilt hint, byte counts)")
+          "n-gram estimate, byte counts)")
     if hp.compile:
         proj["compile"] = eval_compile_s
         print(f"  {'compile':<9} {eval_compile_s:8.2f}s once per rank (the evaluation model's one shape)")
