@@ -193,10 +193,10 @@ def short_run_hp(hp, steps: int, log_dir: Path):
     if hp.qat_threshold:  # on_train_step(step t) turns QAT on from step t+1 once lr_mult = (steps - t) / warmdown
         qat_from = steps - max(1, steps // 3)  # falls below QAT_THRESHOLD; t = qat_from - 1
         warmdown = math.floor((steps - qat_from + 1) / hp.qat_threshold) + 1
-    return dataclasses.replace(
+    return dataclasses.replace(  # eval_budget_seconds: every stage runs on the slice; the projection meets the budget
         hp, run_id="preflight", log_dir=str(log_dir), artifact_path="", iterations=steps, max_wallclock_seconds=0.0,
         lr_warmup_steps=0, warmdown_iters=warmdown, warmdown_frac=0.0, min_lr=0.0, val_loss_every=0,
-        train_log_every=steps, eval_budget_seconds=1e9)  # every stage runs on the slice; the real budget is checked on the projection
+        train_log_every=steps, eval_budget_seconds=1e9)
 
 
 def main(argv: list[str] | None = None) -> int:
