@@ -137,7 +137,6 @@ class Hyperparameters:
     attn_kernel: str = "auto"  # auto: flash-attn when importable and the activations are bf16 | flash: required | sdpa
     # quantization
     quant_spec: str = "attn_qk:int6,attn_vo:int6,mlp_up:int5,mlp_down:int5,embed:int8,aux:int6,head:int8"
-    quant_clip_sigmas: float = 0.0  # 0: per-row clip searched for least MSE; > 0: clip at this many row RMS
     quant_clip_quantile: float = 0.0  # > 0: the least-MSE clip is searched among the row's |w| quantiles from this to 1
     quant_prune: float = 0.0  # export: this fraction of each quantized matrix's smallest weights set to 0 first
     quant_dedup_step: int = 0  # >= 2: int codes floored to multiples of it after rounding (seed 004's value dedup)
@@ -169,7 +168,6 @@ class Hyperparameters:
     eval_stride: int = 64  # sliding windows: new targets scored per window
     eval_batch_seqs: int = 0  # windows per batch (0: VAL_BATCH_TOKENS // EVAL_SEQ_LEN); TTT lora: docs (0: 1/8)
     ngram_order: int = 7  # causal n-gram of orders 1..K over earlier validation tokens; 0 = off
-    ngram_mode: str = "mix"  # mix: interpolate with the n-gram | tilt: boost its hinted token
     ngram_discount: float = 0.6  # absolute discount D, in (0, 1]
     ttt_enabled: bool = True  # score-first test-time training
     ttt_mode: str = "lora"  # lora: per-document adapters, reset per document batch | full: all weights, carried on
@@ -302,7 +300,6 @@ RULES = {  # field -> (predicate, what is expected); checked at start-up
     "weight_avg": (lambda v: v in ("ema", "swa", "none"), "ema, swa or none"),
     "max_wallclock_seconds": (lambda v: v >= 0, "a number >= 0 (0 = no cap)"),
     "quant_spec": (lambda v: parse_spec(v) is not None, "comma-separated role:format pairs"),  # raises its own message
-    "quant_clip_sigmas": (lambda v: v >= 0, "a number >= 0 (0 = least-MSE clip search)"),
     "quant_clip_quantile": (lambda v: 0 <= v <= 1, "a number in [0, 1] (0 = fractions of the row max)"),
     "quant_prune": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "quant_dedup_step": (lambda v: v >= 0, "an int >= 0 (0 or 1 = off)"),
@@ -326,7 +323,6 @@ RULES = {  # field -> (predicate, what is expected); checked at start-up
     "loop_start": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "parallel_start": (lambda v: v >= 0, "an int >= 0 (0 = off)"),
     "attn_gate_window": (lambda v: v >= 0, "an int >= 0 (0 = off)"),
-    "ngram_mode": (lambda v: v in ("mix", "tilt"), "mix or tilt"),
     "ngram_discount": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
     "ttt_mode": (lambda v: v in ("full", "lora", "phased"), "full, lora or phased"),
     "ttt_phases": (lambda v: v >= 1, "an int >= 1"),
@@ -1229,7 +1225,7 @@ def on_train_step(run, step: int, lr_mult: float):
 # correction with int4 factors on the asymmetric grid -8..7; LQER_TOP=k gives +lqLQER_RANK to the k
 # matrices with the largest output error (error x input scale). Row scales take the
 # least-MSE clip among CLIP_RATIOS of the row's max |w| (QUANT_CLIP_QUANTILE: among its |w| quantiles), or with
-# "@K" (else QUANT_CLIP_SIGMAS) clip at K row RMS; "@mean" clips every row at the mean of its rows' least-MSE
+# "@K" clip at K row RMS; "@mean" clips every row at the mean of its rows' least-MSE
 # clips in row RMS (seed 004). QUANT_DEDUP_STEP floors int codes to its multiples. Codes are entropy-coded, so unused levels cost nothing: a wide grid with a set step
 # (int7@12) has ~10% less MSE than a clipped narrow one (int5) at equal bytes on Gaussian weights.
 # GPTQ rounds column by column against the inverse Hessian of training-token activations. QAT uses
@@ -1273,7 +1269,7 @@ class Fmt(NamedTuple):
         return self._replace(rank=0, lq=0)
 
 
-def parse_fmt(s: str, clip: float = 0.0, seed: int = 0, fd: int = -1) -> Fmt:
+def parse_fmt(s: str, seed: int = 0, fd: int = -1) -> Fmt:
     m = re.fullmatch(r"(?:(int|sp|a)([2-8])|(tq)([2-4]))(?:@(\d+\.?\d*|mean))?(?:\+lr(\d+)|\+lq(\d+))?(?:\+fd(\d+))?|fp16",
                      s.strip())
     if not m or m[1] == "sp" and (m[6] or m[7]):
@@ -1282,7 +1278,7 @@ def parse_fmt(s: str, clip: float = 0.0, seed: int = 0, fd: int = -1) -> Fmt:
                           "int6+lq4, sp3) or fp16")
     mean = m[5] == "mean"
     return Fmt("fp16") if m[0] == "fp16" else Fmt(m[1] or m[3], int(m[2] or m[4]), int(m[6] or 0),
-                                                 0.0 if mean else float(m[5] or clip), seed, int(m[7] or 0), int(m[8] or fd), mean)
+                                                 0.0 if mean else float(m[5] or 0), seed, int(m[7] or 0), int(m[8] or fd), mean)
 
 
 LAYERS_RE = re.compile(r"layers(\d+)(?:-(\d+))?")  # QUANT_SPEC depth override: every matrix of blocks a..b
@@ -1321,7 +1317,7 @@ def quant_formats(hp: Hyperparameters, model: nn.Module) -> dict[str, tuple[str,
     for name, role in matrix_roles(model).items():
         p = name.split(".")
         depth = p[0] == "blocks" and depth_override(spec, int(p[1]), hp.num_layers)
-        f = parse_fmt(depth or spec.get(role, "int8"), hp.quant_clip_sigmas, hp.quant_seed, hp.freeze_dry)
+        f = parse_fmt(depth or spec.get(role, "int8"), hp.quant_seed, hp.freeze_dry)
         out[name] = role, f._replace(quantile=hp.quant_clip_quantile, dedup=hp.quant_dedup_step)
     return out
 
@@ -1732,8 +1728,8 @@ def set_step_params(hp: Hyperparameters, model: nn.Module) -> int:
 
 
 def widened(hp: Hyperparameters, factor: float) -> str:
-    """QUANT_SPEC with each intN@K entry's step (or QUANT_CLIP_SIGMAS's) factor times wider: intN@(K x factor)."""
-    spec = {r: parse_fmt(t, hp.quant_clip_sigmas) for r, t in parse_spec(hp.quant_spec).items()}
+    """QUANT_SPEC with each intN@K entry's step factor times wider: intN@(K x factor)."""
+    spec = {r: parse_fmt(t) for r, t in parse_spec(hp.quant_spec).items()}
     return ",".join(f"{r}:{f._replace(clip=round(f.clip * factor, 3)).tag if f.kind == 'int' and f.clip else f.tag}"
                     for r, f in spec.items())
 
@@ -1950,8 +1946,7 @@ def count_bytes(prev: np.ndarray | Tensor, tgt: np.ndarray | Tensor, luts) -> in
 
 # Sliding windows, n-gram mixing, score-first TTT and the audit. Target p is
 # token p+1 given tokens 0..p. Neural stages return per-target statistics
-# (3, targets): NLL, model entropy, model log-prob of the n-gram hint; each
-# rank fills its contiguous share (zeros elsewhere) and they are all-reduced.
+# (2, targets): NLL and model entropy; each rank fills its contiguous share (zeros elsewhere) and they are all-reduced.
 
 
 def sliding_plan(n_targets: int, seq_len: int, stride: int) -> tuple[int, np.ndarray, np.ndarray]:
@@ -1979,15 +1974,13 @@ def eval_rows(hp: Hyperparameters, share: int = 1, width: int = 0) -> int:
     return hp.eval_batch_seqs or min(rows, max(1, LOGIT_BUDGET // ((width or hp.eval_seq_len) * hp.vocab_size)))
 
 
-def target_stats(lp: Tensor, tgt: Tensor, hint: Tensor | None) -> Tensor:
-    """(NLL, entropy, log-prob of the hint: -inf without one) of log-prob rows lp."""
-    lph = torch.zeros_like(lp[:, 0]) if hint is None else torch.where(
-        hint < 0, -math.inf, lp.gather(1, hint.clamp_min(0)[:, None])[:, 0])
-    return torch.stack((-lp.gather(1, tgt[:, None])[:, 0], -(lp.exp() * lp).sum(-1), lph))
+def target_stats(lp: Tensor, tgt: Tensor) -> Tensor:
+    """(NLL, entropy) of log-prob rows lp."""
+    return torch.stack((-lp.gather(1, tgt[:, None])[:, 0], -(lp.exp() * lp).sum(-1)))
 
 
 @torch.no_grad()
-def score_windows(run: Run, model: nn.Module, toks: Tensor, plan, k0: int, k1: int, hint: Tensor | None, stats: Tensor):
+def score_windows(run: Run, model: nn.Module, toks: Tensor, plan, k0: int, k1: int, stats: Tensor):
     """Score windows [k0, k1) of the plan (this rank's contiguous share) into stats[:, targets]."""
     W, first, ends = plan
     per_batch = eval_rows(run.hp)
@@ -1997,15 +1990,15 @@ def score_windows(run: Run, model: nn.Module, toks: Tensor, plan, k0: int, k1: i
         e = min(s + per_batch, hi)
         with run.autocast():
             lp, tgt = window_logprobs(model, toks, first[s:e], ends[s:e], W)
-        stats[:, first[s]:ends[e - 1]] = target_stats(lp, tgt, None if hint is None else hint[first[s]:ends[e - 1]])
+        stats[:, first[s]:ends[e - 1]] = target_stats(lp, tgt)
     model.train()
 
 
-def eval_sliding(run: Run, model: nn.Module, toks: Tensor, hint: Tensor | None = None) -> Tensor:
+def eval_sliding(run: Run, model: nn.Module, toks: Tensor) -> Tensor:
     """Sliding-window statistics of the stream: EVAL_SEQ_LEN-token windows, EVAL_STRIDE new targets each."""
     plan = sliding_plan(toks.numel() - 1, run.hp.eval_seq_len, run.hp.eval_stride)
-    stats = torch.zeros(3, toks.numel() - 1, device=toks.device)
-    score_windows(run, model, toks, plan, 0, len(plan[2]), hint, stats)
+    stats = torch.zeros(2, toks.numel() - 1, device=toks.device)
+    score_windows(run, model, toks, plan, 0, len(plan[2]), stats)
     if run.distributed:
         dist.all_reduce(stats)
     return stats
@@ -2019,7 +2012,7 @@ def plain_windows(run: Run, model: nn.Module, toks: Tensor) -> Tensor:
 
 
 def score(run: Run, out: Tensor) -> tuple[float, float]:
-    """(val_loss nats, val_bpb) of a stage's statistics (3, m) or NLL (m,): its targets are tokens 1..m of the
+    """(val_loss nats, val_bpb) of a stage's statistics (2, m) or NLL (m,): its targets are tokens 1..m of the
     validation stream, whose bytes are counted once per m."""
     nll = out[0] if out.dim() == 2 else out
     m = nll.numel()
@@ -2035,17 +2028,16 @@ def eval_plain(run: Run, model: nn.Module) -> tuple[float, float]:
     return score(run, plain_windows(run, model, run.val_stream()))
 
 
-def ngram_counts(toks: Tensor, order: int) -> tuple[list[tuple[Tensor, Tensor, Tensor]], Tensor, Tensor]:
+def ngram_counts(toks: Tensor, order: int) -> tuple[list[tuple[Tensor, Tensor, Tensor]], Tensor]:
     """Exact counts over strictly earlier positions, at every position t (predicting toks[t]), per order n = 1..order:
     cc = earlier occurrences of the context toks[t-n+1:t], cp = those followed by toks[t], u = distinct tokens that
-    followed it. Also hint = the token that followed the latest earlier occurrence of the longest context seen
-    before (-1: none), and that context's order. Keys are exact, never hashed: an n-gram's key is (dense id of the
-    (n-1)-gram ending one position earlier) * 2^16 + token. A stable sort by key lists each n-gram's positions in
-    order, so a position's rank in its group is its count of earlier occurrences; the sorted (n-1)-grams, shifted
-    by one position, are the order-n contexts in order."""
+    followed it. Also the order of the longest context seen before (0: none). Keys are exact, never hashed: an
+    n-gram's key is (dense id of the (n-1)-gram ending one position earlier) * 2^16 + token. A stable sort by key
+    lists each n-gram's positions in order, so a position's rank in its group is its count of earlier occurrences;
+    the sorted (n-1)-grams, shifted by one position, are the order-n contexts in order."""
     N, dev, toks = toks.numel(), toks.device, toks.long()
     ar = torch.arange(N, device=dev)
-    counts, hint, match = [], torch.full((N,), -1, device=dev), torch.zeros(N, dtype=torch.long, device=dev)
+    counts, match = [], torch.zeros(N, dtype=torch.long, device=dev)
     key, cperm, cnew = toks, ar, ar == 0  # order 1: one (empty) context holding every position
     for n in range(1, order + 1):
         srt, perm = torch.sort(key, stable=True)
@@ -2058,16 +2050,15 @@ def ngram_counts(toks: Tensor, order: int) -> tuple[list[tuple[Tensor, Tensor, T
         cstart = torch.nonzero(cnew)[:, 0][torch.cumsum(cnew, 0) - 1]
         g = F.pad((cp == 0).long(), (0, 1))[tpos]  # first occurrences of (context, token), in context order
         excl = torch.cumsum(g, 0) - g
-        cc, u, hv = (torch.zeros(N + 1, dtype=torch.long, device=dev) for _ in range(3))
+        cc, u = (torch.zeros(N + 1, dtype=torch.long, device=dev) for _ in range(2))
         cc[tpos], u[tpos] = ar - cstart, excl - excl[cstart]
-        hv[tpos] = torch.where(cnew, -1, toks[tpos.roll(1).clamp_max(N - 1)])
         cc, u = cc[:N], u[:N]
-        hint, match = torch.where(cc > 0, hv[:N], hint), torch.where(cc > 0, n, match)
+        match = torch.where(cc > 0, n, match)
         counts.append((cc.int(), cp.int(), u.int()))  # int32 halves the memory of K orders of counts
         pid = torch.empty_like(key)
         pid[perm] = gid
         key, cperm, cnew = torch.cat((key.new_full((1,), -1), (pid[:-1] << 16) + toks[1:])), perm, new
-    return counts, hint, match
+    return counts, match
 
 
 def ngram_prob(counts, discount: float, vocab: int) -> Tensor:
@@ -2083,11 +2074,6 @@ def mix_nll(nll: Tensor, p_ngram: Tensor, z: Tensor) -> Tensor:
     """-log((1 - w) p_model + w p_ngram), w = sigmoid(z): a mixture of two normalized distributions."""
     w = torch.sigmoid(z)
     return -torch.log((1 - w) * torch.exp(-nll) + w * p_ngram)
-
-
-def tilt_nll(nll: Tensor, lp_hint: Tensor, is_hint: Tensor, b: Tensor) -> Tensor:
-    """-log of p(x) e^(b [x = hint]) / Z with Z = 1 + p(hint) (e^b - 1): exactly normalized."""
-    return nll - b * is_hint + torch.log1p(torch.exp(lp_hint) * torch.expm1(b))
 
 
 def fit_online(fn, n: int, theta: Tensor) -> Tensor:
@@ -2111,22 +2097,16 @@ def fit_online(fn, n: int, theta: Tensor) -> Tensor:
     return out
 
 
-def ngram_nll(hp: Hyperparameters, toks: Tensor, stats: Tensor, pre: tuple | None = None) -> tuple[Tensor, Tensor]:
-    """Per-target NLL of the model mixed with the causal n-gram (mix) or tilted towards its hint (tilt), and the
-    per-target mixing logit / tilt strength z = theta . (1, model entropy, matched order / K, model log-prob of the
-    hint (tilt; 0 in mix)), theta fitted online. All features are known before the target is seen. pre: the output
-    of ngram_counts when the caller has it (tilt uses only its hint and match)."""
-    counts, hint, match = pre or ngram_counts(toks, hp.ngram_order)
-    nll, lph = stats[0].double(), stats[2].double()
-    feats = torch.stack((torch.ones_like(nll), stats[1].double(), match[1:] / hp.ngram_order, lph.clamp_min(-30)), 1)
-    if hp.ngram_mode == "mix":
-        p_ng = ngram_prob(counts, hp.ngram_discount, hp.vocab_size)[1:]
-        fn = lambda th, i: mix_nll(nll[i], p_ng[i], (feats[i] * th).sum(-1))  # noqa: E731
-    else:
-        is_hint = (hint == toks)[1:]
-        fn = lambda th, i: tilt_nll(nll[i], lph[i], is_hint[i], (feats[i] * th).sum(-1))  # noqa: E731
-    theta = fit_online(fn, nll.numel(), torch.tensor([-2.0 if hp.ngram_mode == "mix" else 0.0, 0, 0, 0],
-                                                      dtype=torch.float64, device=toks.device))
+def ngram_nll(hp: Hyperparameters, toks: Tensor, stats: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-target NLL of the model mixed with the causal n-gram, and the per-target mixing logit
+    z = theta . (1, model entropy, matched order / K), theta fitted online. All features are known before the
+    target is seen."""
+    counts, match = ngram_counts(toks, hp.ngram_order)
+    nll = stats[0].double()
+    feats = torch.stack((torch.ones_like(nll), stats[1].double(), match[1:] / hp.ngram_order), 1)
+    p_ng = ngram_prob(counts, hp.ngram_discount, hp.vocab_size)[1:]
+    fn = lambda th, i: mix_nll(nll[i], p_ng[i], (feats[i] * th).sum(-1))  # noqa: E731
+    theta = fit_online(fn, nll.numel(), torch.tensor([-2.0, 0, 0], dtype=torch.float64, device=toks.device))
     return fn(theta, slice(None)).detach(), (feats * theta).sum(-1)
 
 
@@ -2159,7 +2139,7 @@ class TTTBudget:
 SAFETY = 1.25  # the plain scoring still to come is budgeted at this multiple of its estimate
 
 
-def eval_ttt(run: Run, model: nn.Module, toks: Tensor, hint: Tensor | None = None, budget: TTTBudget = TTTBudget()) -> Tensor:
+def eval_ttt(run: Run, model: nn.Module, toks: Tensor, budget: TTTBudget = TTTBudget()) -> Tensor:
     """Score-first test-time training on a copy of the model: the sliding windows in chunks of TTT_CHUNK_TOKENS
     targets, each chunk scored first, then adapted on (never re-scored), so chunk c is scored with the weights
     adapted on chunks < c. full: every weight (or the last TTT_BLOCKS blocks'), TTT_OPTIMIZER and a cosine LR over the
@@ -2169,19 +2149,19 @@ def eval_ttt(run: Run, model: nn.Module, toks: Tensor, hint: Tensor | None = Non
     hp, budget = run.hp, dataclasses.replace(budget, t0=budget.clock())
     model = copy.deepcopy(model)
     if hp.ttt_mode != "full":
-        return eval_ttt_lora(run, model.requires_grad_(False), toks, hint, budget)
+        return eval_ttt_lora(run, model.requires_grad_(False), toks, budget)
     W, first, ends = plan = sliding_plan(toks.numel() - 1, hp.eval_seq_len, hp.eval_stride)
     per, params = max(1, hp.ttt_chunk_tokens // hp.eval_stride), list(model.parameters())
     n_chunks = -(-len(ends) // per)
     opt = ttt_optimizer(hp, model)
-    stats = torch.zeros(3, toks.numel() - 1, device=toks.device)
+    stats = torch.zeros(2, toks.numel() - 1, device=toks.device)
     adapting, spent = True, [0.0, 0.0]  # seconds scoring, seconds adapting
     note(run, "adapt", (0, -1), params)
     for c in range(n_chunks):
         k0, k1 = c * per, min((c + 1) * per, len(ends))
         note(run, "score", (0, c), params)
         t = budget.clock()
-        score_windows(run, model, toks, plan, k0, k1, hint, stats)
+        score_windows(run, model, toks, plan, k0, k1, stats)
         spent[0] += budget.clock() - t
         need = spent[1] / max(c, 1) + SAFETY * spent[0] / (c + 1) * (n_chunks - c - 1)
         adapting = adapting and c + 1 < n_chunks and not run.all_reduce(float(not budget.fits(need)),
@@ -2302,7 +2282,7 @@ def ttt_work(hp: Hyperparameters, lengths: np.ndarray, plan: list) -> tuple[np.n
     return adapt, plain, np.array([lengths[:e].sum() for e in ends])
 
 
-def eval_ttt_lora(run: Run, model: nn.Module, toks: Tensor, hint: Tensor | None, budget: TTTBudget) -> Tensor:
+def eval_ttt_lora(run: Run, model: nn.Module, toks: Tensor, budget: TTTBudget) -> Tensor:
     """TTT_MODE=lora|phased: documents (cut before each boundary token) in the batches of ttt_plan, each batch with
     fresh adapters (lora_batch), so ranks never communicate within a phase. phased: after each phase but the last,
     one global SGD pass on every weight over all documents before its end (all scored). A batch is adapted on only
@@ -2312,7 +2292,7 @@ def eval_ttt_lora(run: Run, model: nn.Module, toks: Tensor, hint: Tensor | None,
     starts = doc_starts(run, toks)
     lengths = np.diff(starts, append=toks.numel() - 1)
     plan = ttt_plan(lengths, hp, run.world_size)
-    stats, scored = torch.zeros(3, toks.numel() - 1, device=dev), torch.zeros(toks.numel() - 1, dtype=torch.bool, device=dev)
+    stats, scored = torch.zeros(2, toks.numel() - 1, device=dev), torch.zeros(toks.numel() - 1, dtype=torch.bool, device=dev)
     gen = torch.Generator(device=dev).manual_seed(hp.seed)  # every document starts from the same adapters
     linears = [m for m in model.blocks.modules() if isinstance(m, CastedLinear)]
     lora = linears, [torch.randn(hp.ttt_lora_rank, m.in_features, device=dev, generator=gen) / m.in_features ** 0.5
@@ -2330,7 +2310,7 @@ def eval_ttt_lora(run: Run, model: nn.Module, toks: Tensor, hint: Tensor | None,
             chunk = c if adapt else plain_chunk(n_max, L)
             t = budget.clock()
             lora_batch(run, model, toks, (torch.as_tensor(starts[b], device=dev), torch.as_tensor(lengths[b], device=dev)),
-                       lora, hint, stats, scored, chunk, adapt, bi)
+                       lora, stats, scored, chunk, adapt, bi)
             done[0] += budget.clock() - t
             done[1] += adapt_pos if adapt else len(b) * doc_positions(n_max, chunk, L)
             rate, adapted, bi = done[0] / done[1], adapted + adapt * len(b), bi + 1
@@ -2348,7 +2328,7 @@ def eval_ttt_lora(run: Run, model: nn.Module, toks: Tensor, hint: Tensor | None,
 
 
 def lora_batch(run: Run, model: nn.Module, toks: Tensor, docs: tuple[Tensor, Tensor], lora: tuple[list, list],
-               hint: Tensor | None, stats: Tensor, scored: Tensor, c: int, adapt: bool, bi: int):
+               stats: Tensor, scored: Tensor, c: int, adapt: bool, bi: int):
     """Documents at starts s, lengths n (docs), one per row, each with fresh rank-TTT_LORA_RANK adapters on every
     attention and MLP projection (lora: the modules and the A factors' initialization; base weights frozen). Chunk i
     (c targets of every document, with up to EVAL_SEQ_LEN tokens of the document as context) is scored into stats
@@ -2376,7 +2356,7 @@ def lora_batch(run: Run, model: nn.Module, toks: Tensor, docs: tuple[Tensor, Ten
             with run.autocast(), torch.set_grad_enabled(train):
                 lp = model(X[:, col])[live].float().log_softmax(-1)
             if epoch == 0:
-                stats[:, pos] = target_stats(lp.detach(), tgt, None if hint is None else hint[pos])
+                stats[:, pos] = target_stats(lp.detach(), tgt)
                 scored[pos] = True
             if train:
                 opt.zero_grad()
@@ -2423,27 +2403,17 @@ def stage_estimates(hp: Hyperparameters, lengths: np.ndarray, world: int, rate: 
 
 @dataclass
 class Scoring:
-    """What the evaluation stages of one stream share: the model that scores, the one TTT adapts a copy of, the n-gram
-    counts the neural stages need (tilt mode's hint), the last sliding statistics (the n-gram stage mixes over them),
+    """What the evaluation stages of one stream share: the model that scores, the one TTT adapts a copy of, the last
+    sliding statistics (the n-gram stage mixes over them),
     the n-gram's mixing logits z, and evaluate's time accounting (left(): seconds of the budget left)."""
     run: Run
     model: nn.Module
     trained: nn.Module
     toks: Tensor
     left: Callable[[], float] = lambda: math.inf
-    pre: tuple | None = None
     stats: Tensor | None = None
     z: Tensor | None = None
     ngram_s: float = 0.0
-
-    def __post_init__(self):
-        hp = self.run.hp
-        if hp.ngram_order and hp.ngram_mode == "tilt":  # the counts themselves are not kept
-            self.pre = (None, *ngram_counts(self.toks, hp.ngram_order)[1:])
-
-    @property
-    def hint(self) -> Tensor | None:
-        return None if self.pre is None else self.pre[1][1:]
 
     @property
     def rate(self) -> float:
@@ -2459,7 +2429,7 @@ class Scoring:
 @dataclass(frozen=True)
 class EvalStage:
     """An evaluation stage: on(hp) says whether it runs, seconds(s) estimates the least time it needs, run(s) returns
-    per-target statistics (3, m) or NLL (m,). `sliding`: it scores every target by sliding windows, so its statistics
+    per-target statistics (2, m) or NLL (m,). `sliding`: it scores every target by sliding windows, so its statistics
     feed the n-gram stage; `instead_of`: it runs only in that stage's place, skipped once that one has run (TTT scores
     the sliding windows itself)."""
     name: str
@@ -2474,11 +2444,11 @@ def ttt_stage(s: Scoring) -> Tensor:
     """TTT with a budget of what is left of EVAL_BUDGET_SECONDS less the n-gram stage's estimate."""
     hp = s.run.hp
     budget = TTTBudget(s.left() - s.ngram_s, hp.ttt_seconds, s.rate)
-    return eval_ttt(s.run, s.trained, s.toks, s.hint, budget)
+    return eval_ttt(s.run, s.trained, s.toks, budget)
 
 
 def ngram_stage(s: Scoring) -> Tensor:
-    nll, s.z = ngram_nll(s.run.hp, s.toks, s.stats, s.pre)
+    nll, s.z = ngram_nll(s.run.hp, s.toks, s.stats)
     return nll
 
 
@@ -2488,7 +2458,7 @@ EVAL_STAGES = (
     EvalStage("ttt", lambda hp: hp.ttt_enabled and hp.ttt_seconds > 0,
               lambda s: s.estimates()["ttt_min"] + s.ngram_s, ttt_stage, sliding=True),
     EvalStage("sliding", lambda hp: True, lambda s: 1.1 * s.estimates()["sliding"],
-              lambda s: eval_sliding(s.run, s.model, s.toks, s.hint), sliding=True, instead_of="ttt"),
+              lambda s: eval_sliding(s.run, s.model, s.toks), sliding=True, instead_of="ttt"),
     EvalStage("ngram", lambda hp: hp.ngram_order > 0, lambda s: math.inf if s.stats is None else s.ngram_s, ngram_stage),
 )
 
@@ -2497,7 +2467,7 @@ def audit(run: Run, model: nn.Module, n_pos: int = 2) -> dict:
     """EVAL_AUDIT: the four conditions, checked on the first 4 * EVAL_SEQ_LEN + 1 tokens of the split at n_pos
     sampled targets p. norm_*: |sum over the vocabulary - 1| of the distribution at p: the model's softmax row
     (row_is_score: that row at the gold token against the sliding score), the n-gram's by putting every token at p
-    through the same counting code, the mix or tilt through the functions that score. causal_*: largest change of
+    through the same counting code, the mix through the functions that score. causal_*: largest change of
     p's model row, or of any earlier target's score in each stage, when the tokens from p+1 on are replaced.
     prefix_counts: n-gram counts at p against a brute-force recount of the prefix. ttt_weights: chunks not scored
     with the weights adapted on the chunks before them. Passed when every figure is at most 1e-5."""
@@ -2536,7 +2506,7 @@ def audit(run: Run, model: nn.Module, n_pos: int = 2) -> dict:
             put(f"causal_{name}", (nll[:p] - base[name][:p]).abs().max())
         if K:
             t, tl, subst = p + 1, toks.tolist(), toks.clone()
-            counts, hints, _ = ngram_counts(toks, K)
+            counts, _ = ngram_counts(toks, K)
             for n, got in enumerate(counts, 1):
                 occ = [s for s in range(n - 1, t) if tl[s - n + 1:s] == tl[t - n + 1:t]]
                 want = (len(occ), sum(tl[s] == tl[t] for s in occ), len({tl[s] for s in occ}))
@@ -2547,10 +2517,7 @@ def audit(run: Run, model: nn.Module, n_pos: int = 2) -> dict:
                 p_ng.append(ngram_prob(ngram_counts(subst, K)[0], hp.ngram_discount, V)[t])
             p_ng = torch.stack(p_ng)
             put("norm_ngram", abs(p_ng.sum() - 1))
-            h = int(hints[t])
-            q = mix_nll(-lp, p_ng, z[p]) if hp.ngram_mode == "mix" else tilt_nll(
-                -lp, lp[h] if h >= 0 else lp.new_tensor(-math.inf), torch.arange(V, device=lp.device) == h, z[p])
-            put(f"norm_{hp.ngram_mode}", abs(torch.exp(-q).sum() - 1))
+            put("norm_mix", abs(torch.exp(-mix_nll(-lp, p_ng, z[p])).sum() - 1))
     if hp.ttt_enabled:
         adapted = {key: cs for kind, key, cs in ledger if kind == "adapt"}
         put("ttt_weights", sum(cs != adapted.get((b, i - 1)) for kind, (b, i), cs in ledger if kind == "score")

@@ -189,7 +189,8 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     lines = []
     for k, r in enumerate(cells):
-        lines.append("  ".join(c.rjust(w) if numeric[i] else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+        padded = (c.rjust(w) if numeric[i] else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        lines.append("  ".join(padded).rstrip())
         if k == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
@@ -335,7 +336,8 @@ def log_dir_for(env: dict[str, str]) -> Path:
 
 def result_paths(spec: RunSpec) -> list[Path]:
     d = log_dir_for(spec.env)
-    return [d / f"{spec.run_id}{ext}" for ext in (".json", ".txt", ".artifact", ".ckpt")]  # what train_gpt.py refuses to reuse
+    # what train_gpt.py refuses to reuse
+    return [d / f"{spec.run_id}{ext}" for ext in (".json", ".txt", ".artifact", ".ckpt")]
 
 
 def torchrun_argv(nproc: int, script: Path) -> list[str]:
@@ -456,8 +458,8 @@ def _execute(specs: list[RunSpec], nproc: int, script: Path, overwrite: bool) ->
         else:
             spec.status = f"no-result (exit {spec.exit_code})"
         if spec.status != "ok":
-            print(f"!!! {spec.run_id}: {spec.status}{' — ' + spec.result['error'] if spec.result and spec.result.get('error') else ''}; "
-                  "continuing", file=sys.stderr, flush=True)
+            error = f" — {spec.result['error']}" if spec.result and spec.result.get("error") else ""
+            print(f"!!! {spec.run_id}: {spec.status}{error}; continuing", file=sys.stderr, flush=True)
     return True
 
 

@@ -52,6 +52,51 @@ def context_bound(T, header: dict, arrays: dict, g: str, axis: int, strength: fl
     return bits / a.size
 
 
+def all_coders(T) -> dict:
+    """name -> (compress, decompress): every codec train_gpt.py ships, and PPMd at orders 2 and 4 when importable."""
+    coders = dict(T.codecs())
+    if ppmd := T.optional_import("pyppmd"):
+        for k in (2, 4):
+            coders[f"ppmd-o{k}"] = (lambda b, k=k: ppmd.compress(b, max_order=k, mem_size=PPMD_MEM),
+                                    lambda b, n, k=k: ppmd.decompress(b, max_order=k, mem_size=PPMD_MEM))
+    return coders
+
+
+def coder_rows(T, header: dict, arrays: dict, g: str, coders: dict, h0: float | None) -> tuple[list[list], list[str]]:
+    """Group g's packed bytes compressed and decompressed by each coder, timed, against its codes' order-0 entropy h0
+    (None for fp16 groups): (its rows, the shipped codecs whose round trip failed)."""
+    a, m, shipped = arrays[g], header["groups"][g], T.codecs()
+    packed = T.pack(a, m["pack"], m["bits"])
+    rows, failed = [], []
+    for name, (compress, decompress) in coders.items():
+        t0 = time.perf_counter()
+        z = compress(packed)
+        t1 = time.perf_counter()
+        try:
+            ok = decompress(z, len(packed)) == packed
+        except ValueError:  # a coder that cannot decode its own stream
+            ok = False
+        t2 = time.perf_counter()
+        if not ok and name in shipped:
+            failed.append(f"{g}/{name}")
+        rows.append([g, a.size, m["pack"], f"{name} (stored)" if name == m["codec"] else name, len(z),
+                     fmt(8 * len(z) / a.size, 3), fmt(h0, 3), fmt(8 * len(z) / a.size / h0, 4) if h0 else "-",
+                     fmt(t1 - t0, 2), fmt(t2 - t1, 2), "yes" if ok else "NO"])
+    return rows, failed
+
+
+def context_rows(T, header: dict, arrays: dict, g: str, h0: float) -> list[list]:
+    """What any coder with a per-row or per-column adaptive model could reach at best on code group g (order-0
+    entropy h0)."""
+    a, rows = arrays[g], []
+    for axis, what in ((0, "row"), (1, "column")):
+        k, best = min(((k, context_bound(T, header, arrays, g, axis, k)) for k in (64, 256, 1024)),
+                      key=lambda kb: kb[1])
+        rows.append([g, a.size, "-", f"ideal per-{what} adaptive model (prior {k})", "-", fmt(best, 3), fmt(h0, 3),
+                     fmt(best / h0, 4), "-", "-", "-"])
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("artifact", type=Path, help="an artifact written by train_gpt.py")
@@ -63,37 +108,16 @@ def main(argv: list[str] | None = None) -> int:
         header, arrays = T.read_groups(args.artifact)
     except T.ConfigError as e:
         raise UserError(str(e)) from None
-    shipped = T.codecs()
-    coders = dict(shipped)
-    if ppmd := T.optional_import("pyppmd"):
-        for k in (2, 4):
-            coders[f"ppmd-o{k}"] = (lambda b, k=k: ppmd.compress(b, max_order=k, mem_size=PPMD_MEM),
-                                    lambda b, n, k=k: ppmd.decompress(b, max_order=k, mem_size=PPMD_MEM))
-    rows, failed = [], []
+    coders, rows, failed = all_coders(T), [], []
     for g, a in arrays.items():
-        m = header["groups"][g]
-        packed, h0 = T.pack(a, m["pack"], m["bits"]), None if g in T.FP16_GROUPS else T.code_entropy(a)
-        for name, (compress, decompress) in coders.items():
-            t0 = time.perf_counter()
-            z = compress(packed)
-            t1 = time.perf_counter()
-            try:
-                ok = decompress(z, len(packed)) == packed
-            except ValueError:  # a coder that cannot decode its own stream
-                ok = False
-            t2 = time.perf_counter()
-            failed += [] if ok or name not in shipped else [f"{g}/{name}"]
-            rows.append([g, a.size, m["pack"], name + " (stored)" * (name == m["codec"]), len(z),
-                         fmt(8 * len(z) / a.size, 3), fmt(h0, 3), fmt(8 * len(z) / a.size / h0, 4) if h0 else "-",
-                         fmt(t1 - t0, 2), fmt(t2 - t1, 2), "yes" if ok else "NO"])
-        if h0:  # what any coder with a per-row or per-column adaptive model could reach at best
-            for axis, what in ((0, "row"), (1, "column")):
-                k, best = min(((k, context_bound(T, header, arrays, g, axis, k)) for k in (64, 256, 1024)), key=lambda kb: kb[1])
-                rows.append([g, a.size, "-", f"ideal per-{what} adaptive model (prior {k})", "-", fmt(best, 3), fmt(h0, 3),
-                             fmt(best / h0, 4), "-", "-", "-"])
-    out = [f"`{command_echo('bench_codecs.py', argv)}`: {args.artifact.stat().st_size:,} bytes, one thread per job", "",
-           table(["group", "values", "packing", "coder", "bytes", "bits/value", "order-0 bits", "/ order-0",
-                  "encode s", "decode s", "round trip"], rows)]
+        h0 = None if g in T.FP16_GROUPS else T.code_entropy(a)
+        group_rows, group_failed = coder_rows(T, header, arrays, g, coders, h0)
+        rows, failed = rows + group_rows, failed + group_failed
+        if h0:
+            rows += context_rows(T, header, arrays, g, h0)
+    out = [f"`{command_echo('bench_codecs.py', argv)}`: {args.artifact.stat().st_size:,} bytes, one thread per job",
+           "", table(["group", "values", "packing", "coder", "bytes", "bits/value", "order-0 bits", "/ order-0",
+                      "encode s", "decode s", "round trip"], rows)]
     print("\n".join(out))
     if args.append_md:
         append_md(args.append_md, out)

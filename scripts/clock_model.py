@@ -424,7 +424,7 @@ def scoring_tally(T, hp, rows: int = 64) -> Tally:
     tally = Tally(hp.vocab_size)
     lp = torch.empty(rows, hp.vocab_size, device="meta")
     with tally:
-        T.target_stats(lp.float().log_softmax(-1), torch.zeros(rows, dtype=torch.long, device="meta"), None)
+        T.target_stats(lp.float().log_softmax(-1), torch.zeros(rows, dtype=torch.long, device="meta"))
     tally.bytes, tally.ops = tally.bytes / rows, tally.ops
     return tally
 
@@ -443,7 +443,7 @@ def ngram_s(T, hp, targets: int) -> float:
         return 0.0
     n = 1 << 14
     toks = torch.randint(hp.vocab_size, (n + 1,), generator=torch.Generator().manual_seed(0))
-    stats = torch.rand(3, n, generator=torch.Generator().manual_seed(1))
+    stats = torch.rand(2, n, generator=torch.Generator().manual_seed(1))
     tally = Tally()
     with tally:
         T.ngram_nll(hp, toks, stats)
@@ -677,53 +677,71 @@ def probe_hp(T, hp, log_dir: Path, data: Path | None, steps: int):
     return short_run_hp(tiny, steps, log_dir)
 
 
+@dataclasses.dataclass
+class ProbeCounts:
+    """What the probe's patches count while the short run trains."""
+    graphs: int = 0  # graphs handed to the compile backend so far
+    syncs: int = 0  # host syncs (all_reduce, train_gpt.py's item()) so far
+    marks: list = dataclasses.field(default_factory=list)  # (graphs, syncs) at each timed step's start
+    first: list = dataclasses.field(default_factory=list)  # graphs compiled by each train_step call
+
+
+def probe_patches(T, tiny, c: ProbeCounts) -> contextlib.ExitStack:
+    """Patches into T and torch, undone when the returned stack closes: torch.compile with a backend that counts the
+    graphs it is given (and runs them uncompiled), all_reduce and item() counted as host syncs, a mark at each timed
+    step's start, and (unless ATTN_KERNEL=sdpa) flash-attn's calls stood in for on CPU."""
+    real_compile, real_reduce, real_item = torch.compile, T.Run.all_reduce, torch.Tensor.item
+    real_step, real_hook = T.train_step, T.on_train_step
+
+    def backend(gm, example_inputs):
+        c.graphs += 1
+        return gm.forward
+
+    def counted(fn, anywhere: bool):  # item(): from train_gpt.py only (torch's own CPU-side calls sync no device)
+        def wrapper(*a, **k):
+            c.syncs += anywhere or sys._getframe(1).f_code.co_filename == T.__file__
+            return fn(*a, **k)
+        return wrapper
+
+    def on_step(run, step, lr_mult):
+        c.marks.append((c.graphs, c.syncs))
+        return real_hook(run, step, lr_mult)
+
+    def train_step(*a, **k):  # the graphs the first forward (and its backward) is cut into; the timed loop's start
+        if len(c.first) == tiny.warmup_steps:
+            c.marks.append((c.graphs, c.syncs))
+        g = c.graphs
+        out = real_step(*a, **k)
+        c.first.append(c.graphs - g)
+        return out
+
+    stack = contextlib.ExitStack()
+    patch = lambda *a, **k: stack.enter_context(mock.patch.object(*a, **k))  # noqa: E731
+    patch(torch, "compile", lambda m, **k: real_compile(m, backend=backend, dynamic=k.get("dynamic")))
+    patch(T.Run, "all_reduce", counted(real_reduce, True))
+    patch(torch.Tensor, "item", counted(real_item, False))
+    patch(T, "on_train_step", on_step)
+    patch(T, "train_step", train_step)
+    if tiny.attn_kernel != "sdpa":
+        flash, varlen = flash_stand_ins()
+        stack.enter_context(mock.patch.multiple(T, flash_attn_func=flash, flash_attn_varlen_func=varlen,
+                                                use_flash=lambda kernel, dtype: kernel != "sdpa"))
+    return stack
+
+
 def probe(T, hp, log_dir: Path, data: Path | None = None) -> dict:
     """The configured recipe at SHAPE=tiny on CPU, torch.compile'd with a backend that counts the graphs it is given
     (and runs them uncompiled): warm-up (as configured), then steps through the loop switch and QAT. Returns graph
     breaks per forward, graphs compiled in the timed loop, host syncs (all_reduce / item) per step."""
     tiny = probe_hp(T, hp, log_dir, data, steps=6)
-    graphs, syncs, marks, first = [0], [0], [], []
-    real_compile, real_reduce, real_item, real_step = torch.compile, T.Run.all_reduce, torch.Tensor.item, T.train_step
-
-    def backend(gm, example_inputs):
-        graphs[0] += 1
-        return gm.forward
-
-    def counted(fn, anywhere: bool):  # item(): from train_gpt.py only (torch's own CPU-side calls sync no device)
-        def wrapper(*a, **k):
-            syncs[0] += anywhere or sys._getframe(1).f_code.co_filename == T.__file__
-            return fn(*a, **k)
-        return wrapper
-
-    def on_step(run, step, lr_mult, inner=T.on_train_step):
-        marks.append((graphs[0], syncs[0]))
-        return inner(run, step, lr_mult)
-
-    def train_step(*a, **k):  # the graphs the first forward (and its backward) is cut into; the timed loop's start
-        if len(first) == tiny.warmup_steps:
-            marks.append((graphs[0], syncs[0]))
-        g = graphs[0]
-        out = real_step(*a, **k)
-        first.append(graphs[0] - g)
-        return out
-
-    flash, varlen = flash_stand_ins()
+    c = ProbeCounts()
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    with contextlib.ExitStack() as stack, contextlib.redirect_stdout(io.StringIO()):
-        patch = lambda *a, **k: stack.enter_context(mock.patch.object(*a, **k))  # noqa: E731
-        patch(torch, "compile", lambda m, **k: real_compile(m, backend=backend, dynamic=k.get("dynamic")))
-        patch(T.Run, "all_reduce", counted(real_reduce, True))
-        patch(torch.Tensor, "item", counted(real_item, False))
-        patch(T, "on_train_step", on_step)
-        patch(T, "train_step", train_step)
-        if tiny.attn_kernel != "sdpa":
-            stack.enter_context(mock.patch.multiple(T, flash_attn_func=flash, flash_attn_varlen_func=varlen,
-                                                    use_flash=lambda kernel, dtype: kernel != "sdpa"))
+    with probe_patches(T, tiny, c), contextlib.redirect_stdout(io.StringIO()):
         run = T.setup(tiny)
         T.train(run)
-    per_step = np.diff(np.array(marks), axis=0)  # step k's body and step k-1's loop tail
-    return dict(breaks_per_forward=max(0, first[0] - 1), layer_apps=len(run.model.layer_order(False)),
+    per_step = np.diff(np.array(c.marks), axis=0)  # step k's body and step k-1's loop tail
+    return dict(breaks_per_forward=max(0, c.first[0] - 1), layer_apps=len(run.model.layer_order(False)),
                 recompiles_in_loop=int(per_step[:, 0].sum()), syncs_per_step=float(np.median(per_step[:, 1])),
                 eager_fallback=bool(per_step[-2:, 0].all()), steps=len(per_step))
 

@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     base.add_argument("--base", nargs="+", metavar="JSON", help="result JSONs (paths or globs) of the current best")
     base.add_argument("--base-loss", metavar="L1,L2,...",
                       help="the current best's per-seed values of --metric (when you only have its README)")
-    p.add_argument("--new", nargs="+", required=True, metavar="JSON", help="result JSONs (paths or globs) of the candidate")
+    p.add_argument("--new", nargs="+", required=True, metavar="JSON",
+                   help="result JSONs (paths or globs) of the candidate")
     p.add_argument("--metric", choices=("val_loss", "val_bpb"), default="val_loss",
                    help="what the test compares: val_loss in nats (the rules') or val_bpb (across tokenizers)")
     p.add_argument("--margin", type=float, default=None,
@@ -167,13 +168,8 @@ def parse_losses(text: str, metric: str) -> list[float]:
     return values
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    metric, unit = args.metric, {"val_loss": "nats", "val_bpb": "bpb"}[args.metric]
-    if args.margin is not None and not (math.isfinite(args.margin) and args.margin >= 0):
-        raise UserError(f"--margin {args.margin}: expected a number >= 0 ({unit})")
-    if not 0 < args.alpha < 1:
-        raise UserError(f"--alpha {args.alpha}: expected a number in (0, 1)")
+def load_groups(args, metric: str) -> tuple[list[dict], list[float], list[dict], list[float]]:
+    """(base runs, base values, new runs, new values) of --metric; base runs are [] with --base-loss."""
     new = load_group(args.new, "--new", args.skip_bad)
     if args.base is not None:
         base = load_group(args.base, "--base", args.skip_bad)
@@ -183,58 +179,91 @@ def main(argv: list[str] | None = None) -> int:
         base_values = [r[metric] for r in base]
     else:
         base, base_values = [], parse_losses(args.base_loss, metric)
-    new_values = [r[metric] for r in new]
+    return base, base_values, new, [r[metric] for r in new]
+
+
+def warn_groups(base: list[dict], new: list[dict], metric: str) -> None:
+    """Warnings on stderr: a seed repeated within a group; val_loss across different tokenizers or data."""
     for what, group in (("--base", base), ("--new", new)):
         seeds = [r.get("seed") for r in group]
         dup = sorted({s for s in seeds if seeds.count(s) > 1}, key=str)
         if dup:
             print(f"warning: {what}: seed(s) {', '.join(map(str, dup))} appear more than once; "
                   "repeated seeds understate the variance", file=sys.stderr)
-    if base:
-        keys = ("vocab_size", "tokenizer_path", "data_path")
-        differ = [k for k in keys if {str(r.get("config", {}).get(k)) for r in base} != {str(r.get("config", {}).get(k)) for r in new}]
-        if differ and metric == "val_loss":
-            print(f"warning: the groups differ in {', '.join(differ)}: val_loss per token is only comparable with the "
-                  "same tokenizer and validation data; compare val_bpb instead (--metric val_bpb)", file=sys.stderr)
+    if not base:
+        return
+    settings = lambda runs, k: {str(r.get("config", {}).get(k)) for r in runs}  # noqa: E731
+    differ = [k for k in ("vocab_size", "tokenizer_path", "data_path") if settings(base, k) != settings(new, k)]
+    if differ and metric == "val_loss":
+        print(f"warning: the groups differ in {', '.join(differ)}: val_loss per token is only comparable with the "
+              "same tokenizer and validation data; compare val_bpb instead (--metric val_bpb)", file=sys.stderr)
 
+
+def print_groups(groups, metric: str) -> list[tuple]:
+    """The table of both groups (and each run's scores); returns its rows: (label, n, val_loss mean, std, val_bpb
+    mean, std, max artifact bytes), --metric's columns from the values tested."""
     rows = []
-    for label, runs, values in (("base", base, base_values), ("new", new, new_values)):
+    for label, runs, values in groups:
         cols = {m: mean_std([r[m] for r in runs]) if runs else (math.nan, math.nan) for m in ("val_loss", "val_bpb")}
         cols[metric] = mean_std(values)
         rows.append((label, len(values), *cols["val_loss"], *cols["val_bpb"],
                      max((r["artifact_bytes"] for r in runs), default=None)))
     print(table(("group", "n", "val_loss mean", "val_loss std", "val_bpb mean", "val_bpb std", "max artifact"), rows))
-    for label, runs in (("base", base), ("new", new)):
+    for label, runs, _ in groups:
         if runs:
-            print(f"  {label}: " + ", ".join(f"seed {r.get('seed')} {r['val_loss']:.5f} nats / {r['val_bpb']:.5f} bpb" for r in runs))
+            print(f"  {label}: " + ", ".join(f"seed {r.get('seed')} {r['val_loss']:.5f} nats / {r['val_bpb']:.5f} bpb"
+                                             for r in runs))
+    return rows
 
+
+def print_difference(rows: list[tuple], metric: str, unit: str, margin_arg: float | None) -> float:
+    """The difference of the means (base - new) and the margin it must clear; returns the margin."""
     diff = {"val_loss": rows[0][2] - rows[1][2], "val_bpb": rows[0][4] - rows[1][4]}
     other = "val_bpb" if metric == "val_loss" else "val_loss"
     ratio = rows[1][4] / rows[1][2]  # bpb per nat of val_loss, from the new runs (tokens/byte / ln 2)
-    margin = args.margin if args.margin is not None else round(DEFAULT_MARGIN * (ratio if metric == "val_bpb" else 1), 6)
-    print(f"difference (base - new): {metric} {diff[metric]:+.5f} {unit} (required >= {margin} {unit})"
-          + (f", {other} {diff[other]:+.5f}" if math.isfinite(diff[other]) else "")
-          + (f"; the margin is ~{margin * ratio:.5f} bpb at the new runs' {ratio:.4f} bpb per nat"
-             if metric == "val_loss" else "")
-          + (f"; the rules' {DEFAULT_MARGIN} nats at the new runs' {ratio:.4f} bpb per nat"
-             if metric == "val_bpb" and args.margin is None else ""))
+    margin = margin_arg if margin_arg is not None else round(DEFAULT_MARGIN * (ratio if metric == "val_bpb" else 1), 6)
+    notes = f", {other} {diff[other]:+.5f}" if math.isfinite(diff[other]) else ""
+    if metric == "val_loss":
+        notes += f"; the margin is ~{margin * ratio:.5f} bpb at the new runs' {ratio:.4f} bpb per nat"
+    elif margin_arg is None:
+        notes += f"; the rules' {DEFAULT_MARGIN} nats at the new runs' {ratio:.4f} bpb per nat"
+    print(f"difference (base - new): {metric} {diff[metric]:+.5f} {unit} (required >= {margin} {unit}){notes}")
+    return margin
 
+
+def print_verdict(base_values: list[float], new_values: list[float], margin: float, metric: str, unit: str,
+                  alpha: float) -> None:
+    """The Welch test and its verdict line: RECORD or NOT SIGNIFICANT (and why)."""
     if len(base_values) < 2 or len(new_values) < 2:
         print(f"NOT SIGNIFICANT: cannot test with n_base={len(base_values)}, n_new={len(new_values)}; "
               "each group needs at least 2 seeds (the rules usually ask for 3)")
-        return 0
+        return
     res = welch_one_sided(base_values, new_values, margin)
     print(f"Welch one-sided test on {metric} of H0: mean_base - mean_new <= {margin}: t = {res['t']:.4f}, "
           f"df = {res['df']:.2f}, p = {res['p']:.3g}")
-    if res["p"] < args.alpha:
+    if res["p"] < alpha:
         print(f"RECORD: new mean {metric} {res['mean_new']:.5f} beats base {res['mean_base']:.5f} by "
-              f"{res['diff']:.5f} {unit} (>= {margin}) with p = {res['p']:.3g} < {args.alpha}")
+              f"{res['diff']:.5f} {unit} (>= {margin}) with p = {res['p']:.3g} < {alpha}")
     elif res["diff"] < margin:
         print(f"NOT SIGNIFICANT: the improvement {res['diff']:+.5f} {unit} is below the required {margin} {unit} "
               f"(p = {res['p']:.3g})")
     else:
         print(f"NOT SIGNIFICANT: the improvement {res['diff']:.5f} {unit} clears the {margin} margin on average, "
-              f"but p = {res['p']:.3g} >= {args.alpha}; more seeds or a larger gain are needed")
+              f"but p = {res['p']:.3g} >= {alpha}; more seeds or a larger gain are needed")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    metric, unit = args.metric, {"val_loss": "nats", "val_bpb": "bpb"}[args.metric]
+    if args.margin is not None and not (math.isfinite(args.margin) and args.margin >= 0):
+        raise UserError(f"--margin {args.margin}: expected a number >= 0 ({unit})")
+    if not 0 < args.alpha < 1:
+        raise UserError(f"--alpha {args.alpha}: expected a number in (0, 1)")
+    base, base_values, new, new_values = load_groups(args, metric)
+    warn_groups(base, new, metric)
+    rows = print_groups((("base", base, base_values), ("new", new, new_values)), metric)
+    margin = print_difference(rows, metric, unit, args.margin)
+    print_verdict(base_values, new_values, margin, metric, unit, args.alpha)
     return 0
 
 

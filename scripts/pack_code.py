@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", type=Path, default=Path("train_gpt.py"), help="readable script (default train_gpt.py)")
-    p.add_argument("--out", type=Path, default=Path("train_gpt_packed.py"), help="packed file (default train_gpt_packed.py)")
+    p.add_argument("--out", type=Path, default=Path("train_gpt_packed.py"),
+                   help="packed file (default train_gpt_packed.py)")
     args = p.parse_args(argv)
     if not args.source.is_file():
         raise UserError(f"{args.source}: not found; run from the repo root or pass --source")

@@ -42,9 +42,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ARTIFACT_CAP_BYTES, UserError, cli, import_trainer, load_results, mean_std, refuse_bad, write_atomic  # noqa: E402
+from _common import (ARTIFACT_CAP_BYTES, UserError, cli, import_trainer, load_results, mean_std,  # noqa: E402
+                     refuse_bad, write_atomic)
 from pack_code import pack, packed_hash  # noqa: E402
 
 VERIFY_STEPS = 5
@@ -109,8 +111,9 @@ def packed_form(script: Path, packed_path: Path | None) -> bytes:
     packed = packed_path.read_bytes() if packed_path.is_file() else b""
     named, actual = packed_hash(packed), hashlib.sha256(source).hexdigest()
     if named != actual:
-        raise UserError(f"{packed_path}: {'not a packed train_gpt.py' if named is None else f'packed from a source with sha256 {named[:12]}...'}, "
-                        f"not from {script} (sha256 {actual[:12]}...); pack it again: python scripts/pack_code.py --source {script}")
+        what = "not a packed train_gpt.py" if named is None else f"packed from a source with sha256 {named[:12]}..."
+        raise UserError(f"{packed_path}: {what}, not from {script} (sha256 {actual[:12]}...); pack it again: "
+                        f"python scripts/pack_code.py --source {script}")
     return packed
 
 
@@ -146,7 +149,8 @@ def hardware(runs: list[dict]) -> str | None:
     return None if None in kind else f"{kind[0]}x{kind[1]}"
 
 
-def config_changes(config: dict, script: Path) -> tuple[list[tuple[str, object, object, str]], dict[str, str], str | None]:
+def config_changes(config: dict, script: Path) -> tuple[list[tuple[str, object, object, str]], dict[str, str],
+                                                       str | None]:
     """(rows of (KEY, value, default, source), env needed to reproduce, warning)."""
     preset = str(config.get("preset", "default"))
     try:
@@ -178,9 +182,8 @@ def world_size_from_log(text: str) -> int | None:
     return int(m[-1]) if m else None
 
 
-def build_readme(sub: dict, runs: list[dict], rows: list, env: dict[str, str], nproc: int, folder: str,
-                 warning: str | None, verified: str) -> str:
-    seeds = [r["seed"] for r in runs]
+def readme_results(sub: dict, runs: list[dict]) -> list[str]:
+    """The README's title, summary and per-seed results table (with the evaluation stages' means)."""
     lines = [f"# {sub['name']}", ""]
     if sub.get("blurb"):
         lines += [sub["blurb"], ""]
@@ -194,12 +197,18 @@ def build_readme(sub: dict, runs: list[dict], rows: list, env: dict[str, str], n
     for r in runs:
         lines.append(f"| {r['seed']} | {r['val_bpb']:.4f} | {r['val_loss']:.4f} | {int(r['artifact_bytes']):,} | "
                      f"{r.get('steps', '-')} | {r.get('train_seconds', '-')} | {r.get('eval_seconds', '-')} |")
-    lines.append(f"| **mean** | **{sub['val_bpb']:.4f}** | **{sub['val_loss']:.4f}** | {sub['bytes_total']:,} (max) | | | |")
+    lines.append(f"| **mean** | **{sub['val_bpb']:.4f}** | **{sub['val_loss']:.4f}** | {sub['bytes_total']:,} (max) "
+                 "| | | |")
     stages = sub["metadata"].get("eval_stages") or {}
     if len(stages) > 1:
         lines += ["", "Evaluation stages (mean over seeds; the last one is the score): " +
                   ", ".join(f"{k} {v:.4f} bpb" for k, v in stages.items()) + "."]
-    lines += ["", "## Configuration", ""]
+    return lines
+
+
+def readme_configuration(sub: dict, rows: list, warning: str | None) -> list[str]:
+    """The README's settings that differ from train_gpt.py's defaults."""
+    lines = ["", "## Configuration", ""]
     if warning:
         lines += [f"({warning}.)", ""]
     elif rows:
@@ -208,26 +217,38 @@ def build_readme(sub: dict, runs: list[dict], rows: list, env: dict[str, str], n
         lines += [f"| `{k}` | `{v}` | `{d}` | {src} |" for k, v, d, src in rows]
     else:
         lines += ["All settings are `train_gpt.py`'s defaults."]
+    return lines
+
+
+def readme_reproduce(sub: dict, runs: list[dict], env: dict[str, str], nproc: int, folder: str,
+                     verified: str) -> list[str]:
+    """The README's command per seed, the packed code's check and the folder's files."""
     env_str = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
     data_path = sub["metadata"]["config"].get("data_path")
     data_note = f" (here `{data_path}`)" if data_path else ""
-    lines += ["", "## Reproduce", "", f"From this folder (`{folder}`), with the data in place, once per seed:", "",
-              "```bash", f"for SEED in {' '.join(map(str, seeds))}; do",
-              f"  {env_str + ' ' if env_str else ''}SEED=$SEED RUN_ID={sub['metadata']['run_prefix']}_seed$SEED \\",
-              f"    torchrun --standalone --nproc_per_node={nproc} train_gpt.py", "done", "```", "",
-              f"`DATA_PATH`{data_note} and `TOKENIZER_PATH` are read relative to where you run it: point them at "
-              "the dataset if it is not there. Each run writes `logs/<RUN_ID>.txt` and `logs/<RUN_ID>.json`. "
-              "Expected val_bpb per seed: " + ", ".join(f"{r['seed']}: {r['val_bpb']:.4f}" for r in runs) +
-              f" (mean {sub['val_bpb']:.4f}).", "",
-              f"Packed code: {verified}." if verified else "Packed code: not verified (packaged with --no-verify).", "",
-              "## Files", "",
-              f"- `train_gpt.py`: the packed training script ({sub['bytes_code']:,} bytes, counted in the artifact): it "
-              "decompresses `train_gpt_readable.py` and runs it",
-              "- `train_gpt_readable.py`: the readable source (not counted; its sha256 is on the packed file's first line)",
-              "- `requirements.txt`: its Python dependencies",
-              *[f"- `{r['run_id']}.txt` / `{r['run_id']}.json`: train log and results of seed {r['seed']}" for r in runs],
-              "- `submission.json`: the numbers above, machine-readable", ""]
-    return "\n".join(lines)
+    return ["", "## Reproduce", "", f"From this folder (`{folder}`), with the data in place, once per seed:", "",
+            "```bash", f"for SEED in {' '.join(str(r['seed']) for r in runs)}; do",
+            f"  {env_str + ' ' if env_str else ''}SEED=$SEED RUN_ID={sub['metadata']['run_prefix']}_seed$SEED \\",
+            f"    torchrun --standalone --nproc_per_node={nproc} train_gpt.py", "done", "```", "",
+            f"`DATA_PATH`{data_note} and `TOKENIZER_PATH` are read relative to where you run it: point them at "
+            "the dataset if it is not there. Each run writes `logs/<RUN_ID>.txt` and `logs/<RUN_ID>.json`. "
+            "Expected val_bpb per seed: " + ", ".join(f"{r['seed']}: {r['val_bpb']:.4f}" for r in runs) +
+            f" (mean {sub['val_bpb']:.4f}).", "",
+            f"Packed code: {verified}." if verified else "Packed code: not verified (packaged with --no-verify).", "",
+            "## Files", "",
+            f"- `train_gpt.py`: the packed training script ({sub['bytes_code']:,} bytes, counted in the artifact): it "
+            "decompresses `train_gpt_readable.py` and runs it",
+            "- `train_gpt_readable.py`: the readable source (not counted; its sha256 is on the packed file's first "
+            "line)",
+            "- `requirements.txt`: its Python dependencies",
+            *[f"- `{r['run_id']}.txt` / `{r['run_id']}.json`: train log and results of seed {r['seed']}" for r in runs],
+            "- `submission.json`: the numbers above, machine-readable", ""]
+
+
+def build_readme(sub: dict, runs: list[dict], rows: list, env: dict[str, str], nproc: int, folder: str,
+                 warning: str | None, verified: str) -> str:
+    return "\n".join(readme_results(sub, runs) + readme_configuration(sub, rows, warning)
+                     + readme_reproduce(sub, runs, env, nproc, folder, verified))
 
 
 def common_prefix(run_ids: list[str]) -> str:
@@ -238,14 +259,16 @@ def common_prefix(run_ids: list[str]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", nargs="+", required=True, metavar="JSON", help="result JSONs (paths or globs), one per seed")
+    p.add_argument("--runs", nargs="+", required=True, metavar="JSON",
+                   help="result JSONs (paths or globs), one per seed")
     p.add_argument("--name", required=True, help="submission name")
     p.add_argument("--github-id", required=True, help="your GitHub user name")
     p.add_argument("--author", default=None, help="author name (default: the GitHub id)")
     p.add_argument("--blurb", default="", help="one-paragraph description of the approach")
     p.add_argument("--out", type=Path, default=None, help="folder to create (default records/<date>_<name>)")
     p.add_argument("--date", default=None, help="YYYY-MM-DD (default: today, UTC)")
-    p.add_argument("--script", type=Path, default=Path("train_gpt.py"), help="the training script (default ./train_gpt.py)")
+    p.add_argument("--script", type=Path, default=Path("train_gpt.py"),
+                   help="the training script (default ./train_gpt.py)")
     p.add_argument("--requirements", type=Path, default=Path("requirements.txt"),
                    help="requirements file to include (default ./requirements.txt)")
     p.add_argument("--packed", type=Path, default=None,
@@ -254,57 +277,73 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dataset for the packed-vs-readable check (default data/datasets/brown_sp1024)")
     p.add_argument("--no-verify", action="store_true", help="skip the packed-vs-readable check")
     p.add_argument("--top-level", type=Path, default=Path("submission.json"),
-                   help="the repo's submission.json, rewritten when the runs are 8x H100 runs (default ./submission.json)")
+                   help="the repo's submission.json, rewritten when the runs are 8x H100 runs "
+                        "(default ./submission.json)")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def check_args(args) -> tuple[str, Path]:
+    """The date and the folder to create, after checking --github-id, --date and the files to copy."""
     if not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,38})", args.github_id):
         raise UserError(f"--github-id {args.github_id!r}: expected a GitHub user name (letters, digits, hyphens)")
     if args.date is not None and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", args.date):
         raise UserError(f"--date {args.date!r}: expected YYYY-MM-DD")
     date = args.date or time.strftime("%Y-%m-%d", time.gmtime())
     out = args.out or Path("records") / f"{date}_{slug(args.name)}"
-    for path, what in ((args.script, "training script"), (args.requirements, "requirements file")):
+    for path, flag, what in ((args.script, "--script", "training script"),
+                             (args.requirements, "--requirements", "requirements file")):
         if not path.is_file():
-            raise UserError(f"{path}: {what} not found; run from the repo root or pass --{'script' if what[0] == 't' else 'requirements'}")
+            raise UserError(f"{path}: {what} not found; run from the repo root or pass {flag}")
     if out.exists():
         raise UserError(f"{out}: already exists; choose another --out or remove it")
+    return date, out
 
-    runs = load_results(args.runs, "--runs")
+
+def load_runs(items: list[str]) -> tuple[list[dict], dict[str, Path]]:
+    """The seeds' results (each one counting, one per seed) and their train logs by run id."""
+    runs = load_results(items, "--runs")
     refuse_bad(runs, "--runs")
     seeds = [r.get("seed") for r in runs]
     dup = sorted({str(s) for s in seeds if seeds.count(s) > 1})
     if dup:
         raise UserError(f"--runs: seed(s) {', '.join(dup)} appear more than once; give one run per seed")
-    config = check_same_config(runs)
-    packed = packed_form(args.script, args.packed)
-    check_code_bytes(runs, args.script, packed)
     logs = {}
     for r in runs:
         txt = Path(r["_path"]).with_suffix(".txt")
         if not txt.is_file():
             raise UserError(f"{txt}: train log of {r['run_id']} not found (it is written beside the result JSON)")
         logs[r["run_id"]] = txt
+    return runs, logs
 
-    rows, env, warning = config_changes(config, args.script)
-    if warning:
-        print(f"warning: {warning}", file=sys.stderr)
+
+def logged_world_size(logs: dict[str, Path]) -> int:
+    """The largest world size the train logs recorded (8 when none did)."""
     sizes = {world_size_from_log(p.read_text(errors="replace")) for p in logs.values()}
     sizes.discard(None)
-    nproc = max(sizes) if sizes else 8
+    return max(sizes) if sizes else 8
 
-    bpb_m, bpb_s = mean_std([r["val_bpb"] for r in runs])
-    loss_m, loss_s = mean_std([r["val_loss"] for r in runs])
-    stage_names = [k for k in (runs[0].get("stages") or {})]
-    eval_stages = {}
-    for k in stage_names:
+
+def stage_means(runs: list[dict]) -> dict[str, float]:
+    """Mean val_bpb of each evaluation stage that every run scored."""
+    means = {}
+    for k in runs[0].get("stages") or {}:
         vals = [r["stages"][k].get("val_bpb") for r in runs if k in (r.get("stages") or {})]
         if len(vals) == len(runs) and all(isinstance(v, (int, float)) for v in vals):
-            eval_stages[k] = round(sum(vals) / len(vals), 8)
-    r8 = lambda v: None if v is None or (isinstance(v, float) and math.isnan(v)) else round(v, 8)  # noqa: E731
-    sub = dict(
+            means[k] = round(sum(vals) / len(vals), 8)
+    return means
+
+
+def r8(v):
+    """A figure rounded to 8 decimals for submission.json; None for a missing or NaN one."""
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else round(v, 8)
+
+
+def submission(args, date: str, runs: list[dict], config: dict, packed: bytes, rows: list, env: dict[str, str],
+               nproc: int) -> dict:
+    """submission.json's content."""
+    bpb_m, bpb_s = mean_std([r["val_bpb"] for r in runs])
+    loss_m, loss_s = mean_std([r["val_loss"] for r in runs])
+    return dict(
         author=args.author or args.github_id, github_id=args.github_id, name=args.name, blurb=args.blurb,
         date=date, val_loss=r8(loss_m), val_bpb=r8(bpb_m), val_loss_std=r8(loss_s), val_bpb_std=r8(bpb_s),
         track="10min_16mb", bytes_total=len(packed) + max(int(r["model_bytes"]) for r in runs),
@@ -316,10 +355,15 @@ def main(argv: list[str] | None = None) -> int:
                                            eval_seconds=r.get("eval_seconds")) for r in runs},
         hardware=hardware(runs), pytorch_version=runs[0].get("torch"),
         metadata=dict(preset=config.get("preset", "default"), run_prefix=common_prefix([r["run_id"] for r in runs]),
-                      world_size=nproc, params=runs[0].get("params"), eval_stages=eval_stages,
+                      world_size=nproc, params=runs[0].get("params"), eval_stages=stage_means(runs),
                       config_changes={k: v for k, v, _, _ in rows}, reproduce_env=env, config=config),
     )
 
+
+def write_folder(args, out: Path, packed: bytes, runs: list[dict], logs: dict[str, Path], sub: dict,
+                 readme: Callable[[str], str]) -> None:
+    """The records folder, written beside out and renamed into place once complete (with the packed script checked
+    against the readable one unless --no-verify; sub gains packed_verified, readme(verified) is the README)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{int(time.time() * 1000)}"
     try:
@@ -333,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         verified = "" if args.no_verify else verify_packed(tmp, tmp / "train_gpt_readable.py", args.verify_data)
         sub["metadata"]["packed_verified"] = bool(verified)
         (tmp / "submission.json").write_text(json.dumps(sub, indent=2) + "\n")
-        (tmp / "README.md").write_text(build_readme(sub, runs, rows, env, nproc, str(out), warning, verified))
+        (tmp / "README.md").write_text(readme(verified))
         if hashlib.sha256((tmp / "train_gpt_readable.py").read_bytes()).hexdigest() != packed_hash(packed):
             raise UserError(f"{args.script} changed while packaging; try again")
         if out.exists():
@@ -342,14 +386,36 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def update_top_level(path: Path, sub: dict, out: Path) -> None:
+    """The repo's submission.json becomes this submission only when its runs are 8x H100 runs."""
     if (sub["hardware"] or "").startswith("8x") and "H100" in sub["hardware"]:
-        write_atomic(args.top_level, json.dumps(dict(sub, metadata=dict(sub["metadata"], records_folder=str(out))),
-                                                indent=2) + "\n")
-        print(f"{args.top_level}: now this submission")
+        write_atomic(path, json.dumps(dict(sub, metadata=dict(sub["metadata"], records_folder=str(out))), indent=2)
+                     + "\n")
+        print(f"{path}: now this submission")
     else:
-        print(f"{args.top_level}: left as it is (the runs are {sub['hardware'] or 'of unrecorded hardware'}, "
+        print(f"{path}: left as it is (the runs are {sub['hardware'] or 'of unrecorded hardware'}, "
               "not 8x H100; a CPU figure never fills it)")
-    print(f"val_bpb {bpb_m:.4f} over seeds {', '.join(str(r['seed']) for r in runs)}; "
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    date, out = check_args(args)
+    runs, logs = load_runs(args.runs)
+    config = check_same_config(runs)
+    packed = packed_form(args.script, args.packed)
+    check_code_bytes(runs, args.script, packed)
+    rows, env, warning = config_changes(config, args.script)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    nproc = logged_world_size(logs)
+    sub = submission(args, date, runs, config, packed, rows, env, nproc)
+    write_folder(args, out, packed, runs, logs, sub,
+                 lambda verified: build_readme(sub, runs, rows, env, nproc, str(out), warning, verified))
+    update_top_level(args.top_level, sub, out)
+    bpb_mean = mean_std([r["val_bpb"] for r in runs])[0]
+    print(f"val_bpb {bpb_mean:.4f} over seeds {', '.join(str(r['seed']) for r in runs)}; "
           f"artifact {sub['bytes_total']:,} bytes with the packed code ({len(packed):,} bytes)")
     print(out)
     return 0

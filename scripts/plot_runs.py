@@ -172,7 +172,8 @@ def draw_stages(ax, series: dict[str, list[dict]]) -> None:
             ax.annotate(f"{bpb:.4f}", (x, bpb), textcoords="offset points", xytext=(6, 4), fontsize=7)
     ax.set_xticks(range(len(names)), names)
     ax.set_xlim(-0.5, len(names) - 0.5)
-    ax.set(xlabel="evaluation stage (in the order they ran)", ylabel="val_bpb", title="val_bpb of each evaluation stage")
+    ax.set(xlabel="evaluation stage (in the order they ran)", ylabel="val_bpb",
+           title="val_bpb of each evaluation stage")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("logs", nargs="+", help="logs/<RUN_ID>.txt files or globs")
     p.add_argument("--out", type=Path, default=None, help="PNG to write")
     p.add_argument("--csv", default=None, metavar="FILE", help="write the parsed points as CSV ('-' = stdout)")
-    p.add_argument("--from-step", type=int, default=0, help="plot only points at or after this step (zoom past the start)")
+    p.add_argument("--from-step", type=int, default=0,
+                   help="plot only points at or after this step (zoom past the start)")
     return p
 
 

@@ -151,7 +151,9 @@ def predict(hp: T.Hyperparameters, model: torch.nn.Module, meter: Meter, code_by
         sizes = sorted((sum(state[n].shape) for n, (_, f) in fmts.items() if f.kind != "fp16"), reverse=True)
         roles[f"lqer:top{hp.lqer_top}+lq{hp.lqer_rank}"] = dict(params=sum(sizes[:hp.lqer_top]) * hp.lqer_rank, bits=(
             fb * hp.lqer_rank * sum(sizes[:hp.lqer_top]) + 2 * scale * hp.lqer_rank * len(sizes[:hp.lqer_top])))
-    header = len(json.dumps(dict(seed=hp.quant_seed, tensors=tensors, groups={g: dict(codec="brotli", pack="shuffle", bits=16, n=10 ** 8, raw=10 ** 8, len=10 ** 8) for g in {f.name for _, f in fmts.values()} | {"scales", "fp16"}}), separators=(",", ":")))
+    widest = dict(codec="brotli", pack="shuffle", bits=16, n=10 ** 8, raw=10 ** 8, len=10 ** 8)  # the longest entry
+    groups = {g: widest for g in {f.name for _, f in fmts.values()} | {"scales", "fp16"}}
+    header = len(json.dumps(dict(seed=hp.quant_seed, tensors=tensors, groups=groups), separators=(",", ":")))
     model = sum(r["bits"] for r in roles.values()) / 8 + 2 * control + header + 44
     return dict(roles=roles, control=control, header=header, model=model, code=code_bytes, total=model + code_bytes)
 
@@ -177,22 +179,25 @@ def verdict(hp: T.Hyperparameters, trials: list[tuple[str, dict]], weights: str)
         return 0, f"verdict: FITS at its own QUANT_SPEC: {room}"
     if p["total"] <= cap:
         return 1, (f"verdict: FITS after QUANT_FIT, at QUANT_SPEC={spec}: {room}; its own QUANT_SPEC is predicted "
-                   f"{own['total']:,.0f}, {own['total'] - cap:,.0f} over, so the run re-exports {len(trials) - 1} time(s)")
-    return 3, (f"verdict: DOES NOT FIT: {p['total']:,.0f} bytes predicted, {p['total'] - cap:,.0f} over the {cap:,} cap "
-               f"{'even after QUANT_FIT' if hp.quant_fit else 'with QUANT_FIT=0'} ({weights}); the run would end "
+                   f"{own['total']:,.0f}, {own['total'] - cap:,.0f} over, so the run re-exports {len(trials) - 1} "
+                   "time(s)")
+    return 3, (f"verdict: DOES NOT FIT: {p['total']:,.0f} bytes predicted, {p['total'] - cap:,.0f} over the {cap:,} "
+               f"cap {'even after QUANT_FIT' if hp.quant_fit else 'with QUANT_FIT=0'} ({weights}); the run would end "
                "over_cap: use lower-bit formats or a smaller model")
 
 
 def table(spec: str, p: dict, packed: bool) -> str:
     rows = [f"QUANT_SPEC={spec}\n\n| role:format | params | bits/weight | bytes |\n|---|---|---|---|"]
-    rows += [f"| {k} | {r['params']:,} | {r['bits'] / r['params']:.3f} | {r['bits'] / 8:,.0f} |" for k, r in p["roles"].items()]
+    rows += [f"| {k} | {r['params']:,} | {r['bits'] / r['params']:.3f} | {r['bits'] / 8:,.0f} |"
+             for k, r in p["roles"].items()]
+    code = "train_gpt.py, packed" if packed else "train_gpt.py"
     rows += [f"| control tensors (fp16) | {p['control']:,} | 16 | {2 * p['control']:,} |",
-             f"| header + prefix | | | {p['header'] + 44:,} |\n| code (train_gpt.py{', packed' * packed}) | | | {p['code']:,} |",
+             f"| header + prefix | | | {p['header'] + 44:,} |\n| code ({code}) | | | {p['code']:,} |",
              f"| **total** | | | **{p['total']:,.0f}** |"]
     return "\n".join(rows)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--spec", action="append", help="QUANT_SPEC to predict (repeatable); default: the config's")
     ap.add_argument("--alternatives", action="store_true", help="also the per-format table and a few other specs")
@@ -203,15 +208,47 @@ def main(argv=None) -> int:
                                    "per role, at the configured shape instead of Gaussian weights")
     ap.add_argument("--cache", type=Path, default=CACHE, help=f"the measured Gaussian rates (default {CACHE})")
     ap.add_argument("--no-cache", action="store_true", help="measure every rate again; read and write no cache")
-    args = ap.parse_args(argv)
-    code_bytes = len(pack(T.CODE)[0]) if args.packed else T.CODE_BYTES
+    return ap
+
+
+def load_config(args) -> tuple[T.Hyperparameters, list[str]]:
+    """The configuration (environment, --codec) and the QUANT_SPECs to price, each checked."""
     try:
         hp = T.load_hparams({**os.environ, **({"CODEC": args.codec} if args.codec else {})})
-        specs = args.spec or [hp.quant_spec] + [s for s in ALTERNATIVES if s != hp.quant_spec] * args.alternatives
+        others = [s for s in ALTERNATIVES if s != hp.quant_spec] if args.alternatives else []
+        specs = args.spec or [hp.quant_spec] + others
         for s in specs:
             T.parse_spec(s)
     except T.ConfigError as e:
         raise UserError(str(e)) from None
+    return hp, specs
+
+
+def print_formats(hp: T.Hyperparameters, meter: Meter, weights: str) -> None:
+    """Compressed bits per weight of each format, on rows of MODEL_DIM."""
+    print(f"\n{weights}, rows of {hp.model_dim}: compressed bits per weight (code entropy = ideal coder)\n")
+    print("| format | bits/weight | code entropy | fp16 scale bits |\n|---|---|---|---|")
+    for s in FORMATS:
+        c, scale, ent = meter(T.parse_fmt(s), hp.model_dim, "mlp_up")
+        print(f"| {s} | {c:.3f} | {ent:.3f} | {scale:.2f} |")
+
+
+def print_spec(spec: str, trials: list[tuple[str, dict]], packed: bool) -> None:
+    """A spec's table and predicted artifact, and the specs QUANT_FIT would try after it."""
+    cap, own, (last, p) = T.ARTIFACT_CAP_BYTES, trials[0][1], trials[-1]
+    print(f"\n{table(spec, own, packed)}\n\npredicted artifact {own['total']:,.0f} bytes: "
+          f"{'fits' if own['total'] <= cap else 'DOES NOT FIT'} ({cap - own['total']:+,.0f} bytes of margin)")
+    for tried, q in trials[1:-1]:
+        print(f"QUANT_FIT would try QUANT_SPEC={tried}: predicted {q['total']:,.0f} bytes")
+    if len(trials) > 1:
+        print(f"QUANT_FIT=1 would re-export it as QUANT_SPEC={last}: predicted {p['total']:,.0f} bytes "
+              f"({'fits' if p['total'] <= cap else 'still over the cap'})\n\n{table(last, p, packed)}")
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    code_bytes = len(pack(T.CODE)[0]) if args.packed else T.CODE_BYTES
+    hp, specs = load_config(args)
     pools = checkpoint_pools(args.ckpt) if args.ckpt else None
     with torch.device("meta"):  # shapes only
         model = T.GPT(hp)
@@ -224,22 +261,10 @@ def main(argv=None) -> int:
     print(f"\nconfig: PRESET={hp.preset} {hp.num_layers}L d={hp.model_dim} MLP {hp.mlp_mult}x vocab {hp.vocab_size}: "
           f"{n:,} parameters; CODEC={hp.codec}; cap {T.ARTIFACT_CAP_BYTES:,} bytes; {weights}")
     if args.alternatives:
-        print(f"\n{weights}, rows of {hp.model_dim}: compressed bits per weight (code entropy = ideal coder)\n")
-        print("| format | bits/weight | code entropy | fp16 scale bits |\n|---|---|---|---|")
-        for s in FORMATS:
-            c, scale, ent = meter(T.parse_fmt(s), hp.model_dim, "mlp_up")
-            print(f"| {s} | {c:.3f} | {ent:.3f} | {scale:.2f} |")
+        print_formats(hp, meter, weights)
     for s in specs:
-        trials = fits.pop(0) if fits else quant_fit(dataclasses.replace(hp, quant_spec=s), model, meter, code_bytes)
-        own, (last, p) = trials[0][1], trials[-1]
-        print(f"\n{table(s, own, args.packed)}\n\npredicted artifact {own['total']:,.0f} bytes: "
-              f"{'fits' if own['total'] <= T.ARTIFACT_CAP_BYTES else 'DOES NOT FIT'} "
-              f"({T.ARTIFACT_CAP_BYTES - own['total']:+,.0f} bytes of margin)")
-        for spec, q in trials[1:-1]:
-            print(f"QUANT_FIT would try QUANT_SPEC={spec}: predicted {q['total']:,.0f} bytes")
-        if len(trials) > 1:
-            print(f"QUANT_FIT=1 would re-export it as QUANT_SPEC={last}: predicted {p['total']:,.0f} bytes "
-                  f"({'fits' if p['total'] <= T.ARTIFACT_CAP_BYTES else 'still over the cap'})\n\n{table(last, p, args.packed)}")
+        print_spec(s, fits.pop(0) if fits else quant_fit(dataclasses.replace(hp, quant_spec=s), model, meter,
+                                                         code_bytes), args.packed)
     return code
 
 

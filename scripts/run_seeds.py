@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (RunSpec, add_launch_args, check_existing, check_launch, check_run_prefix, cli, execute, fmt,  # noqa: E402
-                     mean_std, parse_env_pairs, parse_seeds, spec_ok, spec_value, table)
+from _common import (RunSpec, add_launch_args, check_existing, check_launch, check_run_prefix, cli,  # noqa: E402
+                     execute, fmt, mean_std, parse_env_pairs, parse_seeds, spec_ok, spec_value, table)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,9 +26,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (ENV_KEY_RE, LAUNCHER_KEYS, RunSpec, add_launch_args, UserError, check_existing, check_launch,  # noqa: E402
-                     check_run_prefix, cli, execute, log_dir_for, mean_std, parse_env_pairs, parse_seeds, spec_ok,
-                     spec_value, table, write_atomic)
+from _common import (ENV_KEY_RE, LAUNCHER_KEYS, RunSpec, add_launch_args, UserError, check_existing,  # noqa: E402
+                     check_launch, check_run_prefix, cli, execute, log_dir_for, mean_std, parse_env_pairs,
+                     parse_seeds, spec_ok, spec_value, table, write_atomic)
 
 RESULT_COLUMNS = ("seed", "run_id", "status", "val_bpb", "val_loss", "artifact_bytes", "steps", "train_seconds",
                   "eval_seconds")

@@ -76,7 +76,7 @@ def test_sliding_counts_every_token_and_byte_once_and_beats_plain(tiny_run, monk
         plan = T.sliding_plan(M, r.hp.eval_seq_len, r.hp.eval_stride)
         for rank in range(world):
             T.score_windows(dataclasses.replace(r, rank=rank, world_size=world), r.model, toks, plan, 0,
-                            len(plan[2]), None, torch.zeros(3, M))
+                            len(plan[2]), torch.zeros(2, M))
         idx = np.array(seen)
         assert np.array_equal(np.sort(idx), np.arange(M)) and np.array_equal(idx, np.arange(M))
         assert T.count_bytes(r.val_tokens[idx], r.val_tokens[idx + 1], r.luts) == \
@@ -91,16 +91,13 @@ def test_ngram_counts_equal_brute_force_prefix_counts():
     gen = np.random.default_rng(0)
     for vocab in (2, 5, 50):
         toks = gen.integers(0, vocab, 400)
-        counts, hint, match = T.ngram_counts(torch.from_numpy(toks), 6)
+        counts, match = T.ngram_counts(torch.from_numpy(toks), 6)
         tl = toks.tolist()
         for t in range(400):
             for n in range(1, 7):
                 assert tuple(int(x[t]) for x in counts[n - 1]) == brute_counts(tl, t, n), (vocab, t, n)
             longest = max([n for n in range(1, 7) if brute_counts(tl, t, n)[0]], default=0)
             assert int(match[t]) == longest
-            if longest:  # the token after the latest earlier occurrence of the longest context
-                s = max(s for s in range(longest - 1, t) if tl[s - longest + 1:s] == tl[t - longest + 1:t])
-                assert int(hint[t]) == tl[s]
 
 
 def test_ngram_distribution_sums_to_one_over_the_vocabulary(tiny_run):
@@ -113,7 +110,7 @@ def test_ngram_distribution_sums_to_one_over_the_vocabulary(tiny_run):
         assert float(torch.stack(p).sum()) == pytest.approx(1.0, abs=1e-12)
 
 
-def test_mix_and_tilt_are_normalized():
+def test_mix_is_normalized():
     gen = torch.Generator().manual_seed(0)
     lp = torch.randn(1024, generator=gen, dtype=torch.float64).log_softmax(0)
     p_ng = torch.rand(1024, generator=gen, dtype=torch.float64)
@@ -121,8 +118,6 @@ def test_mix_and_tilt_are_normalized():
     for z in (-3.0, 0.0, 2.5):
         z = torch.tensor(z, dtype=torch.float64)
         assert float(torch.exp(-T.mix_nll(-lp, p_ng, z)).sum()) == pytest.approx(1.0, abs=1e-12)
-        is_hint = torch.arange(1024) == 17
-        assert float(torch.exp(-T.tilt_nll(-lp, lp[17], is_hint, z)).sum()) == pytest.approx(1.0, abs=1e-12)
 
 
 def test_online_fit_uses_only_earlier_targets():
@@ -141,11 +136,8 @@ def test_ngram_stage_gains_on_brown(tiny_run):
     r = sub_run(tiny_run, 12001)
     toks = stream(r)
     stats = T.eval_sliding(r, r.model, toks)
-    for mode in ("mix", "tilt"):
-        hp = dataclasses.replace(r.hp, ngram_mode=mode)
-        s = stats if mode == "mix" else T.eval_sliding(r, r.model, toks, T.ngram_counts(toks, 7)[1][1:])
-        nll = T.ngram_nll(hp, toks, s)[0]
-        assert torch.isfinite(nll).all() and nll.mean() < stats[0].double().mean(), mode
+    nll = T.ngram_nll(r.hp, toks, stats)[0]
+    assert torch.isfinite(nll).all() and nll.mean() < stats[0].double().mean()
 
 
 def test_audit_passes_on_the_real_code(tiny_run):
@@ -155,9 +147,9 @@ def test_audit_passes_on_the_real_code(tiny_run):
             "causal_ngram", "prefix_counts", "ttt_weights"} <= set(res["checks"])
 
 
-def test_audit_passes_in_tilt_mode_and_lora_ttt(tiny_run):
-    res = T.audit(sub_run(tiny_run, None, ngram_mode="tilt", ttt_mode="lora"), tiny_run.model, n_pos=1)
-    assert res["passed"] and "norm_tilt" in res["checks"], res
+def test_audit_passes_with_lora_ttt(tiny_run):
+    res = T.audit(sub_run(tiny_run, None, ttt_mode="lora"), tiny_run.model, n_pos=1)
+    assert res["passed"] and "norm_mix" in res["checks"], res
 
 
 def test_audit_fails_on_a_full_rescore_ngram_cache(tiny_run, monkeypatch):
@@ -165,9 +157,9 @@ def test_audit_fails_on_a_full_rescore_ngram_cache(tiny_run, monkeypatch):
     real = T.ngram_counts
 
     def leaky(toks, order):  # counts at t in the second copy have seen the whole stream
-        counts, hint, match = real(torch.cat((toks, toks)), order)
+        counts, match = real(torch.cat((toks, toks)), order)
         n = toks.numel()
-        return [tuple(x[n:] for x in c) for c in counts], hint[n:], match[n:]
+        return [tuple(x[n:] for x in c) for c in counts], match[n:]
     monkeypatch.setattr(T, "ngram_counts", leaky)
     res = T.audit(sub_run(tiny_run, None, ttt_enabled=False), tiny_run.model, n_pos=1)
     assert not res["passed"]
@@ -399,9 +391,9 @@ def test_ttt_ends_inside_its_deadline_and_scores_the_rest_plainly(tiny_run, monk
         now[0] += tau * idx.numel() * (3 if torch.is_grad_enabled() else 1)
         return real_forward(self, idx, targets)
 
-    def spy(run, model, toks, docs, lora, hint, stats, scored, c, adapt, bi):
+    def spy(run, model, toks, docs, lora, stats, scored, c, adapt, bi):
         adapted.append(adapt)
-        return real_batch(run, model, toks, docs, lora, hint, stats, scored, c, adapt, bi)
+        return real_batch(run, model, toks, docs, lora, stats, scored, c, adapt, bi)
     monkeypatch.setattr(T.GPT, "forward", timed_forward)
     monkeypatch.setattr(T, "lora_batch", spy)
     lengths = np.diff(T.doc_starts(r, toks), append=toks.numel() - 1)

@@ -49,7 +49,7 @@ def test_rotation_orthogonal_and_rebuilt_from_seed():
     assert torch.equal(T.rotation(64, 3, "cpu"), r) and not torch.equal(T.rotation(64, 4, "cpu"), r)
 
 
-def test_clip_sigmas_sets_the_clip():
+def test_a_set_clip_sets_the_scale():
     w = torch.randn(16, 256)
     codes, s = T.quantize_rows(w, T.grid(T.Fmt("int", 4)), T.Fmt("int", 4, clip=2.5))
     assert torch.allclose(s, (2.5 * w.square().mean(1).sqrt() / 7).half().float())
