@@ -885,6 +885,7 @@ class GPT(nn.Module):
             self.ve_scales = nn.Parameter(torch.full((len(self.ve_layers),), 0.1))
         self.loop = parse_loop(hp.loop_layers, hp.num_layers) if hp.loop_count > 1 else None
         self.looping = self.loop is not None and hp.loop_start <= 0  # switched on by train() at LOOP_START
+        self.qat_extra = None  # QAT: the bits over QUANT_SPEC the matrices are fake-quantized at (set_qat); None: off
         n = len(self.layer_order(True))  # the U-Net halves of the longest (looped) order size the skip weights
         self.skip_weights = (nn.Parameter(torch.ones(min(n // 2, n - n // 2), hp.model_dim)) if hp.unet_skips and n > 1
                              else None)
@@ -1201,6 +1202,7 @@ def set_qat(run, extra: int | None):
             m.qat_fmt = None if extra is None or f.kind == "fp16" else f._replace(
                 bits=min(f.bits + extra, 4 if f.kind == "tq" else 8), rank=0, lq=0)
             m.qat = None if m.qat_fmt is None else m.qat
+    run.model.qat_extra = extra
     refresh_qat(run.model)
 
 
@@ -1222,9 +1224,8 @@ def on_train_step(run, step: int, lr_mult: float):
     hp = run.hp
     if hp.qat_threshold and lr_mult <= hp.qat_threshold:
         extra = min(int(lr_mult / hp.qat_threshold * hp.qat_steps), hp.qat_steps - 1)
-        stages = run.results.setdefault("qat_stages", [])
-        if not stages or stages[-1][1] != extra:
-            stages.append([step + 1, extra])
+        if run.model.qat_extra != extra:
+            run.results.setdefault("qat_stages", []).append([step + 1, extra])
             set_qat(run, extra)
             run.log(f"qat: from step {step + 1}, weights fake-quantized at QUANT_SPEC + {extra} bits")
             return
@@ -1916,8 +1917,9 @@ def export_artifact(model: nn.Module, hp: Hyperparameters, path: str | Path, hes
     written = write_artifact(path, hp, *group_values(state, fmts, stored, colmajor), colmajor)
     fallbacks = {n: v[0] for n, v in cache["notes"].items() if v}
     return dict(bytes=written["bytes"], header_bytes=written["header_bytes"], spec=hp.quant_spec, codec=hp.codec,
-                gptq=bool(hessians), groups=written["groups"], roles=roles, lqer=lqer, freeze_dry=fd if fd["values"] else None,
-                gptq_fallbacks=fallbacks, seconds=round(time.perf_counter() - t0, 3))
+                gptq=bool(hessians), groups=written["groups"], roles=roles, lqer=lqer,
+                freeze_dry=fd if fd["values"] else None, gptq_fallbacks=fallbacks,
+                seconds=round(time.perf_counter() - t0, 3))
 
 
 def frame(magic: bytes, header: dict, bufs: list) -> tuple[bytes, list]:
@@ -2881,15 +2883,19 @@ def check_inputs(run: Run) -> list[str]:
     return notes
 
 
-def prime(run: Run, optimizers: list, ga: int, pattern: str):
-    """WARMUP_STEPS: compile / warm the kernels of every graph the loop will run, then restore the initial state so
-    priming is free."""
+def prime_graphs(run: Run, optimizers: list, ga: int, pattern: str):
+    """WARMUP_STEPS: compile / warm the kernels of every graph the loop will run, in its order (otherwise each compiles
+    inside the timed window when looping or QAT starts), then restore the initial state so priming is free."""
     hp = run.hp
+    set_qat(run, None)  # the state the loop starts in, so the graph primed for it is the one the loop uses
+    if not hp.warmup_steps:
+        return
     saved = ([t.clone() for t in run.model.state_dict().values()], [o.state_dict() for o in optimizers])
-    loader, looping, qat_on = DistributedTokenLoader(pattern, run.rank, run.world_size, run.device), run.model.looping, False
-    phases = [(looping, False)] + [(True, False)] * (run.model.loop is not None and not looping)
-    phases += [(phases[-1][0], True)] * bool(hp.qat_threshold)  # each graph the loop will run, in its order:
-    for i in range(hp.warmup_steps):  # otherwise it compiles inside the timed window when looping or QAT starts
+    loader = DistributedTokenLoader(pattern, run.rank, run.world_size, run.device)
+    looping, qat_on = run.model.looping, False
+    phases = [(looping, False)] + ([(True, False)] if run.model.loop is not None and not looping else [])
+    phases += [(phases[-1][0], True)] if hp.qat_threshold else []
+    for i in range(hp.warmup_steps):
         run.model.looping, qat = phases[i * len(phases) // hp.warmup_steps]
         if qat and not qat_on:
             set_qat(run, 0)
@@ -2914,20 +2920,23 @@ class Trainer:
     train_s: float = 0.0
 
 
+def compile_for_training(run: Run) -> nn.Module:
+    """The model as the loop runs it: compiled (COMPILE), and wrapped in DDP when distributed."""
+    model = torch.compile(run.model, dynamic=False) if run.hp.compile else run.model
+    if run.distributed:  # the model has no buffers (Rotary keeps none): DDP broadcasts nothing per forward
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda"
+                                                    else None)
+    return model
+
+
 def train(run: Run, saved: tuple[dict, dict] | None = None):
     """Train (saved: a training checkpoint's header and tensors, to go on from), then apply WEIGHT_AVG."""
     hp = run.hp
     ga = grad_accum_steps(hp, run.world_size)
-    model = torch.compile(run.model, dynamic=False) if hp.compile else run.model
-    if run.distributed:  # the model has no buffers (Rotary keeps none): DDP broadcasts nothing per forward
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda"
-                                                    else None)
-    run.train_model = model
+    run.train_model = compile_for_training(run)
     optimizers = build_optimizers(run)
     pattern = os.path.join(hp.data_path, "fineweb_train_*.bin")
-    set_qat(run, None)  # the state the loop starts in, so the graph primed for it is the one the loop uses
-    if hp.warmup_steps:
-        prime(run, optimizers, ga, pattern)
+    prime_graphs(run, optimizers, ga, pattern)
     loader = (CurriculumLoader(pattern, run) if hp.curriculum_buckets else
               DistributedTokenLoader(pattern, run.rank, run.world_size, run.device))
     tr, cap = Trainer(optimizers, loader, WeightAverager(run.model, hp)), train_budget(hp)
@@ -2996,7 +3005,8 @@ def train_loop(run: Run, tr: Trainer, sched: Schedule, ga: int, cap: float) -> b
         pending[0].wait()
     if stopped:
         hint = f"; RESUME_FROM={run_file(hp, 'ckpt')} trains on from there" if save_training(run, tr) else ""
-        raise Interrupted(f"stopped by {signal_name(run)} at step {tr.step}/{hp.iterations} after {tr.train_s:.1f}s{hint}")
+        raise Interrupted(f"stopped by {signal_name(run)} at step {tr.step}/{hp.iterations} after {tr.train_s:.1f}s"
+                          f"{hint}")
     return capped
 
 
@@ -3028,6 +3038,7 @@ def write_checkpoint(run: Run, tensors: dict[str, Tensor], **header) -> bool:
         arrays = {k: (v.detach().float() if v.is_floating_point() else v).cpu().contiguous().numpy()
                   for k, v in tensors.items()}
         header.update(config=dataclasses.asdict(run.hp), results=run.results,
+                      model=dict(looping=run.model.looping, qat_extra=run.model.qat_extra),
                       tensors=[[k, list(a.shape), a.dtype.str] for k, a in arrays.items()])
         try:
             write_atomic(run_file(run.hp, "ckpt"), frame(CKPT_MAGIC, header, [a.reshape(-1).view(np.uint8)
@@ -3052,7 +3063,8 @@ def save_training(run: Run, tr: Trainer) -> bool:
     """All that training needs to go on exactly (CKPT_EVERY, a signal): weights, EMA/SWA, optimizer states (Muon's
     gathered from the rank that updates each matrix), every rank's loader state, the torch RNG, step and seconds."""
     t0, avg, tensors, groups = time.perf_counter(), tr.averager, dict(run.model.state_dict()), []
-    tensors.update({f"ema/{i}": t for i, t in enumerate(avg.ema or [])} | {f"swa/{i}": t for i, t in enumerate(avg.swa or [])})
+    tensors.update({f"ema/{i}": t for i, t in enumerate(avg.ema or [])})
+    tensors.update({f"swa/{i}": t for i, t in enumerate(avg.swa or [])})
     for j, opt in enumerate(tr.optimizers):
         groups.append(opt.state_dict()["param_groups"])
         for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
@@ -3062,8 +3074,9 @@ def save_training(run: Run, tr: Trainer) -> bool:
                 dist.all_reduce(state["momentum_buffer"])  # zeros from the others
             tensors.update({f"opt{j}/{i}/{k}": v for k, v in state.items()})
     tensors["rng/torch"] = torch.get_rng_state()
+    loaders = gather_json(run, tr.loader.state())
     ok = write_checkpoint(run, tensors, train=dict(step=tr.step, train_s=tr.train_s, optimizers=groups,
-                                                   swa_count=avg.swa_count, loaders=gather_json(run, tr.loader.state())))
+                                                   swa_count=avg.swa_count, loaders=loaders))
     if ok:
         run.results["checkpoint_path"] = str(run_file(run.hp, "ckpt"))
         run.log(f"checkpoint: training state at step {tr.step} in {time.perf_counter() - t0:.1f}s; "
@@ -3083,14 +3096,18 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, Tensor]]:
 
 
 def load_weights(run: Run, header: dict, tensors: dict[str, Tensor]):
-    """A checkpoint's weights (its tensors without a '/' in the name) and the results it saved, into this run."""
+    """A checkpoint's weights (its tensors without a '/' in the name), the model's looping state and the results it
+    saved, into this run."""
+    if "model" not in header:
+        raise ConfigError(f"RESUME_FROM={run.hp.resume_from}: written by an older train_gpt.py (no model state in its "
+                          "header); train again with this one")
     try:
         run.model.load_state_dict({k: v for k, v in tensors.items() if "/" not in k})
     except RuntimeError as e:
         raise ConfigError(f"RESUME_FROM={run.hp.resume_from}: weights do not fit the configured model "
                           f"({str(e).splitlines()[0]}); do not override shape variables when resuming") from None
     run.results.update({k: v for k, v in header["results"].items() if k not in run.results})
-    run.model.looping = run.model.looping or "looping_from_step" in run.results
+    run.model.looping = header["model"]["looping"]
 
 
 def restore_training(run: Run, tr: Trainer, header: dict, tensors: dict[str, Tensor]):
@@ -3116,8 +3133,8 @@ def restore_training(run: Run, tr: Trainer, header: dict, tensors: dict[str, Ten
     torch.set_rng_state(tensors["rng/torch"])
     tr.loader.restore(state["loaders"][run.rank])
     tr.step, tr.train_s, avg.swa_count = state["step"], state["train_s"], state["swa_count"]
-    if stages := run.results.get("qat_stages"):
-        set_qat(run, stages[-1][1])
+    if header["model"]["qat_extra"] is not None:
+        set_qat(run, header["model"]["qat_extra"])
     run.log(f"resume: {run.hp.resume_from} at step {tr.step}/{run.hp.iterations}; training goes on")
 
 
@@ -3128,75 +3145,114 @@ def resume(run: Run, header: dict, tensors: dict[str, Tensor]):
     run.log(f"resume: {run.hp.resume_from}, {run.results.get('steps')} steps trained; training skipped")
 
 
-def export(run: Run):
-    """GPTQ calibration, quantize, write the artifact, count its bytes (all train time: it reads training data and
-    makes the artifact), then reload it into a fresh model, compiled for evaluation."""
+def sort_and_calibrate(run: Run) -> tuple[dict | None, dict]:
+    """MLP_SORT's unit order, then GPTQ's Hessians (they see the sorted units). Returns the Hessians (None without
+    GPTQ) and the results' part."""
     hp, t0 = run.hp, time.perf_counter()
-    path = artifact_path(hp)
-    set_qat(run, None)  # QAT's weights are of the raw weights; export takes the averaged ones
     sort = column_major(hp, quant_formats(hp, run.model))
-    for name, m in run.model.named_modules():  # before calibration: the Hessians see the sorted units
+    for name, m in run.model.named_modules():
         if f"{name}.down.weight" in sort:
             m.sort_units()
-    hessians = collect_hessians(run) if hp.gptq else None
-    if hessians is not None:
-        run.results["gptq_calib_seconds"] = calib_s = round(time.perf_counter() - t0, 3)
-        run.log(f"gptq: Hessians of {len(hessians)} layers from {run.results['gptq_tokens_used']:,} train tokens "
-                f"in {calib_s:.1f}s")
-    qhp, tried, cache, fit, room = hp, [], {}, (hp.quant_spec, 1.0), ARTIFACT_CAP_BYTES - CODE_BYTES
-    while True:  # QUANT_FIT: every rank sees the same byte count, so all take the same next spec
+    if not hp.gptq:
+        return None, {}
+    hessians = collect_hessians(run)
+    calib_s = round(time.perf_counter() - t0, 3)
+    run.log(f"gptq: Hessians of {len(hessians)} layers from {run.results['gptq_tokens_used']:,} train tokens "
+            f"in {calib_s:.1f}s")
+    return hessians, dict(gptq_calib_seconds=calib_s)
+
+
+def fit_to_cap(run: Run, hessians: dict | None, path: Path) -> tuple[dict, int, list]:
+    """Export at QUANT_SPEC; QUANT_FIT: re-export at fit_spec's next spec until it settles. Returns the last report
+    (rank 0's; the others export nothing), its model bytes and the [spec, bytes, step factor] tried."""
+    hp, tried, cache, fit, room = run.hp, [], {}, (run.hp.quant_spec, 1.0), ARTIFACT_CAP_BYTES - CODE_BYTES
+    qhp = hp
+    while True:  # every rank sees the same byte count, so all take the same next spec
         report = export_artifact(run.model, qhp, path, hessians, cache) if run.master else dict(bytes=0)
         if run.distributed:
             dist.barrier()
         model_bytes = int(run.all_reduce(report["bytes"])[0])
         tried.append([qhp.quant_spec, model_bytes, fit[1]])
         if not hp.quant_fit or not (fit := fit_spec(hp, run.model, tried, room)):
-            break
+            return report, model_bytes, tried
         qhp = dataclasses.replace(hp, quant_spec=fit[0])
         run.log(f"export: {model_bytes - room:+,} bytes against the cap; QUANT_FIT re-exports with QUANT_SPEC={fit[0]}")
-    excess = CODE_BYTES + model_bytes - ARTIFACT_CAP_BYTES
-    if len(tried) > 1:
-        run.results["quant_fit"] = tried
-    if run.master:
-        run.results["quant"] = report
-        for g, m in report["groups"].items():
-            ent = f", code entropy {m['entropy_bits']:.3f}" if "entropy_bits" in m else ""
-            pick = f" (picked on {m['sampled']['values']:,} sampled values)" * (m["sampled"]["values"] < m["n"])
-            run.log(f"quant {g}: {m['n']:,} values -> {m['len']:,} bytes ({m['bits_per_value']:.3f} bits/value{ent}) "
-                    f"{m['codec']}/{m['pack']}{pick}")
-        run.log("quant rel. MSE: " + ", ".join(f"{k} {r['rel_mse']:.2e}" for k, r in report["roles"].items())
-                + f"; quantized and compressed in {report['seconds']:.1f}s")
-        for name, how in report["gptq_fallbacks"].items():
-            run.log(f"WARNING: gptq {name}: {how}")
-    run.results.update(artifact_path=str(path), code_bytes=CODE_BYTES, model_bytes=model_bytes,
-                       artifact_bytes=CODE_BYTES + model_bytes)
-    run.log(f"export: {path} model {model_bytes:,} + code {CODE_BYTES:,} = {CODE_BYTES + model_bytes:,} bytes "
+
+
+def log_quant(run: Run, report: dict):
+    """The quant report's lines: each group's values, bytes and codec, the error per role, GPTQ's fallbacks."""
+    for g, m in report["groups"].items():
+        ent = f", code entropy {m['entropy_bits']:.3f}" if "entropy_bits" in m else ""
+        pick = f" (picked on {m['sampled']['values']:,} sampled values)" if m["sampled"]["values"] < m["n"] else ""
+        run.log(f"quant {g}: {m['n']:,} values -> {m['len']:,} bytes ({m['bits_per_value']:.3f} bits/value{ent}) "
+                f"{m['codec']}/{m['pack']}{pick}")
+    run.log("quant rel. MSE: " + ", ".join(f"{k} {r['rel_mse']:.2e}" for k, r in report["roles"].items())
+            + f"; quantized and compressed in {report['seconds']:.1f}s")
+    for name, how in report["gptq_fallbacks"].items():
+        run.log(f"WARNING: gptq {name}: {how}")
+
+
+def artifact_bytes(run: Run, path: Path, model_bytes: int) -> dict:
+    """The artifact's byte counts: code + model, which ARTIFACT_CAP_BYTES bounds."""
+    total = CODE_BYTES + model_bytes
+    run.log(f"export: {path} model {model_bytes:,} + code {CODE_BYTES:,} = {total:,} bytes "
             f"(cap {ARTIFACT_CAP_BYTES:,})")
-    account_time(run, time.perf_counter() - t0)
-    if excess > 0:
-        run.results["status"] = "over_cap"
-        run.log(f"ERROR: artifact is {excess:,} bytes over the cap{' after QUANT_FIT' * hp.quant_fit}; "
-                "use lower-bit formats or a smaller model")
-    fresh = GPT(hp).to(run.device)
+    return dict(artifact_path=str(path), code_bytes=CODE_BYTES, model_bytes=model_bytes, artifact_bytes=total)
+
+
+def over_cap(run: Run, artifact_bytes: int) -> dict:
+    """status over_cap (and an ERROR line) where the artifact is over ARTIFACT_CAP_BYTES, else nothing."""
+    if artifact_bytes <= ARTIFACT_CAP_BYTES:
+        return {}
+    fit = " after QUANT_FIT" if run.hp.quant_fit else ""
+    run.log(f"ERROR: artifact is {artifact_bytes - ARTIFACT_CAP_BYTES:,} bytes over the cap{fit}; "
+            "use lower-bit formats or a smaller model")
+    return dict(status="over_cap")
+
+
+def reload_for_eval(run: Run, path: Path):
+    """The artifact's weights into a fresh model (run.model), compiled for evaluation (run.eval_model)."""
+    fresh = GPT(run.hp).to(run.device)
     fresh.load_state_dict(load_artifact(path))
     fresh.looping = run.model.looping  # evaluated as it was trained last
     run.model = fresh
-    run.eval_model = FixedBatch(torch.compile(fresh, dynamic=False), eval_rows(hp)) if hp.compile else fresh
+    run.eval_model = FixedBatch(torch.compile(fresh, dynamic=False), eval_rows(run.hp)) if run.hp.compile else fresh
 
 
-def account_time(run: Run, export_s: float):
+def export(run: Run) -> dict:
+    """GPTQ calibration, quantize (QUANT_FIT: until it fits), write the artifact, count its bytes (all train time: it
+    reads training data and makes the artifact), then reload it for evaluation. Returns its part of the results."""
+    t0, path = time.perf_counter(), artifact_path(run.hp)
+    set_qat(run, None)  # QAT's weights are of the raw weights; export takes the averaged ones
+    hessians, out = sort_and_calibrate(run)
+    report, model_bytes, tried = fit_to_cap(run, hessians, path)
+    if len(tried) > 1:
+        out["quant_fit"] = tried
+    if run.master:
+        out["quant"] = report
+        log_quant(run, report)
+    out.update(artifact_bytes(run, path, model_bytes))
+    trained = run.results.get("train_loop_seconds", 0.0), run.results.get("checkpoint_seconds", 0.0)
+    out.update(account_time(run, *trained, time.perf_counter() - t0))
+    out.update(over_cap(run, out["artifact_bytes"]))
+    reload_for_eval(run, path)
+    return out
+
+
+def account_time(run: Run, loop_s: float, checkpoint_s: float, export_s: float) -> dict:
     """train_seconds = loop + checkpoint + export: everything that reads training data or makes the artifact, which
-    must fit MAX_WALLCLOCK_SECONDS (the loop stops EXPORT_RESERVE_SECONDS early for the rest)."""
-    r, cap = run.results, run.hp.max_wallclock_seconds
-    after = r.get("checkpoint_seconds", 0.0) + export_s
-    r.update(export_seconds=round(export_s, 3), train_seconds=round(r.setdefault("train_loop_seconds", 0.0) + after, 3))
-    run.log(f"time: train loop {r['train_loop_seconds']:.1f}s + checkpoint {r.get('checkpoint_seconds', 0.0):.1f}s + "
-            f"export {export_s:.1f}s = {r['train_seconds']:.1f}s" + f" of MAX_WALLCLOCK_SECONDS={cap:.0f}" * bool(cap))
+    must fit MAX_WALLCLOCK_SECONDS (the loop stops EXPORT_RESERVE_SECONDS early for the rest). Returns the results'
+    part."""
+    cap, after = run.hp.max_wallclock_seconds, checkpoint_s + export_s
+    out = dict(export_seconds=round(export_s, 3), train_seconds=round(loop_s + after, 3))
+    run.log(f"time: train loop {loop_s:.1f}s + checkpoint {checkpoint_s:.1f}s + export {export_s:.1f}s = "
+            f"{out['train_seconds']:.1f}s" + (f" of MAX_WALLCLOCK_SECONDS={cap:.0f}" if cap else ""))
     if cap:
-        r["within_wallclock"] = r["train_seconds"] <= cap
-        if not r["within_wallclock"]:
-            run.log(f"WARNING: train time {r['train_seconds']:.1f}s is over MAX_WALLCLOCK_SECONDS={cap:.0f}: "
+        out["within_wallclock"] = out["train_seconds"] <= cap
+        if not out["within_wallclock"]:
+            run.log(f"WARNING: train time {out['train_seconds']:.1f}s is over MAX_WALLCLOCK_SECONDS={cap:.0f}: "
                     f"set EXPORT_RESERVE_SECONDS to at least {math.ceil(after * 1.2)}")
+    return out
 
 
 def evaluate(run: Run):
@@ -3312,7 +3368,7 @@ def run_stages(run: Run):
     else:
         train(run)
         save_checkpoint(run)
-    export(run)
+    run.results.update(export(run))
     evaluate(run)
     if run.results["status"] == "running":
         run.results["status"] = "ok"
