@@ -176,6 +176,15 @@ def test_the_checksum_covers_the_header_length(tmp_path, brown_data):
     assert proc.returncode == 2 and len(err.splitlines()) == 1 and "checksum mismatch" in err, err
 
 
+def test_a_checkpoint_without_model_state_is_refused_in_one_line():
+    """Resume reads looping and QAT from the checkpoint's own model state; an older checkpoint has none and is refused
+    with one line naming it, before any weight is loaded."""
+    run = T.Run(hp=T.Hyperparameters(resume_from="old.ckpt"), device=T.torch.device("cpu"))
+    with pytest.raises(T.ConfigError, match=r"RESUME_FROM=old.ckpt: written by an older train_gpt.py") as e:
+        T.load_weights(run, dict(config={}, results={}, tensors=[]), {})
+    assert "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("var,value,expected", [
     ("MATRIX_LR", "nan", "MATRIX_LR='nan': expected a finite number"),
     ("EMA_DECAY", "-inf", "EMA_DECAY='-inf': expected a finite number"),
