@@ -3165,8 +3165,8 @@ def sort_and_calibrate(run: Run) -> tuple[dict | None, dict]:
 def fit_to_cap(run: Run, hessians: dict | None, path: Path) -> tuple[dict, int, list]:
     """Export at QUANT_SPEC; QUANT_FIT: re-export at fit_spec's next spec until it settles. Returns the last report
     (rank 0's; the others export nothing), its model bytes and the [spec, bytes, step factor] tried."""
-    hp, tried, cache, fit, room = run.hp, [], {}, (run.hp.quant_spec, 1.0), ARTIFACT_CAP_BYTES - CODE_BYTES
-    qhp = hp
+    hp = run.hp
+    qhp, tried, cache, fit, room = hp, [], {}, (hp.quant_spec, 1.0), ARTIFACT_CAP_BYTES - CODE_BYTES
     while True:  # every rank sees the same byte count, so all take the same next spec
         report = export_artifact(run.model, qhp, path, hessians, cache) if run.master else dict(bytes=0)
         if run.distributed:
