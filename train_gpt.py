@@ -3096,8 +3096,8 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, Tensor]]:
 
 
 def load_weights(run: Run, header: dict, tensors: dict[str, Tensor]):
-    """A checkpoint's weights (its tensors without a '/' in the name), the model's looping state and the results it
-    saved, into this run."""
+    """A checkpoint's weights (its tensors without a '/' in the name), the model's state (looping, QAT's bits) and the
+    results it saved, into this run."""
     if "model" not in header:
         raise ConfigError(f"RESUME_FROM={run.hp.resume_from}: written by an older train_gpt.py (no model state in its "
                           "header); train again with this one")
@@ -3108,6 +3108,8 @@ def load_weights(run: Run, header: dict, tensors: dict[str, Tensor]):
                           f"({str(e).splitlines()[0]}); do not override shape variables when resuming") from None
     run.results.update({k: v for k, v in header["results"].items() if k not in run.results})
     run.model.looping = header["model"]["looping"]
+    if header["model"]["qat_extra"] is not None:  # QAT was on: the loop goes on fake-quantized (export turns it off)
+        set_qat(run, header["model"]["qat_extra"])
 
 
 def restore_training(run: Run, tr: Trainer, header: dict, tensors: dict[str, Tensor]):
@@ -3133,8 +3135,6 @@ def restore_training(run: Run, tr: Trainer, header: dict, tensors: dict[str, Ten
     torch.set_rng_state(tensors["rng/torch"])
     tr.loader.restore(state["loaders"][run.rank])
     tr.step, tr.train_s, avg.swa_count = state["step"], state["train_s"], state["swa_count"]
-    if header["model"]["qat_extra"] is not None:
-        set_qat(run, header["model"]["qat_extra"])
     run.log(f"resume: {run.hp.resume_from} at step {tr.step}/{run.hp.iterations}; training goes on")
 
 
