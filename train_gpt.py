@@ -75,7 +75,8 @@ class Hyperparameters:
     train_batch_tokens: int = 786432
     train_seq_len: int = 2048
     grad_accum_steps: int = 0  # 0: 8 // world_size, so the global batch is independent of world size
-    curriculum_buckets: int = 0  # >= 2: sample training sequences easy-to-hard by entropy bucket (seed 004); 0 = in order
+    # >= 2: sample training sequences easy-to-hard by entropy bucket (seed 004); 0 = in order
+    curriculum_buckets: int = 0
     curriculum_floor: float = 0.02  # curriculum: the least sampling weight of any bucket
     curriculum_pilot_steps: int = 0  # curriculum: > 0 scores sequences by a pilot model trained this many steps
     train_log_every: int = 100
@@ -92,7 +93,7 @@ class Hyperparameters:
     tied_embed_init_std: float = 0.005
     rope_base: float = 10000.0
     rope_dims: int = 16  # rotary on the first k dims of each head; 0 = all
-    rope_yarn: bool = False  # sequences longer than TRAIN_SEQ_LEN rotate with an NTK-scaled base (the record's ROPE_YARN)
+    rope_yarn: bool = False  # beyond TRAIN_SEQ_LEN: rotary with an NTK-scaled base (the record's ROPE_YARN)
     logit_softcap: float = 30.0
     qk_gain_init: float = 1.5
     unet_skips: bool = True
@@ -154,7 +155,8 @@ class Hyperparameters:
     qat_steps: int = 1  # QAT stages: start QAT_STEPS-1 bits above QUANT_SPEC, one bit less per stage
     codec: str = "auto"  # auto (smallest per group) | zstd | lzma | brotli | ac (adaptive range coder)
     codec_sample_bytes: int = 1048576  # auto picks each group's codec on this many bytes of it; 0: tries all on all
-    freeze_dry: int = -1  # >= 0: odd columns' codes stored as residuals of a fit on their neighbours, 0 within this many steps
+    # >= 0: odd columns' codes stored as residuals of a fit on their neighbours, 0 within this many steps
+    freeze_dry: int = -1
     mlp_sort: bool = True  # hidden units in order of down-projection column RMS, int down codes stored column by column
     quant_fit: bool = True  # over the cap: re-export with set steps (intN@K) wider, else roles a bit narrower
     quant_fit_margin: int = 50000  # QUANT_FIT on set steps lands 1-2x this many bytes under the cap
@@ -173,7 +175,8 @@ class Hyperparameters:
     ttt_mode: str = "lora"  # lora: per-document adapters, reset per document batch | full: all weights, carried on
     # | phased: lora, plus global SGD passes over the scored documents at TTT_PHASES boundaries in TTT_PREFIX_DOCS
     ttt_chunk_tokens: int = 256  # lora: targets per document chunk (at most EVAL_SEQ_LEN) | full: per stream chunk
-    ttt_lr: float = 0.01  # lora/phased: AdamW | full: TTT_OPTIMIZER (e.g. SGD 0.002 with TTT_CHUNK_TOKENS=32768, TTT_EPOCHS=3)
+    # lora/phased: AdamW | full: TTT_OPTIMIZER (e.g. SGD 0.002 with TTT_CHUNK_TOKENS=32768, TTT_EPOCHS=3)
+    ttt_lr: float = 0.01
     ttt_momentum: float = 0.9  # full (sgd), and phased's global passes: SGD momentum
     ttt_optimizer: str = "sgd"  # full: sgd (momentum TTT_MOMENTUM) | adamw (betas 0.9, TTT_BETA2; decay TTT_WD)
     ttt_blocks: int = 0  # full: 0 adapts every weight; N only the last N blocks' weights
@@ -224,8 +227,9 @@ PRESETS: dict[str, dict[str, object]] = {
         quant_spec="attn_qk:int6@13.4,attn_vo:int6@13.4,mlp_up:int6@11.85,mlp_down:int6@11.85,embed:int7@14.4,"
                    "aux:int6@13.25,gate:int8", lqer_top=3, lqer_rank=4, ngram_order=0, ttt_mode="phased",
         ttt_lora_rank=80, ttt_chunk_tokens=48, ttt_lr=1e-4, ttt_beta2=0.99, ttt_wd=0.5,
-        ttt_seconds=560.0,  # adapting on every document takes ~500 s on 8x H100 (scripts/clock_model.py), as the record's
-        # 455-509 s: the default 300 s would stop it after ~60%; the evaluation budget's hard stop still bounds it
+        # adapting on every document takes ~500 s on 8x H100 (scripts/clock_model.py), as the record's 455-509 s:
+        # the default 300 s would stop it after ~60%; the evaluation budget's hard stop still bounds it
+        ttt_seconds=560.0,
     ),
     # The seed systems (docs/PRESETS.md): each as its run's code, log or script set it.
     "baseline": dict(  # the public starting script: 9L x 512, relu^2, int8 everywhere, plain evaluation
@@ -255,7 +259,8 @@ PRESETS: dict[str, dict[str, object]] = {
         ln_scale=False, matrix_lr=0.04, scalar_lr=0.04, tied_embed_lr=0.05, muon_momentum=0.95,
         muon_momentum_warmup_start=0.85, muon_momentum_warmup_steps=500, muon_wd=0.02, adam_wd=0.01, ema_decay=0.0,
         weight_avg="swa", swa_every=200, swa_threshold=0.5, qat_threshold=0.5, gptq=False, ngram_order=0,
-        ttt_enabled=False, quant_clip_quantile=1.0, quant_spec="attn_qk:a5,attn_vo:a5,mlp_up:a5,mlp_down:a5,embed:int8,aux:int8",
+        ttt_enabled=False, quant_clip_quantile=1.0,
+        quant_spec="attn_qk:a5,attn_vo:a5,mlp_up:a5,mlp_down:a5,embed:int8,aux:int8",
     ),
     "int5_mlp_12l": dict(  # seed 003: 12L, int5 MLP + int6 attention (-16..15, -32..31, row max), SmearGate, SWA
         num_layers=12, mlp_act="relu2", rope_dims=0, ln_scale=False, xsa_last_n=0, ve_layers="", warmdown_iters=3000,
@@ -413,10 +418,11 @@ def load_hparams(env: dict[str, str] | None = None) -> Hyperparameters:
         raise ConfigError(f"TTT_BLOCKS={hp.ttt_blocks}: expected at most NUM_LAYERS={hp.num_layers} (0 = every weight)")
     if bad := [k for k in parse_spec(hp.quant_spec) if (m := LAYERS_RE.fullmatch(k)) and not
                int(m[1]) <= int(m[2] or m[1]) < hp.num_layers]:
-        raise ConfigError(f"QUANT_SPEC role {bad[0]!r}: expected layersA-B with 0 <= A <= B < NUM_LAYERS={hp.num_layers}")
+        raise ConfigError(f"QUANT_SPEC role {bad[0]!r}: expected layersA-B with 0 <= A <= B < "
+                          f"NUM_LAYERS={hp.num_layers}")
     if hp.parallel_start >= hp.num_layers or hp.attn_gate_window > hp.model_dim:
-        raise ConfigError(f"PARALLEL_START={hp.parallel_start}, ATTN_GATE_WINDOW={hp.attn_gate_window}: expected a layer "
-                          f"below NUM_LAYERS={hp.num_layers} and a window of at most MODEL_DIM={hp.model_dim}")
+        raise ConfigError(f"PARALLEL_START={hp.parallel_start}, ATTN_GATE_WINDOW={hp.attn_gate_window}: expected a "
+                          f"layer below NUM_LAYERS={hp.num_layers} and a window of at most MODEL_DIM={hp.model_dim}")
     grad_accum_steps(hp, int(env.get("WORLD_SIZE", 1)))  # the batch divides into the ranks' sequences
     return hp
 
@@ -433,11 +439,12 @@ def at_shape(values: dict[str, object], shape: str) -> dict[str, object]:
     last_n = lambda k: min(L, math.ceil(get(k) * L / L0))  # noqa: E731
     return {**values, **s, "shape": shape, "xsa_last_n": last_n("xsa_last_n"), "ttt_blocks": last_n("ttt_blocks"),
             "bigram_buckets": min(get("bigram_buckets"), s["vocab_size"]), "ve_layers": ",".join(map(str, ve)),
-            "loop_layers": f"{layer(loop[0])}-{layer(loop[1])}" if loop else "", "swa_every": get("swa_every") and s["swa_every"],
+            "loop_layers": f"{layer(loop[0])}-{layer(loop[1])}" if loop else "",
+            "swa_every": get("swa_every") and s["swa_every"],
             "parallel_start": get("parallel_start") and max(1, layer(get("parallel_start"))),
             "attn_gate_window": min(get("attn_gate_window"), s["model_dim"]),
-            "quant_spec": LAYERS_RE.sub(lambda m: f"layers{layer(int(m[1]))}" + (f"-{layer(int(m[2]))}" if m[2] else ""),
-                                        get("quant_spec"))}
+            "quant_spec": LAYERS_RE.sub(
+                lambda m: f"layers{layer(int(m[1]))}" + (f"-{layer(int(m[2]))}" if m[2] else ""), get("quant_spec"))}
 
 
 def parse_loop(spec: str, num_layers: int) -> tuple[int, int] | None:
@@ -456,7 +463,8 @@ def parse_layers(spec: str, num_layers: int) -> list[int]:
     except ValueError:
         bad = [spec]
     if bad:
-        raise ConfigError(f"VE_LAYERS={spec!r}: expected comma-separated layer indices in [-{num_layers}, {num_layers})")
+        raise ConfigError(f"VE_LAYERS={spec!r}: expected comma-separated layer indices in "
+                          f"[-{num_layers}, {num_layers})")
     return idx
 
 
@@ -509,7 +517,8 @@ def load_val_tokens(data_path: str, seq_len: int, max_tokens: int = 0, vocab_siz
     tokens = np.concatenate([load_data_shard(f, vocab_size) for f in files])
     tokens = tokens[:max_tokens or None]
     if tokens.size < seq_len + 1:
-        raise ConfigError(f"{data_path}: validation split has {tokens.size} tokens, fewer than EVAL_SEQ_LEN+1={seq_len + 1}")
+        raise ConfigError(f"{data_path}: validation split has {tokens.size} tokens, "
+                          f"fewer than EVAL_SEQ_LEN+1={seq_len + 1}")
     return tokens
 
 
@@ -588,9 +597,11 @@ class CurriculumLoader(DistributedTokenLoader):
         needed, inside the timed training)."""
         if not self.run.hp.curriculum_pilot_steps:
             counts = np.maximum(np.bincount(self.toks), 1)  # unseen ids never get looked up
-            return np.log(self.toks.size / counts).astype(np.float32)[self.toks[:k * seq_len]].reshape(k, seq_len).mean(1)
+            surprise = np.log(self.toks.size / counts).astype(np.float32)
+            return surprise[self.toks[:k * seq_len]].reshape(k, seq_len).mean(1)
         self.pilot = self.pilot or train_pilot(self.pattern, self.run, seq_len)
-        toks, rows, out = torch.from_numpy(self.toks.astype(np.int64)), max(1, self.run.hp.val_batch_tokens // seq_len), []
+        toks, out = torch.from_numpy(self.toks.astype(np.int64)), []
+        rows = max(1, self.run.hp.val_batch_tokens // seq_len)
         with torch.no_grad(), self.run.autocast():
             for i in range(0, k, rows):
                 n = min(rows, k - i)
@@ -625,9 +636,11 @@ class CurriculumLoader(DistributedTokenLoader):
         if self.left < rows:
             self.cut(max(self.stream.tokens.size, rows * seq_len + 1), seq_len)
         w = self.weights() * np.array([len(m) > 0 for m in self.members])
-        picks = [m[self.rng.integers(len(m))] for m in (self.members[b] for b in self.rng.choice(self.n, rows, p=w / w.sum()))]
+        buckets = self.rng.choice(self.n, rows, p=w / w.sum())
+        picks = [m[self.rng.integers(len(m))] for m in (self.members[b] for b in buckets)]
         self.left -= rows
-        span = torch.from_numpy(np.stack([self.toks[i * seq_len:(i + 1) * seq_len + 1] for i in picks]).astype(np.int64))
+        span = np.stack([self.toks[i * seq_len:(i + 1) * seq_len + 1] for i in picks])
+        span = torch.from_numpy(span.astype(np.int64))
         return span[:, :-1].to(self.device), span[:, 1:].to(self.device)
 
 
@@ -767,7 +780,8 @@ class Attention(nn.Module):
         self.q_gain = nn.Parameter(torch.full((self.h,), hp.qk_gain_init))
         self.rotary = Rotary(hp.rope_dims or self.d, hp.rope_base, hp.train_seq_len if hp.rope_yarn else 0)
         self.xsa, self.kernel = xsa, hp.attn_kernel
-        self.gate = with_role(nn.Linear(hp.attn_gate_window, self.h, bias=False), "gate") if hp.attn_gate_window else None
+        self.gate = (with_role(nn.Linear(hp.attn_gate_window, self.h, bias=False), "gate") if hp.attn_gate_window
+                     else None)
         if self.gate is not None:  # zero: every head starts at sigmoid(0) = 1/2
             nn.init.zeros_(self.gate.weight)
             self.gate_scale = hp.attn_gate_scale
@@ -833,7 +847,8 @@ class Block(nn.Module):
         """Parallel residual lanes: attention reads lane 0 (mixed with x0), the MLP lane 1, both at once; each lane
         keeps itself and takes both outputs through the learned 3x2 lane mix."""
         mix, w = self.resid_mix.to(x0.dtype), self.lanes.to(x0.dtype)
-        a = self.attn_scale.to(x0.dtype) * self.attn(rms_norm(mix[0] * lanes[0] + mix[1] * x0) * self.norm_scale, ve, docs)
+        a_in = rms_norm(mix[0] * lanes[0] + mix[1] * x0) * self.norm_scale
+        a = self.attn_scale.to(x0.dtype) * self.attn(a_in, ve, docs)
         m = self.mlp_scale.to(x0.dtype) * self.mlp(rms_norm(lanes[1]) * self.norm_scale)
         return [w[0, k] * lanes[k] + w[1, k] * a + w[2, k] * m for k in (0, 1)]
 
@@ -870,8 +885,10 @@ class GPT(nn.Module):
             self.ve_scales = nn.Parameter(torch.full((len(self.ve_layers),), 0.1))
         self.loop = parse_loop(hp.loop_layers, hp.num_layers) if hp.loop_count > 1 else None
         self.looping = self.loop is not None and hp.loop_start <= 0  # switched on by train() at LOOP_START
+        self.qat_extra = None  # QAT: the bits over QUANT_SPEC the matrices are fake-quantized at (set_qat); None: off
         n = len(self.layer_order(True))  # the U-Net halves of the longest (looped) order size the skip weights
-        self.skip_weights = nn.Parameter(torch.ones(min(n // 2, n - n // 2), hp.model_dim)) if hp.unet_skips and n > 1 else None
+        self.skip_weights = (nn.Parameter(torch.ones(min(n // 2, n - n // 2), hp.model_dim)) if hp.unet_skips and n > 1
+                             else None)
         self.lm_head = None if hp.tie_embeddings else CastedLinear(hp.model_dim, hp.vocab_size, "head")
         self.head_in = nn.Identity()  # the output head's input, where GPTQ takes the tied embedding's Hessian
         self._init_weights()
@@ -1181,10 +1198,11 @@ def set_qat(run, extra: int | None):
     """Give each quantized CastedLinear `qat_fmt`, its QUANT_SPEC format `extra` bits wider (None: QAT off)."""
     modules = dict(run.model.named_modules())
     for name, (_, f) in quant_formats(run.hp, run.model).items():
-        if isinstance(m := modules[name[:-7]], CastedLinear):
+        if isinstance(m := modules[module_of(name)], CastedLinear):
             m.qat_fmt = None if extra is None or f.kind == "fp16" else f._replace(
                 bits=min(f.bits + extra, 4 if f.kind == "tq" else 8), rank=0, lq=0)
             m.qat = None if m.qat_fmt is None else m.qat
+    run.model.qat_extra = extra
     refresh_qat(run.model)
 
 
@@ -1201,13 +1219,13 @@ def refresh_qat(model: nn.Module):
 
 def on_train_step(run, step: int, lr_mult: float):
     """Progressive QAT: once the LR multiplier (Schedule.warmdown_mult) is at or below QAT_THRESHOLD, weights are
-    fake-quantized at their QUANT_SPEC format; QAT_STEPS=n starts n-1 bits wider and drops a bit per equal LR interval."""
+    fake-quantized at their QUANT_SPEC format; QAT_STEPS=n starts n-1 bits wider and drops a bit per equal LR
+    interval."""
     hp = run.hp
     if hp.qat_threshold and lr_mult <= hp.qat_threshold:
         extra = min(int(lr_mult / hp.qat_threshold * hp.qat_steps), hp.qat_steps - 1)
-        stages = run.results.setdefault("qat_stages", [])
-        if not stages or stages[-1][1] != extra:
-            stages.append([step + 1, extra])
+        if run.model.qat_extra != extra:
+            run.results.setdefault("qat_stages", []).append([step + 1, extra])
             set_qat(run, extra)
             run.log(f"qat: from step {step + 1}, weights fake-quantized at QUANT_SPEC + {extra} bits")
             return
@@ -1226,8 +1244,9 @@ def on_train_step(run, step: int, lr_mult: float):
 # matrices with the largest output error (error x input scale). Row scales take the
 # least-MSE clip among CLIP_RATIOS of the row's max |w| (QUANT_CLIP_QUANTILE: among its |w| quantiles), or with
 # "@K" clip at K row RMS; "@mean" clips every row at the mean of its rows' least-MSE
-# clips in row RMS (seed 004). QUANT_DEDUP_STEP floors int codes to its multiples. Codes are entropy-coded, so unused levels cost nothing: a wide grid with a set step
-# (int7@12) has ~10% less MSE than a clipped narrow one (int5) at equal bytes on Gaussian weights.
+# clips in row RMS (seed 004). QUANT_DEDUP_STEP floors int codes to its multiples. Codes are entropy-coded, so unused
+# levels cost nothing: a wide grid with a set step (int7@12) has ~10% less MSE than a clipped narrow one (int5) at
+# equal bytes on Gaussian weights.
 # GPTQ rounds column by column against the inverse Hessian of training-token activations. QAT uses
 # these same functions, so the trained forward is the exported one. Artifact: magic, u32 header
 # length, sha256 of the rest, JSON header, one compressed buffer per group. No pickle.
@@ -1257,8 +1276,9 @@ class Fmt(NamedTuple):
 
     @property
     def tag(self) -> str:
-        return self.name + (f"@{self.clip:g}" if self.clip else "@mean" * self.mean) + (f"+lr{self.rank}" if self.rank else "") + (
-            f"+lq{self.lq}" if self.lq else "") + (f"+fd{self.fd}" if self.fd >= 0 else "")
+        clip = f"@{self.clip:g}" if self.clip else "@mean" if self.mean else ""
+        return self.name + clip + (f"+lr{self.rank}" if self.rank else "") + (f"+lq{self.lq}" if self.lq else "") + (
+            f"+fd{self.fd}" if self.fd >= 0 else "")
 
     @property
     def factors(self) -> "Fmt":  # the low-rank factors' format: int8, or LQER's asymmetric int4 ("a4")
@@ -1269,16 +1289,20 @@ class Fmt(NamedTuple):
         return self._replace(rank=0, lq=0)
 
 
+FMT_RE = r"(?:(int|sp|a)([2-8])|(tq)([2-4]))(?:@(\d+\.?\d*|mean))?(?:\+lr(\d+)|\+lq(\d+))?(?:\+fd(\d+))?|fp16"
+
+
 def parse_fmt(s: str, seed: int = 0, fd: int = -1) -> Fmt:
-    m = re.fullmatch(r"(?:(int|sp|a)([2-8])|(tq)([2-4]))(?:@(\d+\.?\d*|mean))?(?:\+lr(\d+)|\+lq(\d+))?(?:\+fd(\d+))?|fp16",
-                     s.strip())
+    m = re.fullmatch(FMT_RE, s.strip())
     if not m or m[1] == "sp" and (m[6] or m[7]):
-        raise ConfigError(f"QUANT_SPEC format {s!r}: expected int2..int8, a2..a8, sp2..sp8 or tq2..tq4 [@clip in row RMS "
-                          "| @mean] [+lrRANK|+lqRANK (not with sp)] [+fdTOL] (e.g. int5, a5, int7@12, int6@mean, tq4+lr8, "
-                          "int6+lq4, sp3) or fp16")
+        raise ConfigError(f"QUANT_SPEC format {s!r}: expected int2..int8, a2..a8, sp2..sp8 or tq2..tq4 "
+                          "[@clip in row RMS | @mean] [+lrRANK|+lqRANK (not with sp)] [+fdTOL] "
+                          "(e.g. int5, a5, int7@12, int6@mean, tq4+lr8, int6+lq4, sp3) or fp16")
     mean = m[5] == "mean"
-    return Fmt("fp16") if m[0] == "fp16" else Fmt(m[1] or m[3], int(m[2] or m[4]), int(m[6] or 0),
-                                                 0.0 if mean else float(m[5] or 0), seed, int(m[7] or 0), int(m[8] or fd), mean)
+    if m[0] == "fp16":
+        return Fmt("fp16")
+    return Fmt(m[1] or m[3], int(m[2] or m[4]), int(m[6] or 0), 0.0 if mean else float(m[5] or 0), seed,
+               int(m[7] or 0), int(m[8] or fd), mean)
 
 
 LAYERS_RE = re.compile(r"layers(\d+)(?:-(\d+))?")  # QUANT_SPEC depth override: every matrix of blocks a..b
@@ -1303,6 +1327,11 @@ def depth_override(spec: dict[str, str], block: int, num_layers: int) -> str | N
         span = (int(m[1]), int(m[2] or m[1])) if m else {"first": (0, 0), "last": (num_layers - 1,) * 2}.get(key)
         tag = t if span and span[0] <= block <= span[1] else tag
     return tag
+
+
+def module_of(param: str) -> str:
+    """A matrix's module name from its parameter name ("blocks.0.attn.q.weight" -> "blocks.0.attn.q")."""
+    return param.removesuffix(".weight")
 
 
 def matrix_roles(model: nn.Module) -> dict[str, str]:
@@ -1505,10 +1534,11 @@ def dequantize(parts: list[Tensor], f: Fmt) -> Tensor:
 @torch.no_grad()
 def collect_hessians(run) -> dict[str, Tensor]:
     """X^T X of the inputs of every quantized CastedLinear (GPTQ_EMBED: of the output head's, for the tied embedding)
-    over GPTQ_TOKENS training tokens (rounded up to whole sequences per rank), summed over ranks. Accumulated in float64 outside autocast: a bf16 (or TF32) product of
-    decaying-spectrum activations is not positive definite, and GPTQ's Cholesky needs it to be."""
+    over GPTQ_TOKENS training tokens (rounded up to whole sequences per rank), summed over ranks. Accumulated in
+    float64 outside autocast: a bf16 (or TF32) product of decaying-spectrum activations is not positive definite, and
+    GPTQ's Cholesky needs it to be."""
     hp, model = run.hp, run.model
-    names = {n[:-7] for n, (_, f) in quant_formats(hp, model).items() if f.kind != "fp16"}
+    names = {module_of(n) for n, (_, f) in quant_formats(hp, model).items() if f.kind != "fp16"}
     taps = {n: n for n in names}  # module whose input is seen -> the matrix it calibrates
     if hp.gptq_embed and hp.tie_embeddings and "tok_emb" in names:  # the embedding, as the output head
         taps["head_in"] = "tok_emb"
@@ -1524,7 +1554,8 @@ def collect_hessians(run) -> dict[str, Tensor]:
     hooks = [m.register_forward_hook(lambda m, i, o, n=taps[n]: hook(n, i[0]))
              for n, m in model.named_modules() if n in taps and isinstance(m, CastedLinear | nn.Identity)]
     ga = grad_accum_steps(hp, run.world_size)
-    loader = DistributedTokenLoader(os.path.join(hp.data_path, "fineweb_train_*.bin"), run.rank, run.world_size, run.device)
+    loader = DistributedTokenLoader(os.path.join(hp.data_path, "fineweb_train_*.bin"), run.rank, run.world_size,
+                                    run.device)
     rows, per_call = -(-hp.gptq_tokens // (run.world_size * hp.train_seq_len)), hp.train_batch_tokens // (
         run.world_size * ga * hp.train_seq_len)  # sequences per rank: wanted, and per micro-batch
     run.results["gptq_tokens_used"] = rows * run.world_size * hp.train_seq_len
@@ -1546,11 +1577,12 @@ def layout(shape: list[int], f: Fmt) -> list[tuple[str, list[int]]]:
     if f.kind == "fp16":
         return [("fp16", shape)]
     rows, n = shape[0], shape[1] // 2 if f.kind == "sp" else shape[1]  # codes per row (2:4 keeps half)
-    codes = [(f.name, [rows, n - n // 2]), ("fd", [rows, n // 2]), ("scales", [2, n // 2])] if f.fd >= 0 else [(f.name, [rows, n])]
+    codes = ([(f.name, [rows, n - n // 2]), ("fd", [rows, n // 2]), ("scales", [2, n // 2])] if f.fd >= 0
+             else [(f.name, [rows, n])])
+    pos = [("pos", [rows, shape[1] // 4])] if f.kind == "sp" else []
     r, g = f.rank or f.lq, f.factors.name
     a = [(g, [rows, r]), ("scales", [rows])] if f.rank else [(g, [r, rows]), ("scales", [r])]
-    return codes + [("scales", [rows])] + [("pos", [rows, shape[1] // 4])] * (f.kind == "sp") + (
-        a + [(g, [r, shape[1]]), ("scales", [r])]) * bool(r)
+    return codes + [("scales", [rows])] + pos + (a + [(g, [r, shape[1]]), ("scales", [r])] if r else [])
 
 
 def fd_neighbours(even: Tensor, n_odd: int, n_levels: int) -> tuple[Tensor, Tensor]:
@@ -1596,7 +1628,8 @@ def pack(a: np.ndarray, packing: str, bits: int) -> bytes:
 def unpack(b: bytes, packing: str, bits: int, n: int) -> np.ndarray:
     a = np.frombuffer(b, np.uint8)
     if packing == "bits":
-        return (np.unpackbits(a, count=n * bits, bitorder="little").reshape(n, bits) << np.arange(bits, dtype=np.uint8)).sum(1, dtype=np.uint8)
+        planes = np.unpackbits(a, count=n * bits, bitorder="little").reshape(n, bits)
+        return (planes << np.arange(bits, dtype=np.uint8)).sum(1, dtype=np.uint8)
     return a.reshape(2, n).T.copy().view(np.float16).ravel() if packing == "shuffle" else a
 
 
@@ -1618,7 +1651,8 @@ def adaptive_coder(cx, data: bytes, n: int | None = None) -> bytes:
     if n is not None and len(data) % 4:
         raise ValueError("ac stream: truncated")
     src = np.frombuffer(data, np.uint8) if n is None else None
-    coder = cx.stream.queue.RangeEncoder() if n is None else cx.stream.queue.RangeDecoder(np.frombuffer(data, np.uint32))
+    queue = cx.stream.queue
+    coder = queue.RangeEncoder() if n is None else queue.RangeDecoder(np.frombuffer(data, np.uint32))
     counts, out = np.full(256, 0.5), []
     for s in range(0, len(data) if n is None else n, AC_BLOCK):
         model = cx.stream.model.Categorical(counts / counts.sum(), perfect=False)
@@ -1647,7 +1681,8 @@ def codecs() -> dict:
     """codec -> (compress, decompress(data, raw size)) for every codec whose module imports."""
     mods = {c: optional_import(m) for c, m in CODEC_MODULES.items()}
     zstd, brotli, cx = mods["zstd"], mods["brotli"], mods["ac"]
-    table = {"zstd": (lambda b: zstd.ZstdCompressor(level=22).compress(b), lambda b, n: zstd.ZstdDecompressor().decompress(b, max_output_size=n)),
+    table = {"zstd": (lambda b: zstd.ZstdCompressor(level=22).compress(b),
+                      lambda b, n: zstd.ZstdDecompressor().decompress(b, max_output_size=n)),
              "lzma": (lambda b: lzma.compress(b, preset=9 | lzma.PRESET_EXTREME), lambda b, n: lzma.decompress(b)),
              "brotli": (lambda b: brotli.compress(b, quality=11), lambda b, n: brotli.decompress(b)),
              "ac": crc_framed("ac", lambda b: adaptive_coder(cx, b), lambda b, n: adaptive_coder(cx, b, n))}
@@ -1709,8 +1744,8 @@ def narrower_spec(hp: Hyperparameters, model: nn.Module, excess: int) -> str | N
         p = name.split(".")
         if not (p[0] == "blocks" and depth_override(given, int(p[1]), hp.num_layers)):
             params[role] = params.get(role, 0) + state[name].numel()
-    while saved < excess and (roles := [r for r in FIT_ORDER if params.get(r) and (f := parse_fmt(spec[r])).kind in ("int", "a")
-                                        and f.bits > 4]):
+    while saved < excess and (roles := [r for r in FIT_ORDER if params.get(r) and (f := parse_fmt(spec[r])).kind
+                                        in ("int", "a") and f.bits > 4]):
         for r in roles:
             if saved < excess:
                 spec[r] = (f := parse_fmt(spec[r]))._replace(bits=f.bits - 1).tag
@@ -1767,24 +1802,104 @@ def lqer_topk(state: dict, fmts: dict, parts: dict, hessians: dict, hp: Hyperpar
     int4 correction; fmts and parts are updated in place. Returns {name: rank, output error before and after}."""
     def output_err(name: str, f: Fmt) -> float:
         w = state[name].float()
-        return float(((w - dequantize(parts[name], f)) * input_scale(w, hessians.get(name[:-7]))).square().sum())
+        return float(((w - dequantize(parts[name], f)) * input_scale(w, hessians.get(module_of(name)))).square().sum())
 
-    err = {n: output_err(n, f) for n, (role, f) in fmts.items() if role and f.kind in ("int", "tq") and not (f.rank or f.lq)}
+    err = {n: output_err(n, f) for n, (role, f) in fmts.items()
+           if role and f.kind in ("int", "tq") and not (f.rank or f.lq)}
     out = {}
     for name in sorted(err, key=err.get, reverse=True)[:hp.lqer_top]:
         role, f = fmts[name]
         fmts[name] = role, (f := f._replace(lq=hp.lqer_rank))
-        H, w = hessians.get(name[:-7]), state[name].float()
+        H, w = hessians.get(module_of(name)), state[name].float()
         if (name, f) not in cache:
             cache[name, f] = add_lowrank(w, parts[name], f, H)
         parts[name] = cache[name, f]
-        out[name] = dict(rank=f.lq, output_err=err[name], output_err_after=output_err(name, f), values=f.lq * sum(w.shape))
+        out[name] = dict(rank=f.lq, output_err=err[name], output_err_after=output_err(name, f),
+                         values=f.lq * sum(w.shape))
     return out
 
 
 def column_major(hp: Hyperparameters, fmts: dict) -> list[str]:
     """MLP_SORT: the int mlp_down matrices whose codes are stored column by column, one hidden unit after another."""
-    return [n for n, (role, f) in fmts.items() if hp.mlp_sort and role == "mlp_down" and f.kind in ("int", "a") and f.fd < 0]
+    return [n for n, (role, f) in fmts.items()
+            if hp.mlp_sort and role == "mlp_down" and f.kind in ("int", "a") and f.fd < 0]
+
+
+def tensor_formats(hp: Hyperparameters, model: nn.Module, state: dict) -> dict[str, tuple[str | None, Fmt]]:
+    """quant_formats, then every other tensor of state as (None, fp16), in state order."""
+    fmts = quant_formats(hp, model)
+    return fmts | {name: (None, Fmt("fp16")) for name in state if name not in fmts}
+
+
+def quantize_cached(state: dict, fmts: dict, hessians: dict, hp: Hyperparameters, cache: dict) -> dict[str, list]:
+    """Each tensor's parts in its format (GPTQ where a Hessian is given), from cache {(name, format): parts} where
+    there; cache["notes"] collects GPTQ's fallbacks per tensor."""
+    notes, parts = cache.setdefault("notes", {}), {}
+    for name, t in state.items():
+        f = fmts[name][1]
+        if (name, f) not in cache:
+            cache[name, f] = [t.half()] if f.kind == "fp16" else quantize(
+                prune(t, hp.quant_prune), f, hessians.get(module_of(name)), hp, notes.setdefault(name, []))
+        parts[name] = cache[name, f]
+    return parts
+
+
+def freeze_dry_parts(fmts: dict, parts: dict, tol: int) -> tuple[dict, dict, dict]:
+    """FREEZE_DRY: (the parts as stored, +fd codes freeze-dried; the parts as the loader restores them, which is what
+    is scored and reported, since a tolerance moves codes; the counts for the report)."""
+    stored, restored, fd = dict(parts), dict(parts), dict(tol=tol, values=0, fitted=0, changed=0)
+    for name, (_, f) in fmts.items():
+        if f.fd < 0:
+            continue
+        p, n_levels = parts[name], len(grid(f))
+        stored[name] = dried = [*freeze_dry(p[0], n_levels, f.fd), *p[1:]]
+        fd["values"] += dried[1].numel()
+        fd["fitted"] += int((dried[1] == 0).sum())
+        if f.fd:  # tolerance 0 restores every code
+            restored[name] = [thaw(*dried[:3], n_levels), *p[1:]]
+            fd["changed"] += int((restored[name][0] != p[0]).sum())
+    return stored, restored, fd
+
+
+def role_errors(state: dict, fmts: dict, parts: dict) -> dict:
+    """Per role:format, its parameters and the relative squared error of its dequantized weights."""
+    roles = {}
+    for name, t in state.items():
+        (role, f), t = fmts[name], t.detach().float()
+        if role:
+            r = roles.setdefault(f"{role}:{f.tag}", dict(params=0, err=0.0, norm=0.0))
+            deq = t.half().float() if f.kind == "fp16" else dequantize(parts[name], f)
+            r["params"] += t.numel()
+            r["err"] += float((deq - t).square().sum())
+            r["norm"] += float(t.square().sum())
+    for r in roles.values():
+        r["rel_mse"] = r.pop("err") / max(r.pop("norm"), 1e-30)
+    return roles
+
+
+def group_values(state: dict, fmts: dict, stored: dict, colmajor: list[str]) -> tuple[dict[str, np.ndarray], list]:
+    """The stored parts of every tensor concatenated by group (layout's order), and the header's tensor list."""
+    groups, tensors = {}, []
+    for name, t in state.items():
+        f = fmts[name][1]
+        for i, ((g, _), p) in enumerate(zip(layout(list(t.shape), f), stored[name])):
+            p = p.T if i == 0 and name in colmajor else p  # MLP_SORT: one hidden unit's codes after another
+            groups.setdefault(g, []).append((p.half() if g in FP16_GROUPS else p).cpu().numpy().ravel())
+        tensors.append([name, list(t.shape), f.tag])
+    return {g: np.concatenate(a) for g, a in groups.items()}, tensors
+
+
+def write_artifact(path: str | Path, hp: Hyperparameters, groups: dict, tensors: list, colmajor: list[str]) -> dict:
+    """Encode the groups (CODEC) and write the artifact atomically; returns the byte counts and each group's meta."""
+    meta, bufs, seen = encode_groups(groups, hp.codec, hp.codec_sample_bytes)
+    header = dict(seed=hp.quant_seed, groups=meta, tensors=tensors, colmajor=colmajor)
+    header, parts = frame(ARTIFACT_MAGIC, header, bufs)
+    write_atomic(path, data := b"".join(parts))
+    for g, m in meta.items():
+        m.update(bits_per_value=round(8 * m["len"] / m["n"], 4), sampled=seen[g])
+        if g not in FP16_GROUPS:
+            m["entropy_bits"] = round(code_entropy(groups[g]), 4)
+    return dict(bytes=len(data), header_bytes=len(header), groups=meta)
 
 
 @torch.no_grad()
@@ -1792,50 +1907,18 @@ def export_artifact(model: nn.Module, hp: Hyperparameters, path: str | Path, hes
                     cache: dict | None = None) -> dict:
     """Quantize by QUANT_SPEC (GPTQ where Hessians are given), write the artifact atomically; returns its report.
     cache: {(name, format): parts} kept across QUANT_FIT's re-exports, so unchanged tensors are quantized once."""
-    state, t0, cache = model.state_dict(), time.perf_counter(), {} if cache is None else cache
-    fmts, groups, tensors, roles, notes = quant_formats(hp, model), {}, [], {}, cache.setdefault("notes", {})
-    hessians, parts = hessians or {}, {}
-    for name, t in state.items():
-        f = fmts.setdefault(name, (None, Fmt("fp16")))[1]
-        if (name, f) not in cache:
-            cache[name, f] = [t.half()] if f.kind == "fp16" else quantize(
-                prune(t, hp.quant_prune), f, hessians.get(name[:-7]), hp, notes.setdefault(name, []))
-        parts[name] = cache[name, f]
+    state, t0, cache, hessians = model.state_dict(), time.perf_counter(), {} if cache is None else cache, hessians or {}
+    fmts = tensor_formats(hp, model, state)
+    parts = quantize_cached(state, fmts, hessians, hp, cache)
     lqer = lqer_topk(state, fmts, parts, hessians, hp, cache) if hp.lqer_top and hp.lqer_rank else {}
     colmajor = column_major(hp, fmts)
-    fd = dict(tol=hp.freeze_dry, values=0, fitted=0, changed=0)
-    for name, t in state.items():
-        (role, f), t = fmts[name], t.detach().float()
-        stored = parts[name]
-        if f.fd >= 0:  # what the loader restores (the tolerance moves codes) is what is scored and reported
-            stored = [*freeze_dry(parts[name][0], len(grid(f)), f.fd), *parts[name][1:]]
-            fd["values"] += stored[1].numel()
-            fd["fitted"] += int((stored[1] == 0).sum())
-            if f.fd:  # tolerance 0 restores every code
-                parts[name] = [thaw(*stored[:3], len(grid(f))), *parts[name][1:]]
-                fd["changed"] += int((parts[name][0] != cache[name, f][0]).sum())
-        if role:
-            r = roles.setdefault(f"{role}:{f.tag}", dict(params=0, err=0.0, norm=0.0))
-            deq = t.half().float() if f.kind == "fp16" else dequantize(parts[name], f)
-            r["params"] += t.numel()
-            r["err"] += float((deq - t).square().sum())
-            r["norm"] += float(t.square().sum())
-        for i, ((g, _), p) in enumerate(zip(layout(list(t.shape), f), stored)):
-            p = p.T if i == 0 and name in colmajor else p  # MLP_SORT: one hidden unit's codes after another
-            groups.setdefault(g, []).append((p.half() if g in FP16_GROUPS else p).cpu().numpy().ravel())
-        tensors.append([name, list(t.shape), f.tag])
-    groups = {g: np.concatenate(a) for g, a in groups.items()}
-    meta, bufs, seen = encode_groups(groups, hp.codec, hp.codec_sample_bytes)
-    header, parts = frame(ARTIFACT_MAGIC, dict(seed=hp.quant_seed, groups=meta, tensors=tensors, colmajor=colmajor), bufs)
-    write_atomic(path, data := b"".join(parts))
-    for g, m in meta.items():
-        m.update(bits_per_value=round(8 * m["len"] / m["n"], 4), sampled=seen[g])
-        if g not in FP16_GROUPS:
-            m["entropy_bits"] = round(code_entropy(groups[g]), 4)
-    for r in roles.values():
-        r["rel_mse"] = r.pop("err") / max(r.pop("norm"), 1e-30)
-    return dict(bytes=len(data), header_bytes=len(header), spec=hp.quant_spec, codec=hp.codec, gptq=bool(hessians),
-                groups=meta, roles=roles, lqer=lqer, freeze_dry=fd if fd["values"] else None, gptq_fallbacks={n: v[0] for n, v in notes.items() if v},
+    stored, parts, fd = freeze_dry_parts(fmts, parts, hp.freeze_dry)
+    roles = role_errors(state, fmts, parts)
+    written = write_artifact(path, hp, *group_values(state, fmts, stored, colmajor), colmajor)
+    fallbacks = {n: v[0] for n, v in cache["notes"].items() if v}
+    return dict(bytes=written["bytes"], header_bytes=written["header_bytes"], spec=hp.quant_spec, codec=hp.codec,
+                gptq=bool(hessians), groups=written["groups"], roles=roles, lqer=lqer,
+                freeze_dry=fd if fd["values"] else None, gptq_fallbacks=fallbacks,
                 seconds=round(time.perf_counter() - t0, 3))
 
 
@@ -2800,15 +2883,19 @@ def check_inputs(run: Run) -> list[str]:
     return notes
 
 
-def prime(run: Run, optimizers: list, ga: int, pattern: str):
-    """WARMUP_STEPS: compile / warm the kernels of every graph the loop will run, then restore the initial state so
-    priming is free."""
+def prime_graphs(run: Run, optimizers: list, ga: int, pattern: str):
+    """WARMUP_STEPS: compile / warm the kernels of every graph the loop will run, in its order (otherwise each compiles
+    inside the timed window when looping or QAT starts), then restore the initial state so priming is free."""
     hp = run.hp
+    set_qat(run, None)  # the state the loop starts in, so the graph primed for it is the one the loop uses
+    if not hp.warmup_steps:
+        return
     saved = ([t.clone() for t in run.model.state_dict().values()], [o.state_dict() for o in optimizers])
-    loader, looping, qat_on = DistributedTokenLoader(pattern, run.rank, run.world_size, run.device), run.model.looping, False
-    phases = [(looping, False)] + [(True, False)] * (run.model.loop is not None and not looping)
-    phases += [(phases[-1][0], True)] * bool(hp.qat_threshold)  # each graph the loop will run, in its order:
-    for i in range(hp.warmup_steps):  # otherwise it compiles inside the timed window when looping or QAT starts
+    loader = DistributedTokenLoader(pattern, run.rank, run.world_size, run.device)
+    looping, qat_on = run.model.looping, False
+    phases = [(looping, False)] + ([(True, False)] if run.model.loop is not None and not looping else [])
+    phases += [(phases[-1][0], True)] if hp.qat_threshold else []
+    for i in range(hp.warmup_steps):
         run.model.looping, qat = phases[i * len(phases) // hp.warmup_steps]
         if qat and not qat_on:
             set_qat(run, 0)
@@ -2833,20 +2920,23 @@ class Trainer:
     train_s: float = 0.0
 
 
+def compile_for_training(run: Run) -> nn.Module:
+    """The model as the loop runs it: compiled (COMPILE), and wrapped in DDP when distributed."""
+    model = torch.compile(run.model, dynamic=False) if run.hp.compile else run.model
+    if run.distributed:  # the model has no buffers (Rotary keeps none): DDP broadcasts nothing per forward
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda"
+                                                    else None)
+    return model
+
+
 def train(run: Run, saved: tuple[dict, dict] | None = None):
     """Train (saved: a training checkpoint's header and tensors, to go on from), then apply WEIGHT_AVG."""
     hp = run.hp
     ga = grad_accum_steps(hp, run.world_size)
-    model = torch.compile(run.model, dynamic=False) if hp.compile else run.model
-    if run.distributed:  # the model has no buffers (Rotary keeps none): DDP broadcasts nothing per forward
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda"
-                                                    else None)
-    run.train_model = model
+    run.train_model = compile_for_training(run)
     optimizers = build_optimizers(run)
     pattern = os.path.join(hp.data_path, "fineweb_train_*.bin")
-    set_qat(run, None)  # the state the loop starts in, so the graph primed for it is the one the loop uses
-    if hp.warmup_steps:
-        prime(run, optimizers, ga, pattern)
+    prime_graphs(run, optimizers, ga, pattern)
     loader = (CurriculumLoader(pattern, run) if hp.curriculum_buckets else
               DistributedTokenLoader(pattern, run.rank, run.world_size, run.device))
     tr, cap = Trainer(optimizers, loader, WeightAverager(run.model, hp)), train_budget(hp)
@@ -2915,7 +3005,8 @@ def train_loop(run: Run, tr: Trainer, sched: Schedule, ga: int, cap: float) -> b
         pending[0].wait()
     if stopped:
         hint = f"; RESUME_FROM={run_file(hp, 'ckpt')} trains on from there" if save_training(run, tr) else ""
-        raise Interrupted(f"stopped by {signal_name(run)} at step {tr.step}/{hp.iterations} after {tr.train_s:.1f}s{hint}")
+        raise Interrupted(f"stopped by {signal_name(run)} at step {tr.step}/{hp.iterations} after {tr.train_s:.1f}s"
+                          f"{hint}")
     return capped
 
 
@@ -2947,6 +3038,7 @@ def write_checkpoint(run: Run, tensors: dict[str, Tensor], **header) -> bool:
         arrays = {k: (v.detach().float() if v.is_floating_point() else v).cpu().contiguous().numpy()
                   for k, v in tensors.items()}
         header.update(config=dataclasses.asdict(run.hp), results=run.results,
+                      model=dict(looping=run.model.looping, qat_extra=run.model.qat_extra),
                       tensors=[[k, list(a.shape), a.dtype.str] for k, a in arrays.items()])
         try:
             write_atomic(run_file(run.hp, "ckpt"), frame(CKPT_MAGIC, header, [a.reshape(-1).view(np.uint8)
@@ -2971,7 +3063,8 @@ def save_training(run: Run, tr: Trainer) -> bool:
     """All that training needs to go on exactly (CKPT_EVERY, a signal): weights, EMA/SWA, optimizer states (Muon's
     gathered from the rank that updates each matrix), every rank's loader state, the torch RNG, step and seconds."""
     t0, avg, tensors, groups = time.perf_counter(), tr.averager, dict(run.model.state_dict()), []
-    tensors.update({f"ema/{i}": t for i, t in enumerate(avg.ema or [])} | {f"swa/{i}": t for i, t in enumerate(avg.swa or [])})
+    tensors.update({f"ema/{i}": t for i, t in enumerate(avg.ema or [])})
+    tensors.update({f"swa/{i}": t for i, t in enumerate(avg.swa or [])})
     for j, opt in enumerate(tr.optimizers):
         groups.append(opt.state_dict()["param_groups"])
         for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
@@ -2981,8 +3074,9 @@ def save_training(run: Run, tr: Trainer) -> bool:
                 dist.all_reduce(state["momentum_buffer"])  # zeros from the others
             tensors.update({f"opt{j}/{i}/{k}": v for k, v in state.items()})
     tensors["rng/torch"] = torch.get_rng_state()
+    loaders = gather_json(run, tr.loader.state())
     ok = write_checkpoint(run, tensors, train=dict(step=tr.step, train_s=tr.train_s, optimizers=groups,
-                                                   swa_count=avg.swa_count, loaders=gather_json(run, tr.loader.state())))
+                                                   swa_count=avg.swa_count, loaders=loaders))
     if ok:
         run.results["checkpoint_path"] = str(run_file(run.hp, "ckpt"))
         run.log(f"checkpoint: training state at step {tr.step} in {time.perf_counter() - t0:.1f}s; "
@@ -3002,14 +3096,20 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, Tensor]]:
 
 
 def load_weights(run: Run, header: dict, tensors: dict[str, Tensor]):
-    """A checkpoint's weights (its tensors without a '/' in the name) and the results it saved, into this run."""
+    """A checkpoint's weights (its tensors without a '/' in the name), the model's state (looping, QAT's bits) and the
+    results it saved, into this run."""
+    if "model" not in header:
+        raise ConfigError(f"RESUME_FROM={run.hp.resume_from}: written by an older train_gpt.py (no model state in its "
+                          "header); train again with this one")
     try:
         run.model.load_state_dict({k: v for k, v in tensors.items() if "/" not in k})
     except RuntimeError as e:
         raise ConfigError(f"RESUME_FROM={run.hp.resume_from}: weights do not fit the configured model "
                           f"({str(e).splitlines()[0]}); do not override shape variables when resuming") from None
     run.results.update({k: v for k, v in header["results"].items() if k not in run.results})
-    run.model.looping = run.model.looping or "looping_from_step" in run.results
+    run.model.looping = header["model"]["looping"]
+    if header["model"]["qat_extra"] is not None:  # QAT was on: the loop goes on fake-quantized (export turns it off)
+        set_qat(run, header["model"]["qat_extra"])
 
 
 def restore_training(run: Run, tr: Trainer, header: dict, tensors: dict[str, Tensor]):
@@ -3035,8 +3135,6 @@ def restore_training(run: Run, tr: Trainer, header: dict, tensors: dict[str, Ten
     torch.set_rng_state(tensors["rng/torch"])
     tr.loader.restore(state["loaders"][run.rank])
     tr.step, tr.train_s, avg.swa_count = state["step"], state["train_s"], state["swa_count"]
-    if stages := run.results.get("qat_stages"):
-        set_qat(run, stages[-1][1])
     run.log(f"resume: {run.hp.resume_from} at step {tr.step}/{run.hp.iterations}; training goes on")
 
 
@@ -3047,75 +3145,114 @@ def resume(run: Run, header: dict, tensors: dict[str, Tensor]):
     run.log(f"resume: {run.hp.resume_from}, {run.results.get('steps')} steps trained; training skipped")
 
 
-def export(run: Run):
-    """GPTQ calibration, quantize, write the artifact, count its bytes (all train time: it reads training data and
-    makes the artifact), then reload it into a fresh model, compiled for evaluation."""
+def sort_and_calibrate(run: Run) -> tuple[dict | None, dict]:
+    """MLP_SORT's unit order, then GPTQ's Hessians (they see the sorted units). Returns the Hessians (None without
+    GPTQ) and the results' part."""
     hp, t0 = run.hp, time.perf_counter()
-    path = artifact_path(hp)
-    set_qat(run, None)  # QAT's weights are of the raw weights; export takes the averaged ones
     sort = column_major(hp, quant_formats(hp, run.model))
-    for name, m in run.model.named_modules():  # before calibration: the Hessians see the sorted units
+    for name, m in run.model.named_modules():
         if f"{name}.down.weight" in sort:
             m.sort_units()
-    hessians = collect_hessians(run) if hp.gptq else None
-    if hessians is not None:
-        run.results["gptq_calib_seconds"] = calib_s = round(time.perf_counter() - t0, 3)
-        run.log(f"gptq: Hessians of {len(hessians)} layers from {run.results['gptq_tokens_used']:,} train tokens "
-                f"in {calib_s:.1f}s")
+    if not hp.gptq:
+        return None, {}
+    hessians = collect_hessians(run)
+    calib_s = round(time.perf_counter() - t0, 3)
+    run.log(f"gptq: Hessians of {len(hessians)} layers from {run.results['gptq_tokens_used']:,} train tokens "
+            f"in {calib_s:.1f}s")
+    return hessians, dict(gptq_calib_seconds=calib_s)
+
+
+def fit_to_cap(run: Run, hessians: dict | None, path: Path) -> tuple[dict, int, list]:
+    """Export at QUANT_SPEC; QUANT_FIT: re-export at fit_spec's next spec until it settles. Returns the last report
+    (rank 0's; the others export nothing), its model bytes and the [spec, bytes, step factor] tried."""
+    hp = run.hp
     qhp, tried, cache, fit, room = hp, [], {}, (hp.quant_spec, 1.0), ARTIFACT_CAP_BYTES - CODE_BYTES
-    while True:  # QUANT_FIT: every rank sees the same byte count, so all take the same next spec
+    while True:  # every rank sees the same byte count, so all take the same next spec
         report = export_artifact(run.model, qhp, path, hessians, cache) if run.master else dict(bytes=0)
         if run.distributed:
             dist.barrier()
         model_bytes = int(run.all_reduce(report["bytes"])[0])
         tried.append([qhp.quant_spec, model_bytes, fit[1]])
         if not hp.quant_fit or not (fit := fit_spec(hp, run.model, tried, room)):
-            break
+            return report, model_bytes, tried
         qhp = dataclasses.replace(hp, quant_spec=fit[0])
         run.log(f"export: {model_bytes - room:+,} bytes against the cap; QUANT_FIT re-exports with QUANT_SPEC={fit[0]}")
-    excess = CODE_BYTES + model_bytes - ARTIFACT_CAP_BYTES
-    if len(tried) > 1:
-        run.results["quant_fit"] = tried
-    if run.master:
-        run.results["quant"] = report
-        for g, m in report["groups"].items():
-            ent = f", code entropy {m['entropy_bits']:.3f}" if "entropy_bits" in m else ""
-            pick = f" (picked on {m['sampled']['values']:,} sampled values)" * (m["sampled"]["values"] < m["n"])
-            run.log(f"quant {g}: {m['n']:,} values -> {m['len']:,} bytes ({m['bits_per_value']:.3f} bits/value{ent}) "
-                    f"{m['codec']}/{m['pack']}{pick}")
-        run.log("quant rel. MSE: " + ", ".join(f"{k} {r['rel_mse']:.2e}" for k, r in report["roles"].items())
-                + f"; quantized and compressed in {report['seconds']:.1f}s")
-        for name, how in report["gptq_fallbacks"].items():
-            run.log(f"WARNING: gptq {name}: {how}")
-    run.results.update(artifact_path=str(path), code_bytes=CODE_BYTES, model_bytes=model_bytes,
-                       artifact_bytes=CODE_BYTES + model_bytes)
-    run.log(f"export: {path} model {model_bytes:,} + code {CODE_BYTES:,} = {CODE_BYTES + model_bytes:,} bytes "
+
+
+def log_quant(run: Run, report: dict):
+    """The quant report's lines: each group's values, bytes and codec, the error per role, GPTQ's fallbacks."""
+    for g, m in report["groups"].items():
+        ent = f", code entropy {m['entropy_bits']:.3f}" if "entropy_bits" in m else ""
+        pick = f" (picked on {m['sampled']['values']:,} sampled values)" if m["sampled"]["values"] < m["n"] else ""
+        run.log(f"quant {g}: {m['n']:,} values -> {m['len']:,} bytes ({m['bits_per_value']:.3f} bits/value{ent}) "
+                f"{m['codec']}/{m['pack']}{pick}")
+    run.log("quant rel. MSE: " + ", ".join(f"{k} {r['rel_mse']:.2e}" for k, r in report["roles"].items())
+            + f"; quantized and compressed in {report['seconds']:.1f}s")
+    for name, how in report["gptq_fallbacks"].items():
+        run.log(f"WARNING: gptq {name}: {how}")
+
+
+def artifact_bytes(run: Run, path: Path, model_bytes: int) -> dict:
+    """The artifact's byte counts: code + model, which ARTIFACT_CAP_BYTES bounds."""
+    total = CODE_BYTES + model_bytes
+    run.log(f"export: {path} model {model_bytes:,} + code {CODE_BYTES:,} = {total:,} bytes "
             f"(cap {ARTIFACT_CAP_BYTES:,})")
-    account_time(run, time.perf_counter() - t0)
-    if excess > 0:
-        run.results["status"] = "over_cap"
-        run.log(f"ERROR: artifact is {excess:,} bytes over the cap{' after QUANT_FIT' * hp.quant_fit}; "
-                "use lower-bit formats or a smaller model")
-    fresh = GPT(hp).to(run.device)
+    return dict(artifact_path=str(path), code_bytes=CODE_BYTES, model_bytes=model_bytes, artifact_bytes=total)
+
+
+def over_cap(run: Run, artifact_bytes: int) -> dict:
+    """status over_cap (and an ERROR line) where the artifact is over ARTIFACT_CAP_BYTES, else nothing."""
+    if artifact_bytes <= ARTIFACT_CAP_BYTES:
+        return {}
+    fit = " after QUANT_FIT" if run.hp.quant_fit else ""
+    run.log(f"ERROR: artifact is {artifact_bytes - ARTIFACT_CAP_BYTES:,} bytes over the cap{fit}; "
+            "use lower-bit formats or a smaller model")
+    return dict(status="over_cap")
+
+
+def reload_for_eval(run: Run, path: Path):
+    """The artifact's weights into a fresh model (run.model), compiled for evaluation (run.eval_model)."""
+    fresh = GPT(run.hp).to(run.device)
     fresh.load_state_dict(load_artifact(path))
     fresh.looping = run.model.looping  # evaluated as it was trained last
     run.model = fresh
-    run.eval_model = FixedBatch(torch.compile(fresh, dynamic=False), eval_rows(hp)) if hp.compile else fresh
+    run.eval_model = FixedBatch(torch.compile(fresh, dynamic=False), eval_rows(run.hp)) if run.hp.compile else fresh
 
 
-def account_time(run: Run, export_s: float):
+def export(run: Run) -> dict:
+    """GPTQ calibration, quantize (QUANT_FIT: until it fits), write the artifact, count its bytes (all train time: it
+    reads training data and makes the artifact), then reload it for evaluation. Returns its part of the results."""
+    t0, path = time.perf_counter(), artifact_path(run.hp)
+    set_qat(run, None)  # QAT's weights are of the raw weights; export takes the averaged ones
+    hessians, out = sort_and_calibrate(run)
+    report, model_bytes, tried = fit_to_cap(run, hessians, path)
+    if len(tried) > 1:
+        out["quant_fit"] = tried
+    if run.master:
+        out["quant"] = report
+        log_quant(run, report)
+    out.update(artifact_bytes(run, path, model_bytes))
+    trained = run.results.get("train_loop_seconds", 0.0), run.results.get("checkpoint_seconds", 0.0)
+    out.update(account_time(run, *trained, time.perf_counter() - t0))
+    out.update(over_cap(run, out["artifact_bytes"]))
+    reload_for_eval(run, path)
+    return out
+
+
+def account_time(run: Run, loop_s: float, checkpoint_s: float, export_s: float) -> dict:
     """train_seconds = loop + checkpoint + export: everything that reads training data or makes the artifact, which
-    must fit MAX_WALLCLOCK_SECONDS (the loop stops EXPORT_RESERVE_SECONDS early for the rest)."""
-    r, cap = run.results, run.hp.max_wallclock_seconds
-    after = r.get("checkpoint_seconds", 0.0) + export_s
-    r.update(export_seconds=round(export_s, 3), train_seconds=round(r.setdefault("train_loop_seconds", 0.0) + after, 3))
-    run.log(f"time: train loop {r['train_loop_seconds']:.1f}s + checkpoint {r.get('checkpoint_seconds', 0.0):.1f}s + "
-            f"export {export_s:.1f}s = {r['train_seconds']:.1f}s" + f" of MAX_WALLCLOCK_SECONDS={cap:.0f}" * bool(cap))
+    must fit MAX_WALLCLOCK_SECONDS (the loop stops EXPORT_RESERVE_SECONDS early for the rest). Returns the results'
+    part."""
+    cap, after = run.hp.max_wallclock_seconds, checkpoint_s + export_s
+    out = dict(export_seconds=round(export_s, 3), train_seconds=round(loop_s + after, 3))
+    run.log(f"time: train loop {loop_s:.1f}s + checkpoint {checkpoint_s:.1f}s + export {export_s:.1f}s = "
+            f"{out['train_seconds']:.1f}s" + (f" of MAX_WALLCLOCK_SECONDS={cap:.0f}" if cap else ""))
     if cap:
-        r["within_wallclock"] = r["train_seconds"] <= cap
-        if not r["within_wallclock"]:
-            run.log(f"WARNING: train time {r['train_seconds']:.1f}s is over MAX_WALLCLOCK_SECONDS={cap:.0f}: "
+        out["within_wallclock"] = out["train_seconds"] <= cap
+        if not out["within_wallclock"]:
+            run.log(f"WARNING: train time {out['train_seconds']:.1f}s is over MAX_WALLCLOCK_SECONDS={cap:.0f}: "
                     f"set EXPORT_RESERVE_SECONDS to at least {math.ceil(after * 1.2)}")
+    return out
 
 
 def evaluate(run: Run):
@@ -3231,7 +3368,7 @@ def run_stages(run: Run):
     else:
         train(run)
         save_checkpoint(run)
-    export(run)
+    run.results.update(export(run))
     evaluate(run)
     if run.results["status"] == "running":
         run.results["status"] = "ok"

@@ -176,6 +176,34 @@ def test_the_checksum_covers_the_header_length(tmp_path, brown_data):
     assert proc.returncode == 2 and len(err.splitlines()) == 1 and "checksum mismatch" in err, err
 
 
+def test_a_checkpoint_carries_the_model_state_that_resume_restores(tmp_path):
+    """Looping and QAT's bits are saved in the checkpoint's header and restored from there, not from results keys."""
+    hp = T.load_hparams({"PRESET": "tiny", "MODEL_DIM": "64", "NUM_LAYERS": "2", "LOG_DIR": str(tmp_path),
+                         "RUN_ID": "q", "LOOP_LAYERS": "0-0", "LOOP_COUNT": "2", "LOOP_START": "0.5"})
+    run = T.Run(hp=hp, device=T.torch.device("cpu"), model=T.GPT(hp))
+    run.log = lambda msg: None
+    T.set_qat(run, 1)
+    run.model.looping = True
+    assert T.write_checkpoint(run, run.model.state_dict())
+    header, tensors = T.read_checkpoint(tmp_path / "q.ckpt")
+    assert header["model"] == dict(looping=True, qat_extra=1) and "qat_stages" not in header["results"]
+    again = T.Run(hp=T.dataclasses.replace(hp, resume_from=str(tmp_path / "q.ckpt")), device=T.torch.device("cpu"),
+                  model=T.GPT(hp))
+    T.load_weights(again, header, tensors)
+    up, saved = again.model.blocks[0].mlp.up, run.model.blocks[0].mlp.up
+    assert again.model.looping and again.model.qat_extra == 1 and up.qat_fmt == saved.qat_fmt
+    assert T.torch.equal(up.qat, saved.qat)
+
+
+def test_a_checkpoint_without_model_state_is_refused_in_one_line():
+    """Resume reads looping and QAT from the checkpoint's own model state; an older checkpoint has none and is refused
+    with one line naming it, before any weight is loaded."""
+    run = T.Run(hp=T.Hyperparameters(resume_from="old.ckpt"), device=T.torch.device("cpu"))
+    with pytest.raises(T.ConfigError, match=r"RESUME_FROM=old.ckpt: written by an older train_gpt.py") as e:
+        T.load_weights(run, dict(config={}, results={}, tensors=[]), {})
+    assert "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("var,value,expected", [
     ("MATRIX_LR", "nan", "MATRIX_LR='nan': expected a finite number"),
     ("EMA_DECAY", "-inf", "EMA_DECAY='-inf': expected a finite number"),

@@ -222,7 +222,7 @@ def test_ranks_with_disagreeing_clocks_run_the_same_stages(brown_data, tmp_path)
 def test_evaluation_model_is_compiled_with_one_batch_shape(brown_data, tmp_path, monkeypatch):
     counter = CountingCompile(monkeypatch)
     run = small_run(brown_data, tmp_path, COMPILE=1, GPTQ=0, EVAL_BATCH_SEQS=3)
-    T.export(run)
+    run.results.update(T.export(run))
     r = dataclasses.replace(run, val_tokens=run.val_tokens[:7 * 64 + 1])  # 7 sequences: batches of 3, 3, 1
     T.eval_plain(r, r.eval_model)
     T.eval_sliding(r, r.eval_model, torch.from_numpy(r.val_tokens.astype(np.int64)))
@@ -300,7 +300,7 @@ def test_gptq_uses_gptq_tokens(brown_data, tmp_path):
 def test_export_is_counted_as_train_time(brown_data, tmp_path):
     run = small_run(brown_data, tmp_path, MAX_WALLCLOCK_SECONDS=1e-3, EXPORT_RESERVE_SECONDS=0)
     run.results.update(train_loop_seconds=0.5, checkpoint_seconds=0.25)
-    T.export(run)
+    run.results.update(T.export(run))
     r = run.results
     assert r["export_seconds"] >= r["gptq_calib_seconds"] + r["quant"]["seconds"] > 0
     assert r["train_seconds"] == pytest.approx(0.75 + r["export_seconds"], abs=2e-3)
@@ -479,7 +479,7 @@ def test_frontier_tiny_trains_and_evaluates_in_whole_graphs_with_doc_mask_and_lo
     assert len(counter.graphs) == 2 and not torch._dynamo.utils.counters["graph_break"]  # plain and looped, whole
     call = ((4 * (256 // T.DOC_MIN_TOKENS + 1) + 1,), 256)  # 4 rows of 256 tokens; max_seqlen a constant
     assert [varlen_calls(gm) for gm in counter.graphs] == [[call] * 4, [call] * 8]  # every attention in the graph
-    T.export(run)
+    run.results.update(T.export(run))
     r = dataclasses.replace(run, val_tokens=run.val_tokens[:9 * 256 + 1])  # 9 windows: batches of 4, 4, 1 (padded)
     T.eval_plain(r, r.eval_model)
     T.eval_sliding(r, r.eval_model, torch.from_numpy(r.val_tokens.astype(np.int64)))

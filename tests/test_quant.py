@@ -440,7 +440,7 @@ def test_export_stage_roundtrip_and_over_cap(tiny_run, brown_data, tmp_path, mon
                               model=copy.deepcopy(tiny_run.model))  # export sorts the MLP units of the model it gets
     trained = run.model
     monkeypatch.setattr(T, "ARTIFACT_CAP_BYTES", 1000)
-    T.export(run)
+    run.results.update(T.export(run))
     assert all((b.mlp.down.weight.square().sum(0).diff() >= 0).all() for b in trained.blocks)  # MLP_SORT
     assert run.model is not tiny_run.model and run.results["artifact_path"] == str(tmp_path / "x.artifact")
     assert run.results["status"] == "over_cap" and run.results["artifact_bytes"] > 1000
@@ -474,13 +474,13 @@ def test_quant_fit_reexports_narrower_until_under_the_cap(tiny_run, brown_data, 
     first = T.export_artifact(tiny_run.model, hp, tmp_path / "probe.artifact")["bytes"]
     run = dataclasses.replace(tiny_run, hp=hp, results=dict(status="running"))
     monkeypatch.setattr(T, "ARTIFACT_CAP_BYTES", T.CODE_BYTES + first - 1)
-    T.export(run)
+    run.results.update(T.export(run))
     (spec0, bytes0, _), (spec1, bytes1, factor) = run.results["quant_fit"]
     assert bytes0 == first and T.parse_spec(spec1)["mlp_up"] == "int4" and bytes1 < first and factor == 1.0
     assert run.results["status"] == "running" and run.results["quant"]["spec"] == spec1
     monkeypatch.setattr(T, "ARTIFACT_CAP_BYTES", 1000)
     run = dataclasses.replace(tiny_run, hp=hp, results=dict(status="running"))
-    T.export(run)
+    run.results.update(T.export(run))
     assert run.results["status"] == "over_cap" and set(run.results["quant"]["groups"]) <= {"int4", "scales", "fp16"}
 
 
@@ -497,7 +497,7 @@ def test_quant_fit_widens_set_steps_to_land_under_the_cap(tiny_run, brown_data, 
     room = first - 120_000  # ~7% smaller: about a third of a bit per weight
     monkeypatch.setattr(T, "ARTIFACT_CAP_BYTES", T.CODE_BYTES + room)
     run = dataclasses.replace(tiny_run, hp=hp, results=dict(status="running"))
-    T.export(run)
+    run.results.update(T.export(run))
     tried, spec = run.results["quant_fit"], T.parse_spec(run.results["quant"]["spec"])
     assert tried[0] == [SET_STEPS, first, 1.0] and 2 <= len(tried) <= 2 + T.QUANT_FIT_TRIALS, tried
     assert room - 10_000 <= run.results["model_bytes"] <= room - 5_000, (room, tried)
