@@ -3301,9 +3301,10 @@ def evaluate(run: Run) -> Results:
         part.update(val_loss=done["val_loss"], val_bpb=done["val_bpb"])
     part["eval_seconds"] = round(time.perf_counter() - t0, 3)
     if hp.eval_audit:
-        t, part["audit"] = time.perf_counter(), audit(run, run.model)
-        run.log(f"eval audit: {'passed' if part['audit']['passed'] else 'FAILED'} in {time.perf_counter() - t:.0f}s: "
-                + ", ".join(f"{k} {v:.2g}" for k, v in part["audit"]["checks"].items()))
+        t = time.perf_counter()
+        part["audit"] = res = audit(run, run.model)
+        run.log(f"eval audit: {'passed' if res['passed'] else 'FAILED'} in {time.perf_counter() - t:.0f}s: "
+                + ", ".join(f"{k} {v:.2g}" for k, v in res["checks"].items()))
     return part
 
 
