@@ -2252,7 +2252,9 @@ def ttt_plan(lengths: np.ndarray, hp: Hyperparameters, world: int) -> list[list[
     and each batch to the rank with the least work so far: the same batches at any world size."""
     L, c = hp.eval_seq_len, min(hp.ttt_chunk_tokens, hp.eval_seq_len)
     pos = doc_positions(lengths, c, L)
-    rows = lambda d: eval_rows(hp, 8, min(L, -(-int(lengths[d]) // c) * c))  # noqa: E731
+
+    def rows(d: int) -> int:  # a batch's rows, by its longest document's chunked width
+        return eval_rows(hp, 8, min(L, -(-int(lengths[d]) // c) * c))
     phased = hp.ttt_mode == "phased"
     cuts = {hp.ttt_prefix_docs * (k + 1) // hp.ttt_phases for k in range(hp.ttt_phases)} if phased else ()
     plan, lo = [], 0
@@ -2579,8 +2581,9 @@ def audit(run: Run, model: nn.Module, n_pos: int = 2) -> dict:
     prefix. ttt_weights: ttt_violations on the unperturbed stream. Passed when every figure is at most 1e-5."""
     n_tokens, ledger = 4 * run.hp.eval_seq_len + 1, []
     hp = dataclasses.replace(run.hp, ttt_chunk_tokens=min(run.hp.ttt_chunk_tokens, n_tokens // 4))
-    sub = Run(hp, run.device, run.rank, run.world_size, luts=run.luts, observe=lambda *entry: ledger.append(entry))
-    toks = torch.from_numpy(run.val_tokens[:n_tokens].astype(np.int64)).to(run.device)
+    sub = Run(hp, run.device, run.rank, run.world_size, luts=run.luts, val_tokens=run.val_tokens[:n_tokens],
+              observe=lambda *entry: ledger.append(entry))  # the audit's own run, of the slice
+    toks = sub.val_stream()
     M, gen, checks = toks.numel() - 1, torch.Generator().manual_seed(0), {}
     base = stage_outputs(sub, model, toks)
     unperturbed = list(ledger)
