@@ -31,7 +31,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, TypedDict
 
 import numpy as np
 import torch
@@ -2040,7 +2040,8 @@ def sliding_plan(n_targets: int, seq_len: int, stride: int) -> tuple[int, np.nda
     return W, np.concatenate(([0], ends[:-1])), ends
 
 
-def window_logprobs(model: nn.Module, toks: Tensor, first: np.ndarray, ends: np.ndarray, W: int) -> tuple[Tensor, Tensor]:
+def window_logprobs(model: nn.Module, toks: Tensor, first: np.ndarray, ends: np.ndarray,
+                    W: int) -> tuple[Tensor, Tensor]:
     """Log-softmax rows (n, V) and gold tokens of the targets that windows (first, ends) score, in target order."""
     idx = torch.as_tensor(ends - W, device=toks.device)[:, None] + torch.arange(W, device=toks.device)
     scored = idx >= torch.as_tensor(first, device=toks.device)[:, None]
@@ -2077,9 +2078,9 @@ def score_windows(run: Run, model: nn.Module, toks: Tensor, plan, k0: int, k1: i
     model.train()
 
 
-def eval_sliding(run: Run, model: nn.Module, toks: Tensor) -> Tensor:
-    """Sliding-window statistics of the stream: EVAL_SEQ_LEN-token windows, EVAL_STRIDE new targets each."""
-    plan = sliding_plan(toks.numel() - 1, run.hp.eval_seq_len, run.hp.eval_stride)
+def eval_sliding(run: Run, model: nn.Module, toks: Tensor, stride: int = 0) -> Tensor:
+    """Sliding-window statistics of the stream: EVAL_SEQ_LEN-token windows, EVAL_STRIDE (or stride) new targets each."""
+    plan = sliding_plan(toks.numel() - 1, run.hp.eval_seq_len, stride or run.hp.eval_stride)
     stats = torch.zeros(2, toks.numel() - 1, device=toks.device)
     score_windows(run, model, toks, plan, 0, len(plan[2]), stats)
     if run.distributed:
@@ -2090,14 +2091,18 @@ def eval_sliding(run: Run, model: nn.Module, toks: Tensor) -> Tensor:
 def plain_windows(run: Run, model: nn.Module, toks: Tensor) -> Tensor:
     """Statistics of the stream's whole EVAL_SEQ_LEN windows, scored without overlap: sliding with stride = context."""
     L = run.hp.eval_seq_len
-    plain = dataclasses.replace(run, hp=dataclasses.replace(run.hp, eval_stride=L))
-    return eval_sliding(plain, model, toks[:(toks.numel() - 1) // L * L + 1])
+    return eval_sliding(run, model, toks[:(toks.numel() - 1) // L * L + 1], stride=L)
+
+
+def target_nll(out: Tensor) -> Tensor:
+    """The NLL row of a stage's statistics (2, m), or its NLL (m,) as it is."""
+    return out[0] if out.dim() == 2 else out
 
 
 def score(run: Run, out: Tensor) -> tuple[float, float]:
     """(val_loss nats, val_bpb) of a stage's statistics (2, m) or NLL (m,): its targets are tokens 1..m of the
     validation stream, whose bytes are counted once per m."""
-    nll = out[0] if out.dim() == 2 else out
+    nll = target_nll(out)
     m = nll.numel()
     if ("bytes", m) not in run.cache:
         toks = run.val_stream()
@@ -2188,9 +2193,11 @@ def ngram_nll(hp: Hyperparameters, toks: Tensor, stats: Tensor) -> tuple[Tensor,
     nll = stats[0].double()
     feats = torch.stack((torch.ones_like(nll), stats[1].double(), match[1:] / hp.ngram_order), 1)
     p_ng = ngram_prob(counts, hp.ngram_discount, hp.vocab_size)[1:]
-    fn = lambda th, i: mix_nll(nll[i], p_ng[i], (feats[i] * th).sum(-1))  # noqa: E731
-    theta = fit_online(fn, nll.numel(), torch.tensor([-2.0, 0, 0], dtype=torch.float64, device=toks.device))
-    return fn(theta, slice(None)).detach(), (feats * theta).sum(-1)
+
+    def mixed(th: Tensor, i) -> Tensor:  # NLL of targets i mixed at logits feats . th
+        return mix_nll(nll[i], p_ng[i], (feats[i] * th).sum(-1))
+    theta = fit_online(mixed, nll.numel(), torch.tensor([-2.0, 0, 0], dtype=torch.float64, device=toks.device))
+    return mixed(theta, slice(None)).detach(), (feats * theta).sum(-1)
 
 
 def note(run: Run, kind: str, key: tuple, params):
@@ -2318,7 +2325,7 @@ def pack_batches(docs: np.ndarray, pos: np.ndarray, rows) -> list[np.ndarray]:
             cur, total = [], 0
         cur.append(d)
         total += pos[d]
-    return batches + [np.array(cur)] * bool(cur)
+    return batches + [np.array(cur)] if cur else batches
 
 
 def ttt_plan(lengths: np.ndarray, hp: Hyperparameters, world: int) -> list[list[list[np.ndarray]]]:
@@ -2328,8 +2335,11 @@ def ttt_plan(lengths: np.ndarray, hp: Hyperparameters, world: int) -> list[list[
     and each batch to the rank with the least work so far: the same batches at any world size."""
     L, c = hp.eval_seq_len, min(hp.ttt_chunk_tokens, hp.eval_seq_len)
     pos = doc_positions(lengths, c, L)
-    rows = lambda d: eval_rows(hp, 8, min(L, -(-int(lengths[d]) // c) * c))  # noqa: E731
-    cuts = {hp.ttt_prefix_docs * (k + 1) // hp.ttt_phases for k in range(hp.ttt_phases)} if hp.ttt_mode == "phased" else ()
+
+    def rows(d: int) -> int:  # a batch's rows, by its longest document's chunked width
+        return eval_rows(hp, 8, min(L, -(-int(lengths[d]) // c) * c))
+    phased = hp.ttt_mode == "phased"
+    cuts = {hp.ttt_prefix_docs * (k + 1) // hp.ttt_phases for k in range(hp.ttt_phases)} if phased else ()
     plan, lo = [], 0
     for hi in sorted(b for b in cuts if 0 < b < len(lengths)) + [len(lengths)]:
         docs = lo + np.argsort(-lengths[lo:hi], kind="stable")
@@ -2375,7 +2385,8 @@ def eval_ttt_lora(run: Run, model: nn.Module, toks: Tensor, budget: TTTBudget) -
     starts = doc_starts(run, toks)
     lengths = np.diff(starts, append=toks.numel() - 1)
     plan = ttt_plan(lengths, hp, run.world_size)
-    stats, scored = torch.zeros(2, toks.numel() - 1, device=dev), torch.zeros(toks.numel() - 1, dtype=torch.bool, device=dev)
+    stats = torch.zeros(2, toks.numel() - 1, device=dev)
+    scored = torch.zeros(toks.numel() - 1, dtype=torch.bool, device=dev)
     gen = torch.Generator(device=dev).manual_seed(hp.seed)  # every document starts from the same adapters
     linears = [m for m in model.blocks.modules() if isinstance(m, CastedLinear)]
     lora = linears, [torch.randn(hp.ttt_lora_rank, m.in_features, device=dev, generator=gen) / m.in_features ** 0.5
@@ -2392,11 +2403,11 @@ def eval_ttt_lora(run: Run, model: nn.Module, toks: Tensor, budget: TTTBudget) -
             adapt = budget.fits(rate * (adapt_pos + SAFETY * rest[bi + 1]))
             chunk = c if adapt else plain_chunk(n_max, L)
             t = budget.clock()
-            lora_batch(run, model, toks, (torch.as_tensor(starts[b], device=dev), torch.as_tensor(lengths[b], device=dev)),
-                       lora, stats, scored, chunk, adapt, bi)
+            docs = torch.as_tensor(starts[b], device=dev), torch.as_tensor(lengths[b], device=dev)
+            lora_batch(run, model, toks, docs, lora, stats, scored, chunk, adapt, bi)
             done[0] += budget.clock() - t
             done[1] += adapt_pos if adapt else len(b) * doc_positions(n_max, chunk, L)
-            rate, adapted, bi = done[0] / done[1], adapted + adapt * len(b), bi + 1
+            rate, adapted, bi = done[0] / done[1], adapted + (len(b) if adapt else 0), bi + 1
         if phase + 1 < len(plan):
             end = int(sum(len(b) for ranks in plan[:phase + 1] for bs in ranks for b in bs))
             span = toks[:int(starts[end]) + 1]
@@ -2461,7 +2472,8 @@ def global_pass(run: Run, model: nn.Module, span: Tensor, scored: Tensor, docs: 
             dist.all_reduce(seen, op=dist.ReduceOp.MAX)
         run.observe("global", (docs, n), float(n - seen.sum()))
     params = list(model.parameters())
-    opt, chunks = torch.optim.SGD(params, lr=hp.ttt_global_lr, momentum=hp.ttt_momentum), -(-n // hp.ttt_global_chunk_tokens)
+    opt = torch.optim.SGD(params, lr=hp.ttt_global_lr, momentum=hp.ttt_momentum)
+    chunks = -(-n // hp.ttt_global_chunk_tokens)
     model.requires_grad_(True)
     for c in range(chunks):
         lr = hp.ttt_global_lr * 0.5 * (1 + math.cos(math.pi * c / chunks))
@@ -2484,127 +2496,193 @@ def stage_estimates(hp: Hyperparameters, lengths: np.ndarray, world: int, rate: 
     return dict(sliding=slide, ttt=rate * adapt.max() + glob, ttt_min=SAFETY * rate * plain.max())
 
 
-@dataclass
-class Scoring:
-    """What the evaluation stages of one stream share: the model that scores, the one TTT adapts a copy of, the last
-    sliding statistics (the n-gram stage mixes over them),
-    the n-gram's mixing logits z, and evaluate's time accounting (left(): seconds of the budget left)."""
-    run: Run
+class Scored(NamedTuple):
+    """What a stage returns: per-target statistics (2, m) (NLL, model entropy) or NLL (m,) of targets 1..m of the
+    stream; the n-gram stage adds its per-target mixing logits z (the audit checks the mixture they make)."""
+    stats: Tensor
+    z: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class StageInputs:
+    """What a stage reads: the model that scores, the model TTT adapts a copy of, the tokens, the last sliding stage's
+    statistics (the n-gram mixes over them; None before one ran), seconds per forward token-position on a rank (the
+    roundtrip's; 0 before it ran), the perf_counter time evaluation must end by, and the n-gram stage's estimate."""
     model: nn.Module
     trained: nn.Module
     toks: Tensor
-    left: Callable[[], float] = lambda: math.inf
-    stats: Tensor | None = None
-    z: Tensor | None = None
+    sliding: Tensor | None = None
+    rate: float = 0.0
+    end: float = math.inf
     ngram_s: float = 0.0
 
-    @property
-    def rate(self) -> float:
-        """Seconds per forward token-position on a rank, as the roundtrip stage ran (0 before it has)."""
-        done = self.run.results["stages"].get("roundtrip")
-        return 1.0 / max(1, done["targets_per_s"]) if done else 0.0
 
-    def estimates(self) -> dict[str, float]:
-        return stage_estimates(self.run.hp, np.diff(doc_starts(self.run, self.toks), append=self.toks.numel() - 1),
-                               self.run.world_size, self.rate)
+def roundtrip_stage(run: Run, x: StageInputs) -> Scored:
+    return Scored(plain_windows(run, x.model, x.toks))
+
+
+def ttt_stage(run: Run, x: StageInputs) -> Scored:
+    """TTT in its own time box: what is left until x.end less the n-gram stage's estimate, adapting for at most
+    TTT_SECONDS."""
+    budget = TTTBudget(x.end - time.perf_counter() - x.ngram_s, run.hp.ttt_seconds, x.rate)
+    return Scored(eval_ttt(run, x.trained, x.toks, budget))
+
+
+def sliding_stage(run: Run, x: StageInputs) -> Scored:
+    return Scored(eval_sliding(run, x.model, x.toks))
+
+
+def ngram_stage(run: Run, x: StageInputs) -> Scored:
+    return Scored(*ngram_nll(run.hp, x.toks, x.sliding))
+
+
+def plan_seconds(run: Run, x: StageInputs) -> dict[str, float]:
+    """stage_estimates of the stream's documents at the roundtrip's rate."""
+    lengths = np.diff(doc_starts(run, x.toks), append=x.toks.numel() - 1)
+    return stage_estimates(run.hp, lengths, run.world_size, x.rate)
+
+
+def first_estimate(run: Run, x: StageInputs) -> float:
+    return 0.0  # the first stage always runs
+
+
+def ttt_estimate(run: Run, x: StageInputs) -> float:
+    return plan_seconds(run, x)["ttt_min"] + x.ngram_s  # its plain scoring, then the n-gram stage after it
+
+
+def sliding_estimate(run: Run, x: StageInputs) -> float:
+    return 1.1 * plan_seconds(run, x)["sliding"]
+
+
+def ngram_estimate(run: Run, x: StageInputs) -> float:
+    return math.inf if x.sliding is None else x.ngram_s
+
+
+def ngram_seconds(hp: Hyperparameters, toks: Tensor) -> float:
+    """The n-gram stage's estimate (0 when off): twice the time counting a prefix of up to 2^18 targets takes, scaled
+    to the stream."""
+    if not hp.ngram_order:
+        return 0.0
+    t, k = time.perf_counter(), min(toks.numel() - 1, 1 << 18)
+    ngram_counts(toks[:k + 1], hp.ngram_order)
+    return 2 * (time.perf_counter() - t) * (toks.numel() - 1) / k
+
+
+def always_on(hp: Hyperparameters) -> bool:
+    return True
+
+
+def ttt_on(hp: Hyperparameters) -> bool:
+    return hp.ttt_enabled and hp.ttt_seconds > 0
+
+
+def ngram_on(hp: Hyperparameters) -> bool:
+    return hp.ngram_order > 0
 
 
 @dataclass(frozen=True)
 class EvalStage:
-    """An evaluation stage: on(hp) says whether it runs, seconds(s) estimates the least time it needs, run(s) returns
-    per-target statistics (2, m) or NLL (m,). `sliding`: it scores every target by sliding windows, so its statistics
-    feed the n-gram stage; `instead_of`: it runs only in that stage's place, skipped once that one has run (TTT scores
-    the sliding windows itself)."""
+    """An evaluation stage: on(hp) says whether it runs, estimate(run, x) the least seconds it needs (an estimate,
+    nothing more), run(run, x) scores the stream from its StageInputs x. `sliding`: it scores every target by sliding
+    windows, so its statistics feed the n-gram stage; `instead_of`: it runs only in that stage's place, skipped once
+    that one has run (TTT scores the sliding windows itself)."""
     name: str
     on: Callable[[Hyperparameters], bool]
-    seconds: Callable[[Scoring], float]
-    run: Callable[[Scoring], Tensor]
+    estimate: Callable[[Run, StageInputs], float]
+    run: Callable[[Run, StageInputs], Scored]
     sliding: bool = False
     instead_of: str = ""
 
 
-def ttt_stage(s: Scoring) -> Tensor:
-    """TTT with a budget of what is left of EVAL_BUDGET_SECONDS less the n-gram stage's estimate."""
-    hp = s.run.hp
-    budget = TTTBudget(s.left() - s.ngram_s, hp.ttt_seconds, s.rate)
-    return eval_ttt(s.run, s.trained, s.toks, budget)
-
-
-def ngram_stage(s: Scoring) -> Tensor:
-    nll, s.z = ngram_nll(s.run.hp, s.toks, s.stats)
-    return nll
-
-
 # The stages in order; evaluate and the audit both iterate this list. A new stage is one entry here.
 EVAL_STAGES = (
-    EvalStage("roundtrip", lambda hp: True, lambda s: 0.0, lambda s: plain_windows(s.run, s.model, s.toks)),
-    EvalStage("ttt", lambda hp: hp.ttt_enabled and hp.ttt_seconds > 0,
-              lambda s: s.estimates()["ttt_min"] + s.ngram_s, ttt_stage, sliding=True),
-    EvalStage("sliding", lambda hp: True, lambda s: 1.1 * s.estimates()["sliding"],
-              lambda s: eval_sliding(s.run, s.model, s.toks), sliding=True, instead_of="ttt"),
-    EvalStage("ngram", lambda hp: hp.ngram_order > 0, lambda s: math.inf if s.stats is None else s.ngram_s, ngram_stage),
+    EvalStage("roundtrip", always_on, first_estimate, roundtrip_stage),
+    EvalStage("ttt", ttt_on, ttt_estimate, ttt_stage, sliding=True),
+    EvalStage("sliding", always_on, sliding_estimate, sliding_stage, sliding=True, instead_of="ttt"),
+    EvalStage("ngram", ngram_on, ngram_estimate, ngram_stage),
 )
 
 
+def stage_outputs(run: Run, model: nn.Module, toks: Tensor) -> dict[str, Scored]:
+    """Every stage that is on, in order (sliding too when TTT stands in for it), each fed as evaluate feeds it."""
+    x, out = StageInputs(model, model, toks), {}
+    for st in EVAL_STAGES:
+        if st.on(run.hp):
+            out[st.name] = st.run(run, x)
+            x = dataclasses.replace(x, sliding=out[st.name].stats) if st.sliding else x
+    return out
+
+
+def worst(checks: dict[str, float], **figures):
+    """Each audit figure: the largest seen."""
+    for name, v in figures.items():
+        checks[name] = max(checks.get(name, 0.0), float(v))
+
+
+def model_row(run: Run, model: nn.Module, toks: Tensor, p: int) -> Tensor:
+    """The model's log-prob row at target p, from the sliding window that scores it."""
+    W, first, ends = sliding_plan(toks.numel() - 1, run.hp.eval_seq_len, run.hp.eval_stride)
+    k = int(np.searchsorted(ends, p, side="right"))
+    with torch.no_grad(), run.autocast():
+        return window_logprobs(model, toks, first[k:k + 1], ends[k:k + 1], W)[0][p - first[k]].double()
+
+
+def ngram_checks(hp: Hyperparameters, toks: Tensor, p: int, lp: Tensor, z: Tensor) -> dict[str, float]:
+    """The n-gram's counts at target p against a brute-force recount of the prefix; the sums over the vocabulary of
+    its distribution at p (every token put at p through the counting code) and of the mixture with the model's row lp
+    at logit z[p]."""
+    K, V, t, tl, subst = hp.ngram_order, hp.vocab_size, p + 1, toks.tolist(), toks.clone()
+    counts, _ = ngram_counts(toks, K)
+    off = 0
+    for n, got in enumerate(counts, 1):
+        occ = [s for s in range(n - 1, t) if tl[s - n + 1:s] == tl[t - n + 1:t]]
+        want = (len(occ), sum(tl[s] == tl[t] for s in occ), len({tl[s] for s in occ}))
+        off = max(off, max(abs(int(x[t]) - w) for x, w in zip(got, want)))
+    p_ng = []
+    for v in range(V):
+        subst[t] = v
+        p_ng.append(ngram_prob(ngram_counts(subst, K)[0], hp.ngram_discount, V)[t])
+    p_ng = torch.stack(p_ng)
+    return dict(prefix_counts=off, norm_ngram=abs(p_ng.sum() - 1),
+                norm_mix=abs(torch.exp(-mix_nll(-lp, p_ng, z[p])).sum() - 1))
+
+
+def ttt_violations(ledger: list) -> float:
+    """From what the TTT loops reported: chunks not scored with the weights adapted on the chunks before them, and
+    targets a global pass trained on that no rank had scored."""
+    adapted = {key: cs for kind, key, cs in ledger if kind == "adapt"}
+    return (sum(cs != adapted.get((b, i - 1)) for kind, (b, i), cs in ledger if kind == "score")
+            + sum(unscored for kind, _, unscored in ledger if kind == "global"))
+
+
 def audit(run: Run, model: nn.Module, n_pos: int = 2) -> dict:
-    """EVAL_AUDIT: the four conditions, checked on the first 4 * EVAL_SEQ_LEN + 1 tokens of the split at n_pos
-    sampled targets p. norm_*: |sum over the vocabulary - 1| of the distribution at p: the model's softmax row
-    (row_is_score: that row at the gold token against the sliding score), the n-gram's by putting every token at p
-    through the same counting code, the mix through the functions that score. causal_*: largest change of
-    p's model row, or of any earlier target's score in each stage, when the tokens from p+1 on are replaced.
-    prefix_counts: n-gram counts at p against a brute-force recount of the prefix. ttt_weights: chunks not scored
-    with the weights adapted on the chunks before them. Passed when every figure is at most 1e-5."""
-    n_tokens = 4 * run.hp.eval_seq_len + 1
+    """EVAL_AUDIT: the four conditions, checked on the first 4 * EVAL_SEQ_LEN + 1 tokens of the split (TTT chunks of at
+    most a quarter of them) at n_pos sampled targets p. norm_*: |sum over the vocabulary - 1| of the distribution at
+    p: the model's softmax row (row_is_score: that row at the gold token against the sliding score), the n-gram's,
+    the mix (ngram_checks). causal_*: largest change of p's model row, or of any earlier target's score in each stage,
+    when the tokens from p+1 on are replaced. prefix_counts: n-gram counts at p against a brute-force recount of the
+    prefix. ttt_weights: ttt_violations on the unperturbed stream. Passed when every figure is at most 1e-5."""
+    n_tokens, ledger = 4 * run.hp.eval_seq_len + 1, []
     hp = dataclasses.replace(run.hp, ttt_chunk_tokens=min(run.hp.ttt_chunk_tokens, n_tokens // 4))
-    sub, K, V, ledger = dataclasses.replace(run, hp=hp, observe=None), hp.ngram_order, hp.vocab_size, []
-    observed = dataclasses.replace(sub, observe=lambda *entry: ledger.append(entry))  # the unperturbed stream's TTT
-    toks = torch.from_numpy(run.val_tokens[:n_tokens].astype(np.int64)).to(run.device)
-    M, W, first, ends = toks.numel() - 1, *sliding_plan(toks.numel() - 1, hp.eval_seq_len, hp.eval_stride)
-    gen = torch.Generator().manual_seed(0)
-
-    def scores(tk: Tensor) -> tuple[dict[str, Tensor], Tensor | None]:  # per-target NLL of every stage on; n-gram z
-        s, out = Scoring(observed if tk is toks else sub, model, model, tk), {}
-        for st in (st for st in EVAL_STAGES if st.on(hp)):  # all of them: sliding too when TTT stands in for it
-            res = st.run(s)
-            s.stats = res if st.sliding else s.stats
-            out[st.name] = res[0] if res.dim() == 2 else res
-        return out, s.z
-
-    def row(tk: Tensor, p: int) -> Tensor:  # the model's log-prob row at target p, from the window that scores it
-        k = int(np.searchsorted(ends, p, side="right"))
-        with torch.no_grad(), sub.autocast():
-            return window_logprobs(model, tk, first[k:k + 1], ends[k:k + 1], W)[0][p - first[k]].double()
-
-    checks: dict[str, float] = {}
-    put = lambda name, v: checks.__setitem__(name, max(checks.get(name, 0.0), float(v)))  # noqa: E731
-    base, z = scores(toks)
+    sub = Run(hp, run.device, run.rank, run.world_size, luts=run.luts, val_tokens=run.val_tokens[:n_tokens],
+              observe=lambda *entry: ledger.append(entry))  # the audit's own run, of the slice
+    toks = sub.val_stream()
+    M, gen, checks = toks.numel() - 1, torch.Generator().manual_seed(0), {}
+    base = stage_outputs(sub, model, toks)
+    unperturbed = list(ledger)
     for p in torch.randint(M // 2, M - 1, (n_pos,), generator=gen).tolist():
         pert = toks.clone()
-        pert[p + 1:] = torch.randint(V, (M - p,), generator=gen).to(toks.device)
-        lp = row(toks, p)
-        put("norm_model", abs(lp.exp().sum() - 1))
-        put("row_is_score", abs(lp[toks[p + 1]] + base["sliding"][p]))
-        put("causal_model_row", (row(pert, p) - lp).abs().max())
-        for name, nll in scores(pert)[0].items():
-            put(f"causal_{name}", (nll[:p] - base[name][:p]).abs().max())
-        if K:
-            t, tl, subst = p + 1, toks.tolist(), toks.clone()
-            counts, _ = ngram_counts(toks, K)
-            for n, got in enumerate(counts, 1):
-                occ = [s for s in range(n - 1, t) if tl[s - n + 1:s] == tl[t - n + 1:t]]
-                want = (len(occ), sum(tl[s] == tl[t] for s in occ), len({tl[s] for s in occ}))
-                put("prefix_counts", max(abs(int(x[t]) - w) for x, w in zip(got, want)))
-            p_ng = []
-            for v in range(V):
-                subst[t] = v
-                p_ng.append(ngram_prob(ngram_counts(subst, K)[0], hp.ngram_discount, V)[t])
-            p_ng = torch.stack(p_ng)
-            put("norm_ngram", abs(p_ng.sum() - 1))
-            put("norm_mix", abs(torch.exp(-mix_nll(-lp, p_ng, z[p])).sum() - 1))
+        pert[p + 1:] = torch.randint(hp.vocab_size, (M - p,), generator=gen).to(toks.device)
+        lp = model_row(sub, model, toks, p)
+        worst(checks, norm_model=abs(lp.exp().sum() - 1),
+              row_is_score=abs(lp[toks[p + 1]] + target_nll(base["sliding"].stats)[p]),
+              causal_model_row=(model_row(sub, model, pert, p) - lp).abs().max())
+        worst(checks, **{f"causal_{name}": (target_nll(out.stats)[:p] - target_nll(base[name].stats)[:p]).abs().max()
+                         for name, out in stage_outputs(sub, model, pert).items()})
+        if hp.ngram_order:
+            worst(checks, **ngram_checks(hp, toks, p, lp, base["ngram"].z))
     if hp.ttt_enabled:
-        adapted = {key: cs for kind, key, cs in ledger if kind == "adapt"}
-        put("ttt_weights", sum(cs != adapted.get((b, i - 1)) for kind, (b, i), cs in ledger if kind == "score")
-            + sum(unscored for kind, _, unscored in ledger if kind == "global"))
+        worst(checks, ttt_weights=ttt_violations(unperturbed))
     return dict(passed=all(v <= 1e-5 for v in checks.values()), checks=checks)
 
 
@@ -2672,6 +2750,55 @@ def write_atomic(path: str | Path, data: bytes | str | list):
             pass
 
 
+class StageResult(TypedDict, total=False):
+    """results["stages"][name]: one evaluation stage's score and speed."""
+    val_loss: float  # mean NLL per target, nats
+    val_bpb: float
+    seconds: float  # the stage and its scoring
+    targets_per_s: int  # targets scored per second per device
+    rank_spread: float  # torchrun: largest difference of val_loss across ranks (0: all hold the same score)
+
+
+class Results(TypedDict, total=False):
+    """LOG_DIR/RUN_ID.json, declared once (docs/RECORD.md lists it): setup writes the first block, each stage returns
+    or adds its part."""
+    run_id: str
+    seed: int
+    status: str  # running, then ok | over_cap | failed | interrupted
+    error: str  # why a run failed or was interrupted, one line
+    config: dict  # every Hyperparameters field
+    code_form: str  # readable | packed
+    device: str
+    world_size: int
+    torch: str
+    params: int
+    steps: int  # train
+    train_loop_seconds: float
+    weights: str  # ema | swa | none: what was exported
+    looping_from_step: int
+    qat_stages: list  # [first step, extra bits] per QAT switch
+    recompiles_in_loop: int
+    checkpoint_path: str
+    checkpoint_seconds: float
+    checkpoint_error: str
+    gptq_tokens_used: int  # export
+    gptq_calib_seconds: float
+    quant: dict  # export_artifact's report: bytes, groups, roles, seconds, gptq_fallbacks
+    quant_fit: list  # [QUANT_SPEC, model bytes, step factor] per QUANT_FIT trial
+    artifact_path: str
+    code_bytes: int
+    model_bytes: int
+    artifact_bytes: int
+    export_seconds: float
+    train_seconds: float  # loop + checkpoint + export
+    within_wallclock: bool
+    stages: dict[str, StageResult]  # evaluate
+    val_loss: float  # the last stage's
+    val_bpb: float
+    eval_seconds: float
+    audit: dict  # EVAL_AUDIT: {"passed": bool, "checks": {name: figure}}
+
+
 @dataclass
 class Run:
     """State the stages share."""
@@ -2684,7 +2811,7 @@ class Run:
     eval_model: nn.Module | None = None  # compiled view of the reloaded model, one batch shape (None: model)
     luts: tuple | None = None
     val_tokens: np.ndarray | None = None
-    results: dict = field(default_factory=dict)
+    results: Results = field(default_factory=dict)
     observe: Callable | None = None  # the audit's hook: observe(kind, key, value) from inside the TTT loops
     host_group: object = None  # process group of host-side (CPU) collectives: gloo beside NCCL; None: the default
     lock: int | None = None  # the RUN_ID lock's file descriptor (rank 0 of a launched run)
@@ -2715,7 +2842,9 @@ class Run:
                 print(f"WARNING: {run_file(self.hp, 'txt')}: cannot append ({e.strerror})", file=sys.stderr)
 
     def autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else torch.autocast("cpu", enabled=False)
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cpu", enabled=False)
 
     def all_reduce(self, *values: float, op=dist.ReduceOp.SUM) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
@@ -2766,7 +2895,8 @@ def lock_run(hp: Hyperparameters) -> int:
         lock.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
-        raise ConfigError(f"LOG_DIR={hp.log_dir}: cannot create {lock.name} ({e.strerror}); set LOG_DIR elsewhere") from None
+        raise ConfigError(f"LOG_DIR={hp.log_dir}: cannot create {lock.name} ({e.strerror}); "
+                          "set LOG_DIR elsewhere") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -2780,7 +2910,8 @@ def lock_run(hp: Hyperparameters) -> int:
 def release(run: Run):
     """What a launched run holds until it ends: the lock and the disk reserves."""
     if run.lock is not None:
-        for f in (reserve_path(run_file(run.hp, "ckpt")), reserve_path(artifact_path(run.hp)), run_file(run.hp, "lock")):
+        for f in (reserve_path(run_file(run.hp, "ckpt")), reserve_path(artifact_path(run.hp)),
+                  run_file(run.hp, "lock")):
             f.unlink(missing_ok=True)
         os.close(run.lock)
         run.lock = None
@@ -2875,7 +3006,8 @@ def check_inputs(run: Run) -> list[str]:
     import sentencepiece as spm
     tok_path = resolve_tokenizer(hp)
     if not Path(tok_path).is_file():
-        raise ConfigError(f"TOKENIZER_PATH={tok_path}: file not found; set TOKENIZER_PATH or build data with scripts/prepare_data.py")
+        raise ConfigError(f"TOKENIZER_PATH={tok_path}: file not found; set TOKENIZER_PATH or build data with "
+                          "scripts/prepare_data.py")
     try:
         run.luts = build_byte_luts(spm.SentencePieceProcessor(model_file=tok_path), hp.vocab_size)
     except (RuntimeError, OSError, ConfigError) as e:
@@ -3255,46 +3387,65 @@ def account_time(run: Run, loop_s: float, checkpoint_s: float, export_s: float) 
     return out
 
 
-def evaluate(run: Run):
+def position_seconds(stages: dict[str, StageResult]) -> float:
+    """Seconds per forward token-position on a rank, as the roundtrip stage ran (0 before it has)."""
+    done = stages.get("roundtrip")
+    return 1.0 / max(1, done["targets_per_s"]) if done else 0.0
+
+
+def stage_fits(run: Run, st: EvalStage, x: StageInputs) -> bool:
+    """Whether the stage's estimate fits what is left until x.end on every rank (the ranks decide together: a rank
+    alone in a stage would meet the others' collectives); a WARNING line when it does not."""
+    est, left = st.estimate(run, x), x.end - time.perf_counter()
+    if run.all_reduce(float(est > left), op=dist.ReduceOp.MAX)[0]:
+        run.log(f"WARNING: eval {st.name} skipped: needs ~{est:.0f}s, {left:.0f}s of EVAL_BUDGET_SECONDS left")
+        return False
+    return True
+
+
+def stage_result(run: Run, name: str, stats: Tensor, t: float) -> StageResult:
+    """A stage's score, its seconds since t (scoring included) and its targets per second per device (what a
+    projection to other hardware starts from); under torchrun, how far val_loss differs across the ranks."""
+    loss, bpb = score(run, stats)
+    sec = max(time.perf_counter() - t, 1e-9)
+    rate = stats.shape[-1] / sec / run.world_size
+    res = StageResult(val_loss=loss, val_bpb=bpb, seconds=round(sec, 3), targets_per_s=round(rate))
+    if run.distributed:  # every rank must hold the same score
+        res["rank_spread"] = spread = sum(run.all_reduce(loss, -loss, op=dist.ReduceOp.MAX))
+        if spread:
+            run.log(f"WARNING: eval {name}: val_loss differs across ranks by {spread:.3g}")
+    run.log(f"eval {name}: val_loss {loss:.4f} val_bpb {bpb:.4f} ({sec:.1f}s, {rate:,.0f} targets/s per device)")
+    return res
+
+
+def evaluate(run: Run) -> Results:
     """EVAL_STAGES in order: roundtrip (plain windows), ttt if on, sliding unless ttt ran, ngram (over the last sliding
-    statistics). A stage runs only if its estimated time fits what is left of EVAL_BUDGET_SECONDS on every rank (the
-    ranks decide together: a rank alone in a stage would meet the others' collectives); the last stage that ran gives
-    the reported, legal score. EVAL_AUDIT=1 then audits the stages into results["audit"]."""
-    hp, t0, stages, toks = run.hp, time.perf_counter(), run.results["stages"], run.val_stream()
-    s = Scoring(run, run.eval_model or run.model, run.model, toks,
-                left=lambda: hp.eval_budget_seconds - (time.perf_counter() - t0))
-    if hp.ngram_order:  # time the counting on a prefix to estimate the stage
-        t, k = time.perf_counter(), min(toks.numel() - 1, 1 << 18)
-        ngram_counts(toks[:k + 1], hp.ngram_order)
-        s.ngram_s = 2 * (time.perf_counter() - t) * (toks.numel() - 1) / k
-    if s.model is not run.model:  # compile now, not inside the roundtrip's timing that sizes the later stages
+    statistics), each run only if stage_fits what is left of EVAL_BUDGET_SECONDS; the last stage that ran gives the
+    reported, legal score. EVAL_AUDIT=1 then audits the stages. Returns the results' evaluation part."""
+    hp, t0, toks, stages = run.hp, time.perf_counter(), run.val_stream(), {}
+    x = StageInputs(run.eval_model or run.model, run.model, toks, end=t0 + hp.eval_budget_seconds,
+                    ngram_s=ngram_seconds(hp, toks))
+    if x.model is not run.model:  # compile now, not inside the roundtrip's timing that sizes the later stages
         with torch.no_grad(), run.autocast():
-            s.model(toks[None, :hp.eval_seq_len])
+            x.model(toks[None, :hp.eval_seq_len])
+    part = Results(stages=stages)
     for st in EVAL_STAGES:
         if not st.on(hp) or st.instead_of in stages:
             continue
-        est = st.seconds(s)
-        if stages and run.all_reduce(float(est > s.left()), op=dist.ReduceOp.MAX)[0]:  # the first stage always runs
-            run.log(f"WARNING: eval {st.name} skipped: needs ~{est:.0f}s, {s.left():.0f}s of EVAL_BUDGET_SECONDS left")
+        x = dataclasses.replace(x, rate=position_seconds(stages))
+        if stages and not stage_fits(run, st, x):  # the first stage always runs
             continue
-        t, out = time.perf_counter(), st.run(s)
-        s.stats = out if st.sliding else s.stats
-        loss, bpb = score(run, out)
-        sec = max(time.perf_counter() - t, 1e-9)
-        rate = out.shape[-1] / sec / run.world_size  # targets/s per device: what a projection to other hardware starts from
-        stages[st.name] = dict(val_loss=loss, val_bpb=bpb, seconds=round(sec, 3), targets_per_s=round(rate))
-        if run.distributed:  # every rank must hold the same score
-            stages[st.name]["rank_spread"] = spread = sum(run.all_reduce(loss, -loss, op=dist.ReduceOp.MAX))
-            if spread:
-                run.log(f"WARNING: eval {st.name}: val_loss differs across ranks by {spread:.3g}")
-        run.results.update(val_loss=loss, val_bpb=bpb, eval_seconds=round(time.perf_counter() - t0, 3))
-        run.log(f"eval {st.name}: val_loss {loss:.4f} val_bpb {bpb:.4f} ({sec:.1f}s, {rate:,.0f} targets/s per device)")
-    run.results["eval_seconds"] = round(time.perf_counter() - t0, 3)
+        t, out = time.perf_counter(), st.run(run, x)
+        x = dataclasses.replace(x, sliding=out.stats) if st.sliding else x
+        stages[st.name] = done = stage_result(run, st.name, out.stats, t)
+        part.update(val_loss=done["val_loss"], val_bpb=done["val_bpb"])
+    part["eval_seconds"] = round(time.perf_counter() - t0, 3)
     if hp.eval_audit:
-        t, res = time.perf_counter(), audit(run, run.model)
-        run.results["audit"] = res
+        t = time.perf_counter()
+        part["audit"] = res = audit(run, run.model)
         run.log(f"eval audit: {'passed' if res['passed'] else 'FAILED'} in {time.perf_counter() - t:.0f}s: "
                 + ", ".join(f"{k} {v:.2g}" for k, v in res["checks"].items()))
+    return part
 
 
 def report(run: Run):
@@ -3304,7 +3455,8 @@ def report(run: Run):
             write_atomic(path, json.dumps(run.results, indent=2, default=str))
         except WriteFailed as e:
             print(f"error: results: {e}", file=sys.stderr)
-        run.log(f"results: {path} status {run.results['status']} val_bpb {run.results.get('val_bpb', float('nan')):.4f}")
+        bpb = run.results.get("val_bpb", float("nan"))
+        run.log(f"results: {path} status {run.results['status']} val_bpb {bpb:.4f}")
 
 
 class Stop:
@@ -3346,7 +3498,8 @@ class Stop:
                 if run.results.get("status") == "running":
                     hint = f"; RESUME_FROM={run.results['checkpoint_path']}" if "checkpoint_path" in run.results else ""
                     run.results.update(status="interrupted", error=f"stopped by {signal_name(run)} after step "
-                                       f"{run.results.get('steps', 0)}, not at a step boundary within {STOP_GRACE_S:.0f}s{hint}")
+                                       f"{run.results.get('steps', 0)}, not at a step boundary within "
+                                       f"{STOP_GRACE_S:.0f}s{hint}")
                     run.log(f"STOPPED: {run.results['error']}")
                 report(run)
                 release(run)
@@ -3369,7 +3522,7 @@ def run_stages(run: Run):
         train(run)
         save_checkpoint(run)
     run.results.update(export(run))
-    evaluate(run)
+    run.results.update(evaluate(run))
     if run.results["status"] == "running":
         run.results["status"] = "ok"
 
@@ -3402,8 +3555,9 @@ def main() -> int:
         release(run)
         if run.distributed:
             dist.destroy_process_group()
-            time.sleep(0.1)  # releases the GIL: gloo threads freeing the last collectives' tensors need it, and abort at exit
-    return {"ok": 0, "over_cap": 3, "interrupted": 128 + (run.stop_signal or signal.SIGTERM)}.get(run.results["status"], 1)
+            time.sleep(0.1)  # releases the GIL: gloo threads freeing the last tensors need it, or abort at exit
+    stopped = 128 + (run.stop_signal or signal.SIGTERM)
+    return {"ok": 0, "over_cap": 3, "interrupted": stopped}.get(run.results["status"], 1)
 
 
 if __name__ == "__main__":

@@ -279,12 +279,12 @@ def measure(T, short, val_tokens: int, torch) -> Measured:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     T.save_checkpoint(run)
-    T.export(run)
+    run.results.update(T.export(run))
     full = run.val_tokens
     run.val_tokens = full[:slice_targets(T, short, val_tokens, full.size - 1) + 1]
     eval_compile_s = warm_eval_model(run, torch, sync) if short.compile else 0.0
     graphs = T.compiled_graphs()
-    T.evaluate(run)
+    run.results.update(T.evaluate(run))
     eval_recompiles = T.compiled_graphs() - graphs
     after_peak = torch.cuda.max_memory_allocated() if cuda else None
     return Measured(run, cuda, timer.steps, calls, train_call_s, train_peak, after_peak, full, eval_compile_s,

@@ -51,6 +51,9 @@ def test_eight_gloo_processes_default_width_and_depth_end_to_end(tmp_path, brown
     proc, res = run_train(tmp_path, env, nproc=8)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert res["status"] == "ok", res.get("error")
+    # every key the run wrote is declared in train_gpt.Results (docs/RECORD.md lists them)
+    assert set(res) <= set(train_gpt.Results.__annotations__), set(res) - set(train_gpt.Results.__annotations__)
+    assert all(set(s) <= set(train_gpt.StageResult.__annotations__) for s in res["stages"].values())
     cfg = res["config"]
     assert (cfg["num_layers"], cfg["model_dim"], cfg["num_heads"], cfg["num_kv_heads"], cfg["mlp_mult"]) == (
         11, 512, 8, 4, 3.0)

@@ -60,7 +60,7 @@ def test_plain_eval_scores_the_whole_windows_without_overlap(tiny_run):
     stats = T.plain_windows(r, r.model, toks)
     with torch.no_grad():
         nll = T.token_nll(r.model(toks[:8 * L].view(8, L)), toks[1:8 * L + 1].view(8, L)).flatten()
-    assert stats.shape == (3, 8 * L) and torch.allclose(stats[0], nll, atol=1e-5)
+    assert stats.shape == (2, 8 * L) and torch.allclose(stats[0], nll, atol=1e-5)
     loss, bpb = T.eval_plain(r, r.model)
     n_bytes = T.count_bytes(r.val_tokens[:8 * L], r.val_tokens[1:8 * L + 1], r.luts)
     assert loss == pytest.approx(float(nll.double().mean()), rel=1e-6)
@@ -82,8 +82,7 @@ def test_sliding_counts_every_token_and_byte_once_and_beats_plain(tiny_run, monk
         assert T.count_bytes(r.val_tokens[idx], r.val_tokens[idx + 1], r.luts) == \
             T.count_bytes(r.val_tokens[:-1], r.val_tokens[1:], r.luts)
     stats = T.eval_sliding(r, r.model, toks)
-    plain = T.eval_sliding(dataclasses.replace(r, hp=dataclasses.replace(r.hp, eval_stride=r.hp.eval_seq_len)),
-                           r.model, toks)
+    plain = T.eval_sliding(r, r.model, toks, stride=r.hp.eval_seq_len)
     assert (stats[0] > 0).all() and stats[0].mean() < plain[0].mean()
 
 
@@ -293,15 +292,21 @@ def test_audit_passes_phased_ttt_and_catches_a_pass_over_unscored_documents(tiny
     assert not res["passed"] and res["checks"]["ttt_weights"] > 0, res
 
 
+def sliding_128(run, x):
+    short = dataclasses.replace(run, hp=dataclasses.replace(run.hp, eval_seq_len=128))
+    return T.Scored(T.eval_sliding(short, x.model, x.toks))
+
+
+def peeking(run, x):  # target p sees p+2
+    return T.Scored(T.eval_sliding(run, x.model, torch.cat((x.toks[1:], x.toks[-1:]))))
+
+
 def test_a_stage_added_to_the_registry_is_evaluated_and_audited(tiny_run, monkeypatch):
-    short = lambda s: dataclasses.replace(s.run, hp=dataclasses.replace(s.run.hp, eval_seq_len=128))  # noqa: E731
-    peek = lambda s: T.eval_sliding(s.run, s.model, torch.cat((s.toks[1:], s.toks[-1:])))  # noqa: E731  target p sees p+2
     stages = T.EVAL_STAGES
-    for name, run, passed in (("sliding_128", lambda s: T.eval_sliding(short(s), s.model, s.toks), True),
-                              ("peeking", peek, False)):
-        monkeypatch.setattr(T, "EVAL_STAGES", stages + (T.EvalStage(name, lambda hp: True, lambda s: 0.0, run),))
+    for name, run, passed in (("sliding_128", sliding_128, True), ("peeking", peeking, False)):
+        monkeypatch.setattr(T, "EVAL_STAGES", stages + (T.EvalStage(name, T.always_on, T.first_estimate, run),))
         r = sub_run(tiny_run, 3001, ttt_enabled=False, ngram_order=0, eval_audit=True)
-        T.evaluate(r)
+        r.results.update(T.evaluate(r))
         assert list(r.results["stages"]) == ["roundtrip", "sliding", name]
         assert r.results["val_bpb"] == r.results["stages"][name]["val_bpb"]
         checks = r.results["audit"]["checks"]
@@ -312,20 +317,20 @@ def test_evaluate_runs_the_stages_and_keeps_the_last_score_within_budget(tiny_ru
     # TTT_LR=0: the ttt stage's scoring alone, windows of 256 with 192 tokens of context (what adapting adds to a
     # 60-step model depends on its lr: test_lora_ttt_* and the phased tests cover it)
     r = sub_run(tiny_run, 3001, ttt_chunk_tokens=64, ttt_lr=0.0, eval_audit=True)
-    T.evaluate(r)
+    r.results.update(T.evaluate(r))
     stages = r.results["stages"]
     assert list(stages) == ["roundtrip", "ttt", "ngram"]  # TTT's scoring is the sliding one: not scored twice
     assert r.results["val_bpb"] == stages["ngram"]["val_bpb"] and r.results["audit"]["passed"]
     assert stages["ttt"]["val_bpb"] < stages["roundtrip"]["val_bpb"]
     assert stages["ngram"]["val_bpb"] < stages["ttt"]["val_bpb"]
     r = sub_run(tiny_run, 3001, ttt_enabled=False)
-    T.evaluate(r)
+    r.results.update(T.evaluate(r))
     assert list(r.results["stages"]) == ["roundtrip", "sliding", "ngram"]
     r = sub_run(tiny_run, 3001, ttt_seconds=0.0)  # no adaptation box left: TTT is skipped, sliding runs instead
-    T.evaluate(r)
+    r.results.update(T.evaluate(r))
     assert list(r.results["stages"]) == ["roundtrip", "sliding", "ngram"]
     r = sub_run(tiny_run, 3001, eval_budget_seconds=1e-9)
-    T.evaluate(r)
+    r.results.update(T.evaluate(r))
     assert list(r.results["stages"]) == ["roundtrip"]
     assert r.results["val_bpb"] == r.results["stages"]["roundtrip"]["val_bpb"]
 

@@ -188,8 +188,8 @@ def _skewed_clock_worker(rank, port, model, hp, luts, val, out):
         real = time.perf_counter
         T.time.perf_counter = lambda: real() * 1e6
     run = T.Run(hp, torch.device("cpu"), rank, 2, model=model, luts=luts, val_tokens=val, results=dict(stages={}))
-    T.evaluate(run)
-    torch.save({k: v["val_loss"] for k, v in run.results["stages"].items()}, f"{out}.{rank}")
+    stages = T.evaluate(run)["stages"]
+    torch.save({k: v["val_loss"] for k, v in stages.items()}, f"{out}.{rank}")
     dist.barrier()  # no rank tears gloo down while its peer still talks to it (an intermittent SIGABRT)
     dist.destroy_process_group()
 
